@@ -1,0 +1,163 @@
+"""The whole lidit_jax config schema, with defaults.
+
+Every run is fully described by a config built from this file: named configs (`lidit_1b.py`,
+`demo_shapes.py`, ...) call `get_config()` here and change what differs. Keys not defined here
+cannot be set from the command line (ml_collections refuses them), so this file is the schema.
+Validation (`lidit_jax.configuration.validate`) runs before anything is built.
+"""
+import ml_collections
+
+# The paper's instruction, inserted before every prompt (arXiv 2406.11831, Sec. 3.2).
+PAPER_INSTRUCTION = (
+    "Describe the image by detailing the color, shape, size, texture, quantity, text, and "
+    "spatial relationships of the objects: "
+)
+
+# Logical axis -> mesh axes. Every logical name a parameter or activation carries must be here.
+# None replicates. A tuple shards one dimension over several mesh axes (in that order).
+DEFAULT_SHARDING_RULES = (
+    ("batch", ("data", "fsdp")),
+    ("length", None),
+    ("text_length", None),
+    ("embed", "fsdp"),
+    ("mlp", "tensor"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("head_dim", None),
+    ("vocab", "tensor"),
+    ("layers", None),
+    ("norm", None),
+    ("conv_in", None),
+    ("conv_out", "fsdp"),
+    ("channels", None),
+    ("modulation", "tensor"),
+    ("kernel_h", None),
+    ("kernel_w", None),
+)
+
+
+def llm_config(path, layer=-3, final_norm=False, dtype="bfloat16"):
+    """One frozen LLM prompt encoder. `path`: HF folder, .gguf file, or `default:<name>`."""
+    return ml_collections.ConfigDict(
+        dict(path=path, layer=layer, final_norm=final_norm, dtype=dtype)
+    )
+
+
+def get_config(arg=None):
+    """Defaults: a small LI-DiT over one SmolLM2 encoder, pixel space, shapes data."""
+    del arg
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+
+    # ---- Text side: frozen LLMs, prompt template, refiners -------------------------------------
+    c.text = ml_collections.ConfigDict()
+    # Comma-separated names of entries in `text.llms`, in branch order. Number and choice of LLMs.
+    c.text.encoders = "smollm2"
+    c.text.llms = ml_collections.ConfigDict(
+        dict(
+            smollm2=llm_config("default:smollm2"),
+            gemma3=llm_config("default:gemma3"),
+        )
+    )
+    c.text.use_instruction = True
+    c.text.instruction = PAPER_INSTRUCTION
+    c.text.system_prompt = ""
+    c.text.use_chat_template = True  # The LLM's own chat template where it has one.
+    c.text.max_length = 128  # Tokens per LLM sequence (template + prompt); prompt is truncated.
+    c.text.padding_side = "right"
+    c.text.refiner = ml_collections.ConfigDict(
+        dict(depth=2, heads=8, mlp_ratio=4.0, causal=False, gating=True, input_norm=True)
+    )
+    c.text.fusion = "collaborative"  # collaborative | concat | single
+    c.text.collaborative = ml_collections.ConfigDict(dict(depth=1, heads=8, mlp_ratio=4.0))
+    c.text.drop_instruction = True
+    c.text.cache_dir = ""  # Text-state cache (--mode=encode); empty: encode online.
+    c.text.allow_fingerprint_mismatch = False
+
+    # ---- Denoiser backbone -------------------------------------------------------------------
+    c.model = ml_collections.ConfigDict()
+    c.model.depth = 4
+    c.model.width = 256
+    c.model.heads = 4
+    c.model.patch_size = 2
+    c.model.mlp_ratio = 4.0
+    c.model.qk_norm = True
+    c.model.dtype = "bfloat16"  # Compute dtype; parameters stay in param_dtype.
+    c.model.param_dtype = "float32"
+    c.model.scan_layers = True
+    c.model.remat = "none"  # none | full | dots_saveable
+    c.model.attention = "xla"  # xla | cudnn
+
+    # ---- Image space ----------------------------------------------------------------------------
+    c.vae = ml_collections.ConfigDict()
+    c.vae.path = ""  # diffusers AutoencoderKL folder; empty: pixel space.
+    c.vae.latent_cache_dir = ""
+    c.vae.tile_size = 512  # Decode tile (pixels) for large images; 0: never tile.
+
+    # ---- Diffusion ----------------------------------------------------------------------------
+    c.diffusion = ml_collections.ConfigDict()
+    c.diffusion.objective = "epsilon"  # epsilon | v | flow
+    c.diffusion.schedule = "scaled_linear"  # linear | scaled_linear | cosine (epsilon, v)
+    c.diffusion.num_timesteps = 1000
+    c.diffusion.flow_logit_mean = 0.0
+    c.diffusion.flow_logit_std = 1.0
+    c.diffusion.flow_shift = 1.0  # >1 shifts flow timesteps to more noise (larger images).
+    c.diffusion.sampler = "ddim"  # ddim | dpm++2m | euler | heun
+    c.diffusion.sample_steps = 50
+    c.diffusion.guidance_scale = 4.5
+
+    # ---- Data ---------------------------------------------------------------------------------
+    c.data = ml_collections.ConfigDict()
+    c.data.source = "shapes"  # shapes | arrayrecord | tfds
+    c.data.path = ""  # ArrayRecord folder or TFDS name/dir.
+    c.data.image_size = 32
+    c.data.buckets = ""  # "HxW,HxW,..."; empty: square image_size only.
+    c.data.caption_dropout = 0.1
+    c.data.num_workers = 0
+    c.data.shuffle_seed = 0
+    c.data.shapes_num_records = 20000
+
+    # ---- Training -----------------------------------------------------------------------------
+    c.train = ml_collections.ConfigDict()
+    c.train.steps = 1000
+    c.train.batch_size = 32  # Global batch.
+    c.train.microbatches = 1  # Gradient accumulation.
+    c.train.learning_rate = 1e-4
+    c.train.warmup_steps = 100
+    c.train.lr_schedule = "constant"  # constant | cosine
+    c.train.weight_decay = 0.0
+    c.train.b1 = 0.9
+    c.train.b2 = 0.999
+    c.train.grad_clip = 1.0
+    c.train.ema_decay = 0.9999
+    c.train.log_every = 10
+    c.train.sample_every = 500
+    c.train.nan_policy = "skip"  # skip | stop
+
+    # ---- Device mesh and sharding -----------------------------------------------------------------
+    c.mesh = ml_collections.ConfigDict()
+    c.mesh.data = -1  # One axis may be -1: the devices left over.
+    c.mesh.fsdp = 1
+    c.mesh.tensor = 1
+    # Multi-slice (DCN) part: the mesh is (dcn_data * data, dcn_fsdp * fsdp, tensor).
+    c.mesh.dcn_data = 1
+    c.mesh.dcn_fsdp = 1
+    c.mesh.rules = DEFAULT_SHARDING_RULES
+    # Fail a run whose parameters with at least this many elements end up fully replicated
+    # on a mesh with more than one device.
+    c.mesh.check_replicated = True
+    c.mesh.replicated_min_size = 4 * 1024 * 1024
+
+    # ---- Checkpoints and logging ------------------------------------------------------------------
+    c.checkpoint = ml_collections.ConfigDict()
+    c.checkpoint.every = 500
+    c.checkpoint.keep = 3
+    c.checkpoint.keep_period = 0  # Also keep every Nth step; 0: off.
+    c.checkpoint.async_save = True
+
+    c.logging = ml_collections.ConfigDict()
+    c.logging.tensorboard = True
+    c.logging.progress_bar = True
+    c.logging.profile_start = -1  # Step to start a jax.profiler trace; -1: off.
+    c.logging.profile_steps = 5
+    return c

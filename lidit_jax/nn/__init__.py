@@ -1,0 +1,1 @@
+"""Shared neural network layers: one attention entry point, norms, MLPs, embeddings."""

@@ -1,0 +1,128 @@
+"""Basic layers whose parameters carry logical axis names.
+
+Logical names (`embed`, `mlp`, `heads`, ...) are mapped to mesh axes by the config's rules table
+(`configs/common.py`, `lidit_jax.parallel.sharding`); layers never name mesh axes themselves.
+"""
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+default_kernel_init = nnx.initializers.lecun_normal()
+
+
+def linear(
+    in_features,
+    out_features,
+    axes,
+    *,
+    rngs,
+    use_bias=True,
+    dtype=None,
+    param_dtype=jnp.float32,
+    kernel_init=default_kernel_init,
+    bias_init=nnx.initializers.zeros_init(),
+):
+    """nnx.Linear whose kernel [in, out] carries logical `axes` and bias [out] carries axes[1]."""
+    return nnx.Linear(
+        in_features,
+        out_features,
+        use_bias=use_bias,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        kernel_init=nnx.with_partitioning(kernel_init, tuple(axes)),
+        bias_init=nnx.with_partitioning(bias_init, (axes[1],)),
+        rngs=rngs,
+    )
+
+
+class RMSNorm(nnx.Module):
+    """RMS normalisation over the last axis, computed in float32.
+
+    `scale_offset` = 1 gives Gemma's convention (weight stored as w, applied as 1 + w); 0 gives
+    Llama's (applied as w). Output is cast back to the input dtype.
+    """
+
+    def __init__(self, dim, *, eps=1e-6, scale_offset=0.0, param_dtype=jnp.float32, rngs=None):
+        del rngs  # Deterministic init; kept for a uniform constructor signature.
+        init_value = 0.0 if scale_offset else 1.0
+        self.scale = nnx.Param(jnp.full((dim,), init_value, param_dtype), out_sharding=("norm",))
+        self.eps = eps
+        self.scale_offset = scale_offset
+
+    def __call__(self, x):
+        x32 = x.astype(jnp.float32)
+        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return (normed * (self.scale_offset + self.scale[...].astype(jnp.float32))).astype(x.dtype)
+
+
+def normalize_rms(x, eps=1e-6):
+    """Parameter-free RMS normalisation over the last axis (float32 inside)."""
+    x32 = x.astype(jnp.float32)
+    return (x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)).astype(x.dtype)
+
+
+ACTIVATIONS = {
+    "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "silu": jax.nn.silu,
+}
+
+
+class MLP(nnx.Module):
+    """Feed-forward block: [..., embed] -> [..., mlp] -> [..., embed].
+
+    `gated=True` is the GLU form (SwiGLU for silu, GeGLU for gelu): act(x W_gate) * (x W_up) W_down.
+    """
+
+    def __init__(
+        self,
+        dim,
+        hidden,
+        *,
+        activation="gelu_tanh",
+        gated=False,
+        use_bias=True,
+        dtype=None,
+        param_dtype=jnp.float32,
+        rngs,
+    ):
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"activation {activation!r}; known: {sorted(ACTIVATIONS)}")
+        kwargs = dict(use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.up = linear(dim, hidden, ("embed", "mlp"), **kwargs)
+        self.gate = linear(dim, hidden, ("embed", "mlp"), **kwargs) if gated else None
+        self.down = linear(hidden, dim, ("mlp", "embed"), **kwargs)
+        self.activation = activation
+
+    def __call__(self, x):
+        act = ACTIVATIONS[self.activation]
+        h = act(self.gate(x)) * self.up(x) if self.gate is not None else act(self.up(x))
+        return self.down(h)
+
+
+def modulate(x, shift, scale):
+    """adaLN: x [batch, len, dim] * (1 + scale [batch, dim]) + shift [batch, dim]."""
+    return x * (1 + scale[:, None, :]) + shift[:, None, :]
+
+
+def timestep_frequencies(t, dim, max_period=10000.0):
+    """Sinusoidal features of (possibly fractional) timesteps t [batch] -> [batch, dim], float32."""
+    half = dim // 2
+    freqs = jnp.exp(-jnp.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
+    args = t.astype(jnp.float32)[:, None] * freqs[None]
+    return jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
+
+
+class TimestepEmbedder(nnx.Module):
+    """Timestep t [batch] (0..1000 scale) -> [batch, dim] via sinusoids and a 2-layer SiLU MLP."""
+
+    def __init__(self, dim, *, frequency_dim=256, dtype=None, param_dtype=jnp.float32, rngs):
+        init = nnx.initializers.normal(0.02)
+        kwargs = dict(dtype=dtype, param_dtype=param_dtype, kernel_init=init, rngs=rngs)
+        self.fc1 = linear(frequency_dim, dim, ("channels", "embed"), **kwargs)
+        self.fc2 = linear(dim, dim, ("mlp", "embed"), **kwargs)
+        self.frequency_dim = frequency_dim
+
+    def __call__(self, t):
+        h = timestep_frequencies(t, self.frequency_dim)
+        return self.fc2(jax.nn.silu(self.fc1(h)))

@@ -1,0 +1,1 @@
+"""Device mesh, logical-axis sharding rules, sharded state creation, multi-host start."""

@@ -1,0 +1,47 @@
+"""Install lidit_jax: `pip install -e .[test]`, then `bash scripts/install_models.sh`."""
+from setuptools import find_packages, setup
+
+INSTALL_REQUIRES = [
+    # JAX 0.10 is what Python 3.11 resolves to; GPU/TPU images run 0.11 on Python 3.12.
+    "jax>=0.10,<0.12",
+    "flax>=0.12.6,<0.14",  # NNX API with nnx.scan / nnx.with_partitioning.
+    "optax>=0.2.5",
+    "orbax-checkpoint>=0.12",
+    "grain>=0.2.12",
+    "array-record>=0.8",
+    "ml-collections>=1.0",
+    "absl-py",
+    "tensorflow-datasets>=4.9.9",
+    "transformers>=4.50",  # Tokenizers and chat templates (also the PyTorch reference in tests).
+    "tokenizers>=0.21",
+    "safetensors>=0.5",
+    "gguf>=0.17",  # Reads and dequantizes llama.cpp GGUF weights.
+    "numpy>=1.26",
+    "pillow>=10",
+    "tqdm",
+    "tensorboardX>=2.6",  # TensorBoard event writer without TensorFlow.
+]
+
+EXTRAS_REQUIRE = {
+    "tpu": ["jax[tpu]>=0.10,<0.12"],
+    "cuda": ["jax[cuda12]>=0.10,<0.12"],
+    # Parity references: only the local CPU torch wheel; any other spec pulls a CUDA build.
+    "test": [
+        "pytest>=8",
+        "pytest-xdist>=3",
+        "torch==2.13.0",
+        "diffusers>=0.32",
+        "accelerate>=1.0",  # transformers needs it to load GGUF files.
+        "libtpu",  # AOT compilation for TPU topologies on a CPU host.
+    ],
+}
+
+setup(
+    name="lidit_jax",
+    version="0.1.0",
+    description="LI-DiT (LLM-infused diffusion transformer) training in JAX/Flax",
+    packages=find_packages(include=["lidit_jax", "lidit_jax.*"]),
+    python_requires=">=3.10",
+    install_requires=INSTALL_REQUIRES,
+    extras_require=EXTRAS_REQUIRE,
+)
