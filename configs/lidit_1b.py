@@ -1,0 +1,53 @@
+"""LI-DiT-1B (arXiv 2406.11831): DiT depth 28, width 1152, 16 heads, patch 2, 256 px latents.
+
+Two frozen LLMs (the paper: LLaMA3-8B and Qwen1.5-7B, instruction-tuned), features from the
+third-to-last layer, token refiners of depth 2 and one collaborative refiner block; a 16-channel
+8x VAE (SD3/FLUX layout); batch 2048, lr 1e-4, 500k steps.
+
+Launch (one TPU v5p-128 slice, from every worker; see launch/tpu_vm.sh):
+  python -m lidit_jax.main --config=configs/lidit_1b.py --workdir=gs://BUCKET/lidit_1b \\
+    --config.text.llms.llama3.path=/models/Meta-Llama-3-8B-Instruct \\
+    --config.text.llms.qwen.path=/models/Qwen1.5-7B-Chat \\
+    --config.vae.path=/models/flux-vae --config.data.path=/data/pairs
+`configs/lidit_1b.py:offline` swaps in the offline PyPI encoders (SmolLM2-135M + Gemma 3 270M).
+"""
+from configs import common
+
+
+def get_config(arg=None):
+    c = common.get_config()
+    if arg == "offline":
+        c.text.encoders = "smollm2,gemma3"
+    else:
+        c.text.llms.llama3 = common.llm_config("", layer=-3, width=4096)
+        c.text.llms.qwen = common.llm_config("", layer=-3, width=4096)
+        c.text.encoders = "llama3,qwen"
+    c.text.fusion = "collaborative"
+    c.text.max_length = 256
+    c.text.refiner.depth = 2
+    c.text.refiner.heads = 16
+    c.text.collaborative.heads = 16
+
+    c.model.depth = 28
+    c.model.width = 1152
+    c.model.heads = 16
+    c.model.patch_size = 2
+    c.model.remat = "dots_saveable"
+
+    c.vae.path = ""  # Set to a diffusers AutoencoderKL folder (16 channels, 8x).
+    c.data.source = "arrayrecord"
+    c.data.image_size = 256
+    c.data.buckets = "256x256,224x288,288x224,192x320,320x192"
+
+    c.train.steps = 500_000
+    c.train.batch_size = 2048
+    c.train.learning_rate = 1e-4
+    c.train.warmup_steps = 1000
+    c.train.ema_decay = 0.9999
+    c.train.sample_every = 5000
+    c.checkpoint.every = 2000
+    c.checkpoint.keep_period = 50_000
+
+    c.mesh.data = -1
+    c.mesh.fsdp = 8
+    return c

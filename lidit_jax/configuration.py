@@ -1,0 +1,176 @@
+"""Config validation: every check that can fail before anything is built, with the key and the fix.
+
+`validate(config, num_devices)` is called by `main` right after flag parsing. Each failure is a
+`ConfigError` whose message names the offending key, its value and what to set instead.
+"""
+import difflib
+import math
+
+import ml_collections
+
+from lidit_jax.parallel.mesh import MESH_AXES, resolve_axis_sizes
+from lidit_jax.parallel.sharding import validate_rules
+
+CHOICES = {
+    "text.fusion": ("collaborative", "concat", "single"),
+    "text.padding_side": ("right", "left"),
+    "model.remat": ("none", "full", "dots_saveable"),
+    "model.attention": ("xla", "cudnn"),
+    "model.dtype": ("float32", "bfloat16", "float16"),
+    "model.param_dtype": ("float32", "bfloat16"),
+    "diffusion.objective": ("epsilon", "v", "flow"),
+    "diffusion.schedule": ("linear", "scaled_linear", "cosine"),
+    "diffusion.sampler": ("ddim", "dpm++2m", "euler", "heun"),
+    "data.source": ("shapes", "arrayrecord", "tfds"),
+    "train.lr_schedule": ("constant", "cosine"),
+    "train.nan_policy": ("skip", "stop"),
+}
+
+POSITIVE_INTS = (
+    "model.depth", "model.width", "model.heads", "model.patch_size", "text.max_length",
+    "diffusion.num_timesteps", "diffusion.sample_steps", "data.image_size", "train.steps",
+    "train.batch_size", "train.microbatches", "train.log_every", "train.sample_every",
+    "checkpoint.every", "checkpoint.keep",
+)
+
+
+class ConfigError(ValueError):
+    """A config value that cannot work; the message names the key and the fix."""
+
+
+def get_path(config, dotted):
+    node = config
+    for part in dotted.split("."):
+        node = node[part]
+    return node
+
+
+def nearest_key(config, dotted):
+    """The existing dotted key closest to `dotted` (for 'did you mean' messages), or None."""
+    keys = list(flatten_keys(config))
+    match = difflib.get_close_matches(dotted, keys, n=1, cutoff=0.5)
+    return match[0] if match else None
+
+
+def flatten_keys(config, prefix=""):
+    for key, value in config.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, ml_collections.ConfigDict):
+            yield from flatten_keys(value, path + ".")
+        else:
+            yield path
+
+
+def encoder_names(config):
+    """The LLM names of `text.encoders`, in branch order."""
+    return [name.strip() for name in config.text.encoders.split(",") if name.strip()]
+
+
+def mesh_axis_sizes(config, num_devices):
+    """{'data': n, 'fsdp': n, 'tensor': n} with -1 resolved and DCN parts folded in."""
+    num_slices = config.mesh.dcn_data * config.mesh.dcn_fsdp
+    if num_devices % num_slices:
+        raise ConfigError(f"mesh.dcn_data * mesh.dcn_fsdp = {num_slices} does not divide the "
+                          f"{num_devices} devices")
+    try:
+        ici = resolve_axis_sizes({a: config.mesh[a] for a in MESH_AXES},
+                                 num_devices // num_slices, "mesh")
+    except ValueError as e:
+        raise ConfigError(f"{e} (keys mesh.data, mesh.fsdp, mesh.tensor)") from None
+    return {"data": ici["data"] * config.mesh.dcn_data,
+            "fsdp": ici["fsdp"] * config.mesh.dcn_fsdp, "tensor": ici["tensor"]}
+
+
+def validate(config, num_devices=None):
+    """Raises ConfigError on the first problem found; returns the config unchanged otherwise.
+
+    With `num_devices`, also checks the mesh against the device count and the global batch
+    against the batch-sharding axes.
+    """
+    for key, allowed in CHOICES.items():
+        value = get_path(config, key)
+        if value not in allowed:
+            raise ConfigError(f"{key}={value!r} is not one of {allowed}; set --config.{key}=<one of them>")
+    for key in POSITIVE_INTS:
+        value = get_path(config, key)
+        if not isinstance(value, int) or value < 1:
+            raise ConfigError(f"{key}={value!r} must be a positive integer")
+    _validate_text(config)
+    _validate_model(config)
+    _validate_train(config)
+    try:
+        validate_rules(config.mesh.rules, MESH_AXES)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    if num_devices is not None:
+        _validate_mesh_and_batch(config, num_devices)
+    return config
+
+
+def _validate_text(config):
+    names = encoder_names(config)
+    if not names:
+        raise ConfigError("text.encoders is empty; name at least one entry of text.llms, e.g. 'smollm2'")
+    for name in names:
+        if name not in config.text.llms:
+            raise ConfigError(f"text.encoders names {name!r}, which is not in text.llms "
+                              f"{sorted(config.text.llms.keys())}")
+    if len(set(names)) != len(names):
+        raise ConfigError(f"text.encoders={config.text.encoders!r} names an LLM twice")
+    if config.text.fusion == "single" and len(names) != 1:
+        raise ConfigError(f"text.fusion='single' needs exactly one LLM, text.encoders has {names}; "
+                          "use fusion 'concat' or 'collaborative' for several")
+    if config.text.fusion == "collaborative" and len(names) < 2:
+        raise ConfigError("text.fusion='collaborative' fuses several LLMs but text.encoders names "
+                          f"only {names}; add an LLM or set --config.text.fusion=single")
+    if config.text.refiner.depth < 0:
+        raise ConfigError(f"text.refiner.depth={config.text.refiner.depth} must be >= 0")
+    if config.model.width % config.text.refiner.heads:
+        raise ConfigError(f"model.width={config.model.width} is not divisible by "
+                          f"text.refiner.heads={config.text.refiner.heads}")
+    if config.model.width % config.text.collaborative.heads:
+        raise ConfigError(f"model.width={config.model.width} is not divisible by "
+                          f"text.collaborative.heads={config.text.collaborative.heads}")
+
+
+def _validate_model(config):
+    if config.model.width % config.model.heads:
+        raise ConfigError(f"model.width={config.model.width} is not divisible by "
+                          f"model.heads={config.model.heads}")
+    if config.data.image_size % config.model.patch_size:
+        raise ConfigError(f"data.image_size={config.data.image_size} is not divisible by "
+                          f"model.patch_size={config.model.patch_size}")
+    for bucket in filter(None, config.data.buckets.split(",")):
+        parts = bucket.strip().lower().split("x")
+        if len(parts) != 2 or not all(p.isdigit() for p in parts):
+            raise ConfigError(f"data.buckets entry {bucket!r} is not HxW, e.g. '256x256,192x320'")
+        if any(int(p) % config.model.patch_size for p in parts):
+            raise ConfigError(f"data.buckets entry {bucket!r} is not divisible by "
+                              f"model.patch_size={config.model.patch_size}")
+
+
+def _validate_train(config):
+    train = config.train
+    if train.batch_size % train.microbatches:
+        raise ConfigError(f"train.batch_size={train.batch_size} is not divisible by "
+                          f"train.microbatches={train.microbatches}")
+    if not 0.0 <= train.ema_decay < 1.0:
+        raise ConfigError(f"train.ema_decay={train.ema_decay} must be in [0, 1)")
+    if train.learning_rate <= 0:
+        raise ConfigError(f"train.learning_rate={train.learning_rate} must be > 0")
+    if not 0.0 <= config.data.caption_dropout < 1.0:
+        raise ConfigError(f"data.caption_dropout={config.data.caption_dropout} must be in [0, 1)")
+
+
+def _validate_mesh_and_batch(config, num_devices):
+    sizes = mesh_axis_sizes(config, num_devices)
+    batch_axes = dict(config.mesh.rules).get("batch")
+    batch_axes = (batch_axes,) if isinstance(batch_axes, str) else tuple(batch_axes or ())
+    shards = math.prod(sizes[a] for a in batch_axes)
+    micro = config.train.batch_size // config.train.microbatches
+    if micro % shards:
+        raise ConfigError(
+            f"train.batch_size={config.train.batch_size} / train.microbatches="
+            f"{config.train.microbatches} = {micro} examples per step is not divisible by the "
+            f"{shards} batch shards (mesh axes {batch_axes} of sizes "
+            f"{[sizes[a] for a in batch_axes]}); pick a batch size that is a multiple of {shards}")

@@ -1,0 +1,83 @@
+"""The lidit_jax entry point.
+
+  python -m lidit_jax.main --config=configs/lidit_1b.py[:arg] --workdir=DIR --mode=MODE \\
+      [--config.a.b=value ...]
+
+Each mode is one function `run(config, workdir)` in its own module, named in MODES and imported
+only when chosen, so `--mode=describe` never loads data or training code.
+"""
+import importlib
+import importlib.util
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from lidit_jax import configuration
+
+MODES = {
+    "train": "lidit_jax.train.loop",
+    "sample": "lidit_jax.sample",
+    "encode": "lidit_jax.encode",
+    "describe": "lidit_jax.describe",
+    "compile": "lidit_jax.aot",
+}
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/lidit_1b.py.",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, logs and samples go.")
+_MODE = flags.DEFINE_string("mode", "train", f"One of {sorted(MODES)}.")
+
+
+def parse_flags(argv):
+    """absl's parser, with one-line errors for bad config overrides (naming the nearest key)."""
+    try:
+        return flags.FLAGS(argv)
+    except (KeyError, AttributeError) as e:
+        sys.exit(f"error: {_unknown_override_message(argv) or e}")
+    except (flags.Error, TypeError, ValueError) as e:
+        sys.exit(f"error: {e}")
+
+
+def _unknown_override_message(argv):
+    """Names the `--config.a.b=v` override whose key the config lacks, and the nearest key."""
+    config_arg = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
+    if config_arg is None:
+        return None
+    path, _, arg = config_arg.partition(":")
+    spec = importlib.util.spec_from_file_location("_config_for_error", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config(arg or None)
+    known = set(configuration.flatten_keys(config))
+    for override in argv:
+        if override.startswith("--config.") and "=" in override:
+            key = override[len("--config."):].split("=", 1)[0]
+            if key not in known and not any(k.startswith(key + ".") for k in known):
+                nearest = configuration.nearest_key(config, key)
+                hint = f"; did you mean '{nearest}'?" if nearest else ""
+                return f"unknown config key '{key}' in {override}{hint}"
+    return None
+
+
+def main(argv):
+    if len(argv) > 1:
+        sys.exit(f"error: unexpected arguments {argv[1:]}")
+    if _MODE.value not in MODES:
+        sys.exit(f"error: unknown --mode={_MODE.value!r}; known modes: {', '.join(sorted(MODES))}")
+    if _CONFIG.value is None:
+        sys.exit("error: --config is required, e.g. --config=configs/demo_shapes.py")
+    config = _CONFIG.value
+    try:
+        configuration.validate(config)
+    except configuration.ConfigError as e:
+        sys.exit(f"error: invalid config: {e}")
+    module = importlib.import_module(MODES[_MODE.value])
+    if getattr(module, "NEEDS_WORKDIR", True) and not _WORKDIR.value:
+        sys.exit(f"error: --mode={_MODE.value} needs --workdir=DIR")
+    logging.info("mode %s, workdir %s", _MODE.value, _WORKDIR.value)
+    module.run(config, _WORKDIR.value)
+
+
+if __name__ == "__main__":
+    app.run(main, flags_parser=parse_flags)

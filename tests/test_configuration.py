@@ -1,0 +1,69 @@
+"""Config validation: each bad value fails before anything is built, naming the key."""
+import pytest
+
+from configs import common, lidit_10b, lidit_1b
+from lidit_jax import configuration
+from lidit_jax.configuration import ConfigError, validate
+
+
+def test_shipped_configs_validate():
+    validate(common.get_config(), num_devices=8)
+    validate(lidit_1b.get_config(), num_devices=256)
+    validate(lidit_1b.get_config("offline"), num_devices=8)
+    validate(lidit_10b.get_config(), num_devices=1024)
+
+
+def test_paper_numbers():
+    one_b, ten_b = lidit_1b.get_config(), lidit_10b.get_config()
+    assert (one_b.model.depth, one_b.model.width, one_b.model.heads, one_b.model.patch_size) == (28, 1152, 16, 2)
+    assert (one_b.data.image_size, one_b.train.batch_size) == (256, 2048)
+    assert len(configuration.encoder_names(one_b)) == 2
+    assert all(one_b.text.llms[n].layer == -3 for n in configuration.encoder_names(one_b))
+    assert (ten_b.model.depth, ten_b.model.width, ten_b.model.heads) == (48, 2816, 44)
+    assert (ten_b.data.image_size, ten_b.train.batch_size) == (512, 4096)
+
+
+@pytest.mark.parametrize("key,value,needle", [
+    ("diffusion.objective", "score", "diffusion.objective"),
+    ("model.heads", 5, "model.heads"),
+    ("train.microbatches", 3, "train.microbatches"),
+    ("text.encoders", "smollm2,nope", "text.llms"),
+    ("text.fusion", "collaborative", "text.fusion"),
+    ("data.buckets", "32x33", "data.buckets"),
+    ("train.ema_decay", 1.5, "train.ema_decay"),
+    ("model.depth", 0, "model.depth"),
+])
+def test_bad_values_name_the_key(key, value, needle):
+    config = common.get_config()
+    section, name = key.split(".")
+    config[section][name] = value
+    with pytest.raises(ConfigError, match=needle.replace(".", r"\.")):
+        validate(config)
+
+
+def test_mesh_product_differs_from_device_count():
+    config = common.get_config()
+    config.mesh.data, config.mesh.fsdp, config.mesh.tensor = 2, 2, 1
+    with pytest.raises(ConfigError, match=r"multiply to 4 but there are 8 devices"):
+        validate(config, num_devices=8)
+
+
+def test_batch_not_divisible_by_batch_axes():
+    config = common.get_config()
+    config.mesh.data, config.mesh.fsdp = 4, 2
+    config.train.batch_size = 12
+    with pytest.raises(ConfigError, match=r"train.batch_size=12.*8 batch shards"):
+        validate(config, num_devices=8)
+
+
+def test_rules_naming_missing_mesh_axis():
+    config = common.get_config()
+    config.mesh.rules = config.mesh.rules + (("embed_extra", "pipeline"),)
+    with pytest.raises(ConfigError, match=r"'pipeline'.*do not exist"):
+        validate(config)
+
+
+def test_nearest_key():
+    config = common.get_config()
+    assert configuration.nearest_key(config, "train.setps") == "train.steps"
+    assert configuration.nearest_key(config, "zzzzzz.qqqq") is None
