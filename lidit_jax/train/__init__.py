@@ -1,0 +1,1 @@
+"""Training: state, sharded train step, loop, checkpoints, metrics."""

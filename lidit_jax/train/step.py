@@ -1,0 +1,116 @@
+"""The jitted train step: diffusion loss, gradient accumulation, AdamW, EMA, NaN guard.
+
+One XLA program per step. Its inputs are the train state (donated) and a global batch
+`{"x0": [batch, H, W, C], "text": {"states": [...], "masks": [...], "prompt_masks": [...]}}`
+sharded along `batch`; noise and timesteps are drawn from the state's RNG for the whole global
+batch before it is cut into micro-batches, so accumulating k micro-batches of b/k examples gives
+the same update as one batch of b.
+"""
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from lidit_jax.parallel.sharding import constrain
+from lidit_jax.train.state import TrainState, learning_rate_schedule, make_optimizer
+
+NUM_TIMESTEP_BUCKETS = 4
+
+
+def _split_microbatches(tree, num_micro):
+    return jax.tree.map(lambda x: x.reshape(num_micro, x.shape[0] // num_micro, *x.shape[1:]), tree)
+
+
+def make_train_step(graphdef, config, objective):
+    """Returns `step(state, batch) -> (state, metrics)`, not yet jitted (see `jit_train_step`)."""
+    tx = make_optimizer(config.train)
+    schedule = learning_rate_schedule(config.train)
+    compute_dtype = jnp.dtype(config.model.dtype)
+    num_micro = config.train.microbatches
+    ema_decay = config.train.ema_decay
+
+    def per_example_loss(params, x_t, model_t, target, text):
+        model = nnx.merge(graphdef, params)
+        prediction = model(x_t.astype(compute_dtype), model_t, text)
+        error = jnp.square(prediction.astype(jnp.float32) - target)
+        return jnp.mean(error, axis=tuple(range(1, error.ndim)))
+
+    def micro_loss(params, micro):
+        losses = per_example_loss(params, micro["x_t"], micro["model_t"], micro["target"],
+                                  micro["text"])
+        return jnp.sum(losses), losses
+
+    grad_fn = jax.grad(micro_loss, has_aux=True)
+
+    def step(state: TrainState, batch):
+        rng = jax.random.wrap_key_data(state.rng)
+        rng, t_key, noise_key = jax.random.split(rng, 3)
+        x0 = constrain(batch["x0"].astype(jnp.float32), ("batch", None, None, None))
+        global_batch = x0.shape[0]
+        t = objective.sample_t(t_key, global_batch)
+        noise = jax.random.normal(noise_key, x0.shape, jnp.float32)
+        inputs = {
+            "x_t": objective.noisy(x0, noise, t),
+            "model_t": objective.model_time(t),
+            "target": objective.target(x0, noise, t),
+            "text": batch["text"],
+        }
+
+        def accumulate(grads_sum, micro):
+            grads, losses = grad_fn(state.params, micro)
+            return jax.tree.map(jnp.add, grads_sum, grads), losses
+
+        zeros = jax.tree.map(jnp.zeros_like, state.params)
+        grads, losses = jax.lax.scan(accumulate, zeros, _split_microbatches(inputs, num_micro))
+        grads = jax.tree.map(lambda g: g / global_batch, grads)
+        losses = losses.reshape(global_batch)
+        loss = jnp.mean(losses)
+
+        updates, new_opt_state = tx.update(grads, state.opt_state, state.params)
+        new_params = optax.apply_updates(state.params, updates)
+        new_ema = jax.tree.map(lambda e, p: ema_decay * e + (1.0 - ema_decay) * p,
+                               state.ema_params, new_params)
+        grad_norm = optax.global_norm(grads)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        # A non-finite step leaves parameters, moments and EMA untouched: never a poisoned state.
+        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
+        new_state = TrainState(
+            step=state.step + 1,
+            params=keep(new_params, state.params),
+            opt_state=keep(new_opt_state, state.opt_state),
+            ema_params=keep(new_ema, state.ema_params),
+            rng=jax.random.key_data(rng),
+            skipped_steps=state.skipped_steps + (~finite).astype(jnp.int32),
+        )
+        metrics = {
+            "loss": loss,
+            "grad_norm": grad_norm,
+            "update_norm": optax.global_norm(updates),
+            "learning_rate": schedule(state.step),
+            "finite": finite,
+            "skipped_steps": new_state.skipped_steps,
+            **timestep_bucket_losses(losses, objective.model_time(t)),
+        }
+        return new_state, metrics
+
+    return step
+
+
+def timestep_bucket_losses(losses, model_t, max_time=1000.0):
+    """Mean loss per quarter of the timestep range: {'loss_t0': ..., 'loss_t3': ...} (NaN if empty)."""
+    bucket = jnp.clip((model_t / max_time * NUM_TIMESTEP_BUCKETS).astype(jnp.int32), 0,
+                      NUM_TIMESTEP_BUCKETS - 1)
+    out = {}
+    for b in range(NUM_TIMESTEP_BUCKETS):
+        in_bucket = bucket == b
+        count = jnp.sum(in_bucket)
+        out[f"loss_t{b}"] = jnp.where(count > 0, jnp.sum(jnp.where(in_bucket, losses, 0.0)) /
+                                      jnp.maximum(count, 1), jnp.nan)
+    return out
+
+
+def jit_train_step(step_fn, state_shardings, batch_shardings, mesh):
+    """jit with explicit shardings and the state donated (updated in place on device)."""
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    return jax.jit(step_fn, in_shardings=(state_shardings, batch_shardings),
+                   out_shardings=(state_shardings, replicated), donate_argnums=(0,))

@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# The CPU demo: installs lidit_jax and the offline models, then trains a small LI-DiT on generated
+# shapes data with SmolLM2-135M-Instruct as the prompt encoder (text states cached first), and
+# writes samples for fixed prompts. Extra arguments go to the trainer, e.g. --config.train.steps=200.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON="${PYTHON:-python3}"
+WORKDIR="${WORKDIR:-workdir/demo_shapes}"
+"$PYTHON" -m pip install --quiet --progress-bar off -e .
+PYTHON="$PYTHON" bash scripts/install_models.sh
+export JAX_PLATFORMS="${JAX_PLATFORMS:-cpu}"
+"$PYTHON" -m lidit_jax.main --config=configs/demo_shapes.py --workdir="$WORKDIR" --mode=encode "$@"
+"$PYTHON" -m lidit_jax.main --config=configs/demo_shapes.py --workdir="$WORKDIR" --mode=train "$@"
+echo "samples: $WORKDIR/samples/  metrics: $WORKDIR/metrics.jsonl  tensorboard: $WORKDIR/tensorboard"
