@@ -1,0 +1,160 @@
+"""A sharded, resumable on-disk cache of per-record arrays (text states, VAE latents).
+
+Layout of a cache directory:
+  metadata.json                       what produced the arrays (encoder id, weights fingerprint,
+                                      layer, template, preprocessing, ...), the record count and
+                                      the shard size; a reader compares it with its config.
+  shard-00000.arrayrecord, ...        shard k holds records [k * shard_size, (k+1) * shard_size),
+                                      in index order, one ArrayRecord entry per record.
+One entry: 4-byte little-endian header length, a UTF-8 JSON header
+{"index": i, "arrays": {name: [dtype, shape], ...}} and the arrays' raw bytes in header order.
+No pickle. A shard is written to a temporary file and renamed when complete, so a killed writer
+leaves only whole shards, and a restarted one skips them: no duplicates, no gaps.
+"""
+import json
+import os
+import struct
+
+import ml_dtypes
+import numpy as np
+from absl import logging
+from array_record.python import array_record_module
+
+FORMAT_VERSION = 1
+METADATA_FILE = "metadata.json"
+_DTYPES = {"bfloat16": ml_dtypes.bfloat16}
+
+
+class CacheMismatch(ValueError):
+    """The cache was made with settings other than the config's."""
+
+
+def _dtype(name):
+    return np.dtype(_DTYPES.get(name, name))
+
+
+def encode_entry(index, arrays):
+    """Serialises {name: np.ndarray} for record `index` to bytes."""
+    header = {"index": int(index),
+              "arrays": {k: [str(v.dtype), list(v.shape)] for k, v in arrays.items()}}
+    header_bytes = json.dumps(header).encode()
+    body = b"".join(np.ascontiguousarray(v).tobytes() for v in arrays.values())
+    return struct.pack("<I", len(header_bytes)) + header_bytes + body
+
+
+def decode_entry(data):
+    """Inverse of encode_entry: (index, {name: np.ndarray})."""
+    (header_len,) = struct.unpack_from("<I", data, 0)
+    header = json.loads(data[4:4 + header_len].decode())
+    offset = 4 + header_len
+    arrays = {}
+    for name, (dtype_name, shape) in header["arrays"].items():
+        dtype = _dtype(dtype_name)
+        count = int(np.prod(shape))
+        arrays[name] = np.frombuffer(data, dtype, count, offset).reshape(shape)
+        offset += count * dtype.itemsize
+    return header["index"], arrays
+
+
+def shard_path(directory, shard):
+    return os.path.join(directory, f"shard-{shard:05d}.arrayrecord")
+
+
+def compare_metadata(saved, expected, what):
+    """Raises CacheMismatch naming every field of `expected` that the saved metadata differs in."""
+    differences = [f"{key}: cache has {saved.get(key)!r}, config wants {value!r}"
+                   for key, value in expected.items() if saved.get(key) != value]
+    if differences:
+        raise CacheMismatch(f"{what} does not match the config: " + "; ".join(differences))
+
+
+def write_cache(directory, num_records, encode_batch, metadata, *, shard_size=1024,
+                batch_size=64, process_index=0, process_count=1, progress=None):
+    """Fills `directory` with the arrays `encode_batch(indices)` returns for records 0..num_records-1.
+
+    encode_batch: list of record indices -> list of {name: np.ndarray}, one dict per index.
+    metadata: JSON-able description of what produced the arrays; a directory already holding a
+      cache with other metadata is refused (CacheMismatch), one with the same is resumed.
+    Process p writes shards p, p + process_count, ... (the data-parallel split of encoding).
+    Returns the number of records this process wrote (0 when everything was already there).
+    """
+    os.makedirs(directory, exist_ok=True)
+    full_metadata = dict(metadata, num_records=int(num_records), shard_size=int(shard_size),
+                         format_version=FORMAT_VERSION)
+    metadata_path = os.path.join(directory, METADATA_FILE)
+    if os.path.exists(metadata_path):
+        with open(metadata_path) as f:
+            compare_metadata(json.load(f), full_metadata, f"existing cache {directory}")
+    elif process_index == 0:
+        with open(metadata_path + ".tmp", "w") as f:
+            json.dump(full_metadata, f, indent=1)
+        os.replace(metadata_path + ".tmp", metadata_path)
+
+    num_shards = -(-num_records // shard_size)
+    written = 0
+    for shard in range(process_index, num_shards, process_count):
+        final = shard_path(directory, shard)
+        if os.path.exists(final):
+            continue
+        start, stop = shard * shard_size, min((shard + 1) * shard_size, num_records)
+        temporary = final + f".tmp-{process_index}"
+        writer = array_record_module.ArrayRecordWriter(temporary, "group_size:1")
+        for batch_start in range(start, stop, batch_size):
+            indices = list(range(batch_start, min(batch_start + batch_size, stop)))
+            for index, arrays in zip(indices, encode_batch(indices), strict=True):
+                writer.write(encode_entry(index, arrays))
+            written += len(indices)
+            if progress is not None:
+                progress(len(indices))
+        writer.close()
+        os.replace(temporary, final)
+        logging.info("cache %s: shard %d of %d complete", directory, shard + 1, num_shards)
+    return written
+
+
+class ArrayCache:
+    """Random access to a complete cache: `cache[i]` -> {name: np.ndarray} of record i."""
+
+    def __init__(self, directory):
+        metadata_path = os.path.join(directory, METADATA_FILE)
+        if not os.path.exists(metadata_path):
+            raise FileNotFoundError(f"no cache at {directory} (missing {METADATA_FILE}); "
+                                    "run --mode=encode first")
+        with open(metadata_path) as f:
+            self.metadata = json.load(f)
+        self.directory = directory
+        self.shard_size = self.metadata["shard_size"]
+        self.num_records = self.metadata["num_records"]
+        num_shards = -(-self.num_records // self.shard_size)
+        missing = [s for s in range(num_shards) if not os.path.exists(shard_path(directory, s))]
+        if missing:
+            raise FileNotFoundError(f"cache {directory} is incomplete: shards {missing[:5]} of "
+                                    f"{num_shards} missing; resume --mode=encode to finish it")
+        self._readers = {}
+
+    def __len__(self):
+        return self.num_records
+
+    def check(self, expected_metadata):
+        """Raises CacheMismatch naming each field that differs from `expected_metadata`."""
+        compare_metadata(self.metadata, expected_metadata, f"cache {self.directory}")
+
+    def _reader(self, shard):
+        if shard not in self._readers:
+            self._readers[shard] = array_record_module.ArrayRecordReader(
+                shard_path(self.directory, shard), "readahead_buffer_size:0")
+        return self._readers[shard]
+
+    def __getitem__(self, index):
+        if not 0 <= index < self.num_records:
+            raise IndexError(f"record {index} outside cache of {self.num_records}")
+        shard, offset = divmod(int(index), self.shard_size)
+        stored_index, arrays = decode_entry(self._reader(shard).read([offset])[0])
+        if stored_index != index:
+            raise ValueError(f"cache {self.directory} shard {shard} is corrupt: entry {offset} "
+                             f"holds record {stored_index}, expected {index}")
+        return arrays
+
+    def __getstate__(self):
+        # Readers hold file handles; worker processes reopen them.
+        return {k: v for k, v in self.__dict__.items() if k != "_readers"} | {"_readers": {}}
