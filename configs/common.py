@@ -98,6 +98,10 @@ def get_config(arg=None):
     # ---- Image space ----------------------------------------------------------------------------
     c.vae = ml_collections.ConfigDict()
     c.vae.path = ""  # diffusers AutoencoderKL folder; empty: pixel space.
+    # The latent space's shape, for --mode=describe/compile without weights; checked against the
+    # VAE's config.json when `path` is set. Pixel space: 3 channels, downsample 1.
+    c.vae.latent_channels = 3
+    c.vae.downsample = 1
     c.vae.latent_cache_dir = ""
     c.vae.tile_size = 512  # Decode tile (pixels) for large images; 0: never tile.
 
@@ -161,6 +165,11 @@ def get_config(arg=None):
     c.checkpoint.keep = 3
     c.checkpoint.keep_period = 0  # Also keep every Nth step; 0: off.
     c.checkpoint.async_save = True
+
+    # Ahead-of-time compilation for a TPU topology on any host (--mode=compile, through libtpu).
+    c.aot = ml_collections.ConfigDict()
+    c.aot.topology = "v5e:2x2"  # e.g. v5p:4x4x4 (64 chips), v6e:8x8
+    c.aot.num_slices = 1
 
     c.logging = ml_collections.ConfigDict()
     c.logging.tensorboard = True

@@ -26,4 +26,5 @@ def get_config(arg=None):
     c.train.batch_size = 4096
     c.train.steps = 1_000_000
     c.mesh.fsdp = 64
+    c.aot.topology = "v5p:8x8x8"  # 512 chips of a v5p-1024 (one slice; --config.aot.num_slices=4).
     return c

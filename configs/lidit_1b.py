@@ -34,7 +34,10 @@ def get_config(arg=None):
     c.model.patch_size = 2
     c.model.remat = "dots_saveable"
 
-    c.vae.path = ""  # Set to a diffusers AutoencoderKL folder (16 channels, 8x).
+    c.vae.path = ""  # Set to a diffusers AutoencoderKL folder (16 channels, 8x) for training.
+    c.vae.latent_channels = 16
+    c.vae.downsample = 8
+    c.aot.topology = "v5p:4x4x4"  # 64 chips, 128 TensorCores: the v5p-128 of the docstring.
     c.data.source = "arrayrecord"
     c.data.image_size = 256
     c.data.buckets = "256x256,224x288,288x224,192x320,320x192"

@@ -137,16 +137,20 @@ def _validate_model(config):
     if config.model.width % config.model.heads:
         raise ConfigError(f"model.width={config.model.width} is not divisible by "
                           f"model.heads={config.model.heads}")
-    if config.data.image_size % config.model.patch_size:
-        raise ConfigError(f"data.image_size={config.data.image_size} is not divisible by "
-                          f"model.patch_size={config.model.patch_size}")
-    for bucket in filter(None, config.data.buckets.split(",")):
-        parts = bucket.strip().lower().split("x")
+    if config.vae.latent_channels < 1 or config.vae.downsample < 1:
+        raise ConfigError(f"vae.latent_channels={config.vae.latent_channels} and vae.downsample="
+                          f"{config.vae.downsample} must be >= 1")
+    multiple = config.model.patch_size * config.vae.downsample
+    sizes = [f"{config.data.image_size}x{config.data.image_size}"]
+    sizes += [b.strip() for b in config.data.buckets.split(",") if b.strip()]
+    for size in sizes:
+        parts = size.lower().split("x")
         if len(parts) != 2 or not all(p.isdigit() for p in parts):
-            raise ConfigError(f"data.buckets entry {bucket!r} is not HxW, e.g. '256x256,192x320'")
-        if any(int(p) % config.model.patch_size for p in parts):
-            raise ConfigError(f"data.buckets entry {bucket!r} is not divisible by "
-                              f"model.patch_size={config.model.patch_size}")
+            raise ConfigError(f"data.buckets entry {size!r} is not HxW, e.g. '256x256,192x320'")
+        if any(int(p) % multiple for p in parts):
+            raise ConfigError(
+                f"image size {size} (data.image_size / data.buckets) is not divisible by "
+                f"model.patch_size * vae.downsample = {multiple}")
 
 
 def _validate_train(config):

@@ -50,34 +50,42 @@ def make_optimizer(train_config):
     )
 
 
-def create_train_state(model_constructor, config, mesh):
-    """Builds the model sharded on `mesh`, then the optimizer and EMA with matching shardings.
+def _init_state(params, tx, seed):
+    return TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        opt_state=tx.init(params),
+        ema_params=jax.tree.map(jnp.copy, params),
+        rng=jax.random.key_data(jax.random.key(seed)),
+        skipped_steps=jnp.zeros((), jnp.int32),
+    )
 
-    Returns (graphdef, state): `nnx.merge(graphdef, state.params)` gives the model back.
-    """
-    model = sharding.create_sharded(
-        model_constructor, mesh, config.mesh.rules, check_replicated=config.mesh.check_replicated,
-        replicated_min_size=config.mesh.replicated_min_size)
+
+def _split_params(model):
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     if jax.tree.leaves(rest):
         raise ValueError(f"the denoiser has non-parameter state, which training does not carry: {rest}")
+    return graphdef, params
+
+
+def abstract_train_state(model_constructor, config, mesh):
+    """(graphdef, state of jax.ShapeDtypeStruct with shardings), allocating nothing.
+
+    Parameters are sharded by their logical axes through `config.mesh.rules`; every
+    parameter-shaped part of the optimizer state and the EMA takes its parameter's sharding;
+    counters and the RNG are replicated. Works for meshes of devices this host does not have
+    (AOT compilation for a TPU topology).
+    """
+    rules = config.mesh.rules
+    sharding.validate_rules(rules, mesh.axis_names)
+    graphdef, abstract_params = _split_params(nnx.eval_shape(model_constructor))
+    param_shardings = sharding.state_shardings(abstract_params, mesh, rules)
+    if config.mesh.check_replicated:
+        sharding.check_not_replicated(abstract_params, param_shardings, mesh,
+                                      config.mesh.replicated_min_size)
     tx = make_optimizer(config.train)
-
-    def init(params):
-        return TrainState(
-            step=jnp.zeros((), jnp.int32),
-            params=params,
-            opt_state=tx.init(params),
-            ema_params=jax.tree.map(jnp.copy, params),
-            rng=jax.random.key_data(jax.random.key(config.seed)),
-            skipped_steps=jnp.zeros((), jnp.int32),
-        )
-
-    # Every parameter-shaped part of the state (moments, EMA) takes its parameter's sharding;
-    # counters and the RNG are replicated.
-    param_shardings = jax.tree.map(lambda x: x.sharding, params)
+    abstract = jax.eval_shape(lambda p: _init_state(p, tx, config.seed), abstract_params)
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    abstract = jax.eval_shape(init, params)
     shardings = TrainState(
         step=replicated,
         params=param_shardings,
@@ -87,11 +95,28 @@ def create_train_state(model_constructor, config, mesh):
         rng=replicated,
         skipped_steps=replicated,
     )
-    with jax.set_mesh(mesh):
-        state = jax.jit(init, out_shardings=shardings)(params)
+    abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                            abstract, shardings)
+    return graphdef, abstract
+
+
+def create_train_state(model_constructor, config, mesh):
+    """(graphdef, state): the model, optimizer and EMA created directly in their shards.
+
+    `nnx.merge(graphdef, state.params)` gives the model back.
+    """
+    graphdef, abstract = abstract_train_state(model_constructor, config, mesh)
+    tx = make_optimizer(config.train)
+
+    def init():
+        _, params = _split_params(model_constructor())
+        return _init_state(params, tx, config.seed)
+
+    with jax.set_mesh(mesh), sharding.axis_rules(config.mesh.rules):
+        state = jax.jit(init, out_shardings=shardings_of(abstract))()
     return graphdef, state
 
 
-def state_shardings(state):
-    """The sharding of every leaf of a concrete state (used as jit in/out shardings)."""
+def shardings_of(state):
+    """The sharding of every leaf of a concrete or abstract state (jit in/out shardings)."""
     return jax.tree.map(lambda x: x.sharding, state)
