@@ -113,6 +113,9 @@ def get_config(arg=None):
     c.diffusion.flow_logit_mean = 0.0
     c.diffusion.flow_logit_std = 1.0
     c.diffusion.flow_shift = 1.0  # >1 shifts flow timesteps to more noise (larger images).
+    # >0: flow_shift holds at H*W = base_size^2 (of x: pixels or latents) and scales with
+    # sqrt(H*W) / base_size at other sizes (SD3); 0: the same shift at every size.
+    c.diffusion.flow_shift_base_size = 0
     c.diffusion.sampler = "ddim"  # ddim | dpm++2m | euler | heun
     c.diffusion.sample_steps = 50
     c.diffusion.guidance_scale = 4.5
