@@ -233,3 +233,25 @@ def test_paper_sizes_within_five_percent(name, paper):
     assert abs(dit_params / paper - 1) < 0.05, (dit_params, paper)
     assert int(lines[-1].split("=")[1]) > 0
     assert "backbone.blocks" in table
+
+
+def test_lidit_samples_with_guidance_under_nnx_jit():
+    import functools
+
+    from lidit_jax.diffusion import objectives, samplers
+
+    config = small_config()
+    model = randomize(dit.LIDiT(config, LLM_WIDTHS, 3, rngs=nnx.Rngs(0)), 3)
+    objective = objectives.make_objective(config.diffusion)
+    cond = text_inputs(2, 4)
+    uncond = jax.tree.map(lambda a: a[:1], text_inputs(1, 5))
+
+    @functools.partial(nnx.jit, static_argnames="steps")
+    def generate(model, key, cond, uncond, steps):
+        return samplers.sample(samplers.denoiser(model), objective, (2, 8, 12, 3), key,
+                               sampler="dpm++2m", steps=steps, guidance_scale=4.5, cond=cond,
+                               uncond=uncond)
+
+    images = generate(model, jax.random.key(0), cond, uncond, steps=3)
+    assert images.shape == (2, 8, 12, 3) and np.all(np.isfinite(images))
+    np.testing.assert_array_equal(images, generate(model, jax.random.key(0), cond, uncond, steps=3))

@@ -7,17 +7,34 @@ objective; Euler and Heun integrate the flow ODE dx/dt = velocity and need objec
 
 The loop over steps is a `lax.scan`, so `jax.jit(functools.partial(sample, denoise_fn, objective,
 shape, sampler=..., steps=...))` compiles one step's graph, and the result depends only on `key`.
-`denoise_fn(x [b, H, W, C], model_t [b], text) -> prediction [b, H, W, C]` is e.g. an LIDiT.
+`denoise_fn(x [b, H, W, C], model_t [b], text) -> prediction [b, H, W, C]`; for an nnx model
+(an LIDiT) use `denoiser(model)`, which re-creates the module inside each step's trace.
 
 Guidance: with `uncond` (the empty prompt's text, batch 1 or the same batch as `cond`), cond and
 uncond run as one forward of batch 2b, and prediction = uncond + scale * (cond - uncond).
 """
 import jax
 import jax.numpy as jnp
+from flax import nnx
 
 from lidit_jax.diffusion.objectives import FlowObjective
 
 SAMPLERS = ("ddim", "dpm++2m", "euler", "heun")
+
+
+def denoiser(model):
+    """An nnx model as a pure `denoise_fn`: split once, merged (as fresh Variables) per step.
+
+    Calling the module object itself from inside the sampler's `lax.scan` fails for models that
+    use nnx transforms (the scanned DiT blocks): its Variables belong to the outer trace. Use it
+    inside `nnx.jit` with the model as an argument, so the weights are inputs, not constants:
+
+        @functools.partial(nnx.jit, static_argnames="steps")
+        def generate(model, key, cond, uncond, steps):
+            return sample(denoiser(model), objective, shape, key, steps=steps, ...)
+    """
+    graphdef, state = nnx.split(model)
+    return lambda x, model_t, text: nnx.merge(graphdef, state, copy=True)(x, model_t, text)
 
 
 def concat_text(cond, uncond):
