@@ -116,7 +116,8 @@ def test_lidit_forward_shape_and_zero_init():
 def test_gates_are_zero_at_init():
     block = dit.DiTBlock(64, 4, 4.0, qk_norm=True, implementation="xla", dtype=jnp.float32,
                          param_dtype=jnp.float32, rngs=nnx.Rngs(0))
-    vectors = nnx.jit(dit.DiTBlock.modulation_vectors)(block, normal(np.random.default_rng(0), 3, 64))
+    c = normal(np.random.default_rng(0), 3, 64)
+    vectors = nnx.jit(dit.DiTBlock.modulation_vectors)(block, c)
     assert len(vectors) == 9
     for v in vectors:
         np.testing.assert_array_equal(v, 0.0)

@@ -125,7 +125,8 @@ def train_toy(objective, steps=1000, batch=512, hidden=128):
     """Trains the MLP on objective.target exactly as train/step does; returns its params."""
     dims = [(18, hidden), (hidden, hidden), (hidden, 2)]
     keys = jax.random.split(jax.random.key(0), len(dims))
-    params = [(jax.random.normal(k, d) / np.sqrt(d[0]), jnp.zeros(d[1])) for k, d in zip(keys, dims)]
+    params = [(jax.random.normal(k, d) / np.sqrt(d[0]), jnp.zeros(d[1]))
+              for k, d in zip(keys, dims)]
     tx = optax.adam(optax.cosine_decay_schedule(3e-3, steps))
 
     def step(carry, key):
@@ -163,7 +164,7 @@ def test_trained_toy_samples_the_mixture(name, schedule, sampler_names):
                                    err_msg=sampler)
 
 
-# ---- Guidance, determinism, errors -----------------------------------------------------------------
+# ---- Guidance, determinism, errors ---------------------------------------------------------------
 def conditional_toy(x, model_t, text):
     """A denoiser whose output depends on x, t and every text leaf (nonlinearly)."""
     summary = jnp.tanh(text["states"][0].sum(axis=(1, 2)) + text["masks"][0].sum(axis=1))
@@ -235,7 +236,7 @@ def test_bad_sampler_choices_name_the_fix():
         samplers.sample(conditional_toy, make("flow"), shape, key, sampler="plms")
 
 
-# ---- Parity with diffusers' schedulers (reference implementations) ----------------------------------
+# ---- Parity with diffusers' schedulers (reference implementations) -------------------------------
 @pytest.mark.slow
 @pytest.mark.parametrize("sampler", ["ddim", "dpm++2m"])
 @pytest.mark.parametrize("prediction", ["epsilon", "v"])

@@ -96,7 +96,8 @@ class Attention(nnx.Module):
         self.implementation = implementation
 
     def __call__(self, x, context=None, context_mask=None):
-        """x [batch, len, embed]; context [batch, ctx_len, embed] (None: x); mask [batch, ctx_len]."""
+        """x [batch, len, embed]; context [batch, ctx_len, embed] (None: x), its mask
+        [batch, ctx_len] bool. Returns [batch, len, embed]."""
         source = x if context is None else context
         split = lambda y: y.reshape(*y.shape[:2], self.heads, -1)  # noqa: E731
         q, k, v = split(self.query(x)), split(self.key(source)), split(self.value(source))
@@ -193,7 +194,8 @@ class DiTBackbone(nnx.Module):
         self.depth = m.depth
         self.scan_layers = m.scan_layers
         if m.remat not in ("none", *REMAT_POLICIES):
-            raise ValueError(f"model.remat={m.remat!r}; use one of none, {', '.join(REMAT_POLICIES)}")
+            raise ValueError(f"model.remat={m.remat!r}; use one of none, "
+                             f"{', '.join(REMAT_POLICIES)}")
         self.remat = m.remat
         dtype, param_dtype = jnp.dtype(m.dtype), jnp.dtype(m.param_dtype)
         patch_features = m.patch_size**2 * in_channels

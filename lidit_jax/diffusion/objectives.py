@@ -136,7 +136,7 @@ class FlowObjective:
         return shift * t / (1.0 + (shift - 1.0) * t)
 
     def sample_t(self, key, batch, hw=None):
-        """Training times [batch] float32 in (0, 1); `hw` = (H, W) of x0 for the resolution shift."""
+        """Training times [batch] float32 in (0, 1); `hw` = (H, W) of x0 (resolution shift)."""
         u = jax.nn.sigmoid(self.logit_mean + self.logit_std * jax.random.normal(key, (batch,)))
         return self.shift_time(u, hw)
 

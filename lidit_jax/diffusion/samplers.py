@@ -72,7 +72,7 @@ def _estimates(denoise_fn, objective, guidance, x, model_t, alpha, sigma):
 
 def sample(denoise_fn, objective, shape, key, *, sampler="ddim", steps=50, guidance_scale=1.0,
            cond=None, uncond=None, eta=0.0, x_init=None):
-    """Draws samples [shape] (float32) from noise by `steps` network evaluations (Heun: 2 steps - 1).
+    """Draws samples [shape] (float32) from noise in `steps` network evaluations (Heun: 2 x - 1).
 
     Args:
       denoise_fn: (x, model_t [b], text) -> prediction, in the objective's parameterisation.
