@@ -147,6 +147,15 @@ def get_config(arg=None):
     c.train.log_every = 10
     c.train.sample_every = 500
     c.train.nan_policy = "skip"  # skip | stop
+    # Fixed prompts sampled from the EMA weights every sample_every steps (samples/*.png).
+    c.train.sample_prompts = (
+        "a large red circle on the left",
+        "a small blue square in the middle",
+        "a green triangle on the right",
+        "a yellow star on the left and a purple circle on the right",
+    )
+    c.train.samples_per_prompt = 2
+    c.train.sample_seed = 0
 
     # ---- Device mesh and sharding -----------------------------------------------------------------
     c.mesh = ml_collections.ConfigDict()

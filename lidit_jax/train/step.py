@@ -25,15 +25,12 @@ def make_train_step(graphdef, config, objective):
     """Returns `step(state, batch) -> (state, metrics)`, not yet jitted (see `jit_train_step`)."""
     tx = make_optimizer(config.train)
     schedule = learning_rate_schedule(config.train)
-    compute_dtype = jnp.dtype(config.model.dtype)
     num_micro = config.train.microbatches
     ema_decay = config.train.ema_decay
 
     def per_example_loss(params, x_t, model_t, target, text):
         model = nnx.merge(graphdef, params)
-        prediction = model(x_t.astype(compute_dtype), model_t, text)
-        error = jnp.square(prediction.astype(jnp.float32) - target)
-        return jnp.mean(error, axis=tuple(range(1, error.ndim)))
+        return objective.loss(model(x_t, model_t, text), target)
 
     def micro_loss(params, micro):
         losses = per_example_loss(params, micro["x_t"], micro["model_t"], micro["target"],
@@ -47,7 +44,7 @@ def make_train_step(graphdef, config, objective):
         rng, t_key, noise_key = jax.random.split(rng, 3)
         x0 = constrain(batch["x0"].astype(jnp.float32), ("batch", None, None, None))
         global_batch = x0.shape[0]
-        t = objective.sample_t(t_key, global_batch)
+        t = objective.sample_t(t_key, global_batch, hw=x0.shape[1:3])
         noise = jax.random.normal(noise_key, x0.shape, jnp.float32)
         inputs = {
             "x_t": objective.noisy(x0, noise, t),

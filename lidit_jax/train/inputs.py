@@ -1,0 +1,102 @@
+"""What the train step eats: global batches of images (or latents) and LLM text states.
+
+`TrainInputs` owns the input pipeline, the frozen text encoders (or their cache) and the image
+space (pixels or a VAE), and turns each host-local batch into global arrays sharded along the
+`batch` logical axis:
+  {"x0": [batch, H, W, C] float32 (scaled latents or pixels in [-1, 1]),
+   "text": {"states": [[batch, L, width_k] bf16], "masks": [[batch, L] bool],
+            "prompt_masks": [[batch, L] bool]}}
+"""
+import os
+
+import jax
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
+
+from lidit_jax import configuration
+from lidit_jax.data import pipeline
+from lidit_jax.diffusion.vae import make_image_space
+from lidit_jax.parallel import sharding
+from lidit_jax.text import cache as text_cache
+from lidit_jax.text.encoder import PromptEncoder, as_text_inputs
+
+
+class TrainInputs:
+
+    def __init__(self, config, workdir, mesh):
+        self.config = config
+        self.mesh = mesh
+        self.image_space = make_image_space(config.vae)
+        self.channels = self.image_space.channels
+        size = config.data.image_size // self.image_space.downsample
+        self.image_hw = (size, size)
+        names = configuration.encoder_names(config)
+        self.encoders = [PromptEncoder(name, config.text.llms[name], config.text, mesh=None)
+                         for name in names]
+        self.llm_widths = [encoder.width for encoder in self.encoders]
+        self.cached = None
+        if config.text.cache_dir:
+            root = text_cache.cache_root(config, workdir)
+            self.cached = []
+            for encoder in self.encoders:
+                reader = text_cache.CachedTextStates(os.path.join(root, encoder.name),
+                                                     config.text.max_length)
+                expected = text_cache.expected_metadata(
+                    encoder, config, reader.metadata["num_records"])
+                reader.cache.check(expected)
+                self.cached.append(reader)
+        self.dataset = pipeline.make_train_iterator(config.data,
+                                                    global_batch_size=config.train.batch_size,
+                                                    seed=config.seed)
+        self._batch_spec = sharding.logical_to_mesh_spec(("batch",), config.mesh.rules)
+
+    # ---- Identity of the frozen encoders (checkpoints refuse to resume with others) ----------
+    def fingerprints(self):
+        out = {encoder.name: encoder.metadata() for encoder in self.encoders}
+        out["image_space"] = self.image_space.fingerprint
+        return out
+
+    # ---- Batches --------------------------------------------------------------------------
+    def _sharding(self, ndim):
+        return NamedSharding(self.mesh, PartitionSpec(*self._batch_spec, *([None] * (ndim - 1))))
+
+    def batch_shardings(self):
+        k = len(self.encoders)
+        return {"x0": self._sharding(4),
+                "text": {"states": [self._sharding(3)] * k, "masks": [self._sharding(2)] * k,
+                         "prompt_masks": [self._sharding(2)] * k}}
+
+    def _global(self, local):
+        local = np.asarray(local)
+        return jax.make_array_from_process_local_data(self._sharding(local.ndim), local)
+
+    def next_batch(self):
+        local = next(self.dataset)
+        if self.cached is not None:
+            per_llm = [reader.lookup(local["record_id"], local["caption_dropped"])
+                       for reader in self.cached]
+        else:
+            per_llm = [jax.device_get(encoder.encode(list(local["caption"])))
+                       for encoder in self.encoders]
+        x0 = np.asarray(self.image_space.scale(self.image_space.encode(local["image"])))
+        return jax.tree.map(self._global, {"x0": x0, "text": as_text_inputs(per_llm)})
+
+    def encode_prompts(self, prompts):
+        """Fixed prompts -> replicated text inputs (the LLMs run online for these)."""
+        per_llm = [jax.device_get(encoder.encode(list(prompts))) for encoder in self.encoders]
+        return as_text_inputs(per_llm)
+
+    # ---- Data position and counters ---------------------------------------------------------
+    def get_state(self):
+        return self.dataset.get_state()
+
+    def set_state(self, state):
+        self.dataset.set_state(state)
+
+    def counters(self):
+        return dict(self.dataset.counters()) if hasattr(self.dataset, "counters") else {}
+
+    def close(self):
+        close = getattr(self.dataset, "close", None)
+        if close is not None:
+            close()
