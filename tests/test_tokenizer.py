@@ -1,0 +1,130 @@
+"""Prompt template and prompt-span bookkeeping (lidit_jax.text.tokenizer) on the real GGUF
+tokenizers of SmolLM2-135M-Instruct (ChatML chat template) and Gemma 3 270M (base: plain text)."""
+import numpy as np
+import pytest
+import transformers
+
+from configs import common
+from lidit_jax.text.models import default_model_path
+from lidit_jax.text.tokenizer import PromptTemplate
+
+PROMPTS = [
+    "a red cube on the left of a small blue sphere",
+    "   leading spaces, punctuation!? (and \"quotes\"); done.",
+    "café naïve über 日本語の猫 🎉🐱 emoji",
+    "",
+]
+
+
+@pytest.fixture(scope="module", params=["smollm2", "gemma3"])
+def tokenizer(request):
+    path = default_model_path(request.param)  # Loading a GGUF tokenizer takes 5-15 s.
+    return transformers.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+
+
+def make(tokenizer, **overrides):
+    config = common.get_config().text
+    config.update(overrides)
+    return PromptTemplate.from_config(config, tokenizer)
+
+
+def decoded_span(template, encoded, i):
+    start, stop = encoded["prompt_span"][i]
+    return template.tokenizer.decode(encoded["input_ids"][i, start:stop])
+
+
+def check_span_text(template, prompt, text):
+    """The span decodes to the prompt, plus at most a merged tail of the template's prefix (the
+    instruction's trailing space joins the prompt's first token)."""
+    assert text.endswith(prompt), (prompt, text)
+    assert template.prefix.endswith(text[:len(text) - len(prompt)]), (prompt, text)
+
+
+def test_span_decodes_to_the_prompt(tokenizer):
+    template = make(tokenizer)
+    encoded = template.encode_batch(PROMPTS)
+    assert encoded["input_ids"].shape == (len(PROMPTS), 128)
+    assert encoded["input_ids"].dtype == np.int32 and encoded["prompt_span"].dtype == np.int32
+    assert encoded["attention_mask"].dtype == bool and encoded["prompt_mask"].dtype == bool
+    for i, prompt in enumerate(PROMPTS):
+        check_span_text(template, prompt, decoded_span(template, encoded, i))
+        start, stop = encoded["prompt_span"][i]
+        np.testing.assert_array_equal(np.flatnonzero(encoded["prompt_mask"][i]),
+                                      np.arange(start, stop))
+        # The whole sequence is the tokenizer's own special tokens + prefix + prompt + suffix.
+        real = encoded["input_ids"][i][encoded["attention_mask"][i]]
+        bos = "" if tokenizer.chat_template else (tokenizer.bos_token or "")
+        assert tokenizer.decode(real) == bos + template.prefix + prompt + template.suffix
+    assert template.truncated_count == 0
+    empty = len(PROMPTS) - 1
+    start, stop = encoded["prompt_span"][empty]
+    assert start == stop and int(encoded["attention_mask"][empty].sum()) == template.template_length
+
+
+def test_template_uses_chat_template_only_where_there_is_one(tokenizer):
+    template = make(tokenizer)
+    description = template.description()
+    assert description["use_chat_template"] == bool(tokenizer.chat_template)
+    assert description["instruction"] == common.PAPER_INSTRUCTION
+    if tokenizer.chat_template:  # SmolLM2: ChatML.
+        assert template.prefix.startswith("<|im_start|>") and "<|im_start|>user\n" in template.prefix
+        assert template.suffix == "<|im_end|>\n<|im_start|>assistant\n"
+        assert len(description["chat_template_sha256"]) == 64
+        plain = make(tokenizer, use_chat_template=False, system_prompt="Be precise.")
+        assert plain.prefix == "Be precise.\n\n" + common.PAPER_INSTRUCTION
+        system = make(tokenizer, system_prompt="Be precise.")
+        assert "<|im_start|>system\nBe precise.<|im_end|>" in system.prefix
+    else:  # Gemma 3 base: plain text after the tokenizer's <bos>.
+        assert template.prefix == common.PAPER_INSTRUCTION and template.suffix == ""
+        assert description["chat_template_sha256"] == ""
+    bare = make(tokenizer, use_instruction=False)
+    assert bare.description()["instruction"] == ""
+    assert common.PAPER_INSTRUCTION not in bare.prefix
+    assert bare.template_length < template.template_length
+    encoded = bare.encode_batch(PROMPTS[:1])
+    check_span_text(bare, PROMPTS[0], decoded_span(bare, encoded, 0))
+
+
+def test_truncation_keeps_the_template(tokenizer):
+    long_prompt = " ".join(f"a red cube number {i} next to a blue ball" for i in range(20))
+    template = make(tokenizer, max_length=make(tokenizer).template_length + 7)
+    encoded = template.encode_batch([long_prompt, PROMPTS[0][:5]])
+    assert template.truncated_count == 1
+    assert encoded["attention_mask"][0].all()
+    start, stop = encoded["prompt_span"][0]
+    assert stop - start >= 7  # The free slots (+ a template token merged into the first).
+    text = decoded_span(template, encoded, 0)
+    head = text[len(text) - len(text.lstrip()):]
+    assert long_prompt.startswith(head) and len(head) > 10
+    # The suffix (end of turn, assistant header) survives: the same tokens as untruncated.
+    suffix_len = template.max_length - stop
+    full = make(tokenizer, max_length=512).encode_batch([long_prompt])
+    full_stop = full["prompt_span"][0, 1]
+    np.testing.assert_array_equal(encoded["input_ids"][0, stop:],
+                                  full["input_ids"][0, full_stop:full_stop + suffix_len])
+    np.testing.assert_array_equal(encoded["input_ids"][0, :start], full["input_ids"][0, :start])
+    template.encode_batch([long_prompt])
+    assert template.truncated_count == 2
+
+
+def test_template_too_long_names_the_key(tokenizer):
+    length = make(tokenizer).template_length
+    with pytest.raises(ValueError, match="text.max_length"):
+        make(tokenizer, max_length=length - 1)
+    make(tokenizer, max_length=length).encode_batch([""])  # Exactly fits: fine.
+
+
+def test_padding_sides_hold_the_same_tokens(tokenizer):
+    right = make(tokenizer, padding_side="right").encode_batch(PROMPTS)
+    left = make(tokenizer, padding_side="left").encode_batch(PROMPTS)
+    pad = make(tokenizer).pad_id
+    for i in range(len(PROMPTS)):
+        n = int(right["attention_mask"][i].sum())
+        assert right["attention_mask"][i, :n].all() and not right["attention_mask"][i, n:].any()
+        assert left["attention_mask"][i, -n:].all() and not left["attention_mask"][i, :-n].any()
+        np.testing.assert_array_equal(left["input_ids"][i, -n:], right["input_ids"][i, :n])
+        assert (right["input_ids"][i, n:] == pad).all()
+        np.testing.assert_array_equal(left["prompt_span"][i], right["prompt_span"][i] + 128 - n)
+        np.testing.assert_array_equal(left["prompt_mask"][i, -n:], right["prompt_mask"][i, :n])
+    with pytest.raises(ValueError, match="text.padding_side"):
+        make(tokenizer, padding_side="middle")
