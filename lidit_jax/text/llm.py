@@ -1,0 +1,364 @@
+"""A frozen decoder-only LLM (Flax NNX) for the Llama, Qwen2 and Gemma 3 text families.
+
+One transformer covers the three families; they differ only in switches of `LLMConfig`:
+  Llama (Llama 3, SmolLM2, Mistral): RMSNorm w, RoPE (default / linear / llama3 scaling), GQA,
+    SwiGLU, tied or untied embeddings;
+  Qwen2: Llama plus q/k/v biases;
+  Gemma 3 text: norms applied as (1 + w), embeddings times sqrt(width), q/k RMSNorm over head_dim,
+    a norm after each sublayer too, GELU-tanh GLU, sliding-window and global layers with their own
+    rope bases, attention scale query_pre_attn_scalar**-0.5, optional final logit softcapping.
+
+Numerics follow transformers (the parity tests compare every hidden state): RMSNorm in float32,
+RoPE angles in float32 then cos/sin cast to the compute dtype, Gemma's embedding scale cast to the
+compute dtype. Positions are 0..len-1 for every row, so right padding leaves real tokens unchanged.
+
+Parameters carry logical axes (`embed`, `heads`, `kv_heads`, `head_dim`, `mlp`, `vocab`, `norm`,
+`layers`); per-layer weights are stacked on a leading `layers` axis and applied with one
+`jax.lax.scan`, so compile time does not grow with depth (32 layers compile like one). Gemma's
+interleaved local/global layers stay inside the scan: each layer's rope frequencies and window are
+scanned inputs next to its weights, so one traced layer body serves both kinds.
+"""
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from lidit_jax.nn.attention import dot_product_attention
+from lidit_jax.parallel.sharding import constrain
+
+FAMILIES = ("llama", "qwen2", "gemma3")
+LAYER_TYPES = ("full_attention", "sliding_attention")
+ROPE_TYPES = ("default", "linear", "llama3")
+ACTIVATIONS = {"silu": jax.nn.silu, "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True)}
+_NO_WINDOW = np.iinfo(np.int32).max // 2  # Window of a global layer inside a windowed stack.
+
+
+@dataclasses.dataclass(frozen=True)
+class LLMConfig:
+    """Architecture of one decoder-only LLM (hashable: it is a static jit argument).
+
+    rope_scaling: None or a tuple of (key, value) pairs of the transformers rope parameters
+      (rope_type "linear": factor; "llama3": factor, low_freq_factor, high_freq_factor,
+      original_max_position_embeddings); applies to full-attention layers.
+    rope_freq_factors: None or per-frequency divisors [head_dim / 2] (GGUF's rope_freqs tensor,
+      how llama.cpp stores Llama 3 scaling); applies to full-attention layers.
+    local_rope_theta: rope base of sliding-window layers (Gemma 3); None: rope_theta.
+    layer_types: per layer, "full_attention" or "sliding_attention" (window `sliding_window`).
+    """
+
+    family: str
+    name: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope_theta: float
+    layer_types: tuple
+    rope_scaling: tuple = None
+    rope_freq_factors: tuple = None
+    local_rope_theta: float = None
+    sliding_window: int = None
+    attention_scale: float = None  # None: head_dim ** -0.5.
+    qkv_bias: bool = False
+    o_bias: bool = False
+    activation: str = "silu"
+    tie_word_embeddings: bool = False
+    final_logit_softcapping: float = None
+
+    def __post_init__(self):
+        problems = []
+        if self.family not in FAMILIES:
+            problems.append(f"family {self.family!r} (known: {FAMILIES})")
+        if self.num_heads % self.num_kv_heads:
+            problems.append(f"num_heads {self.num_heads} not a multiple of num_kv_heads "
+                            f"{self.num_kv_heads}")
+        if len(self.layer_types) != self.num_layers or set(self.layer_types) - set(LAYER_TYPES):
+            problems.append(f"layer_types {self.layer_types} (need {self.num_layers} entries of "
+                            f"{LAYER_TYPES})")
+        if "sliding_attention" in self.layer_types and not self.sliding_window:
+            problems.append("sliding_attention layers without a sliding_window")
+        if self.activation not in ACTIVATIONS:
+            problems.append(f"activation {self.activation!r} (known: {sorted(ACTIVATIONS)})")
+        rope_type = dict(self.rope_scaling or {}).get("rope_type", "default")
+        if rope_type not in ROPE_TYPES:
+            problems.append(f"rope_type {rope_type!r} (supported: {ROPE_TYPES})")
+        if problems:
+            raise ValueError(f"LLM config {self.name!r}: " + "; ".join(problems))
+
+    @property
+    def is_gemma(self):
+        return self.family == "gemma3"
+
+    @property
+    def norm_offset(self):
+        """Gemma stores norm weights as w and applies 1 + w; Llama and Qwen2 apply w."""
+        return 1.0 if self.is_gemma else 0.0
+
+    @property
+    def scale(self):
+        return self.head_dim**-0.5 if self.attention_scale is None else self.attention_scale
+
+    @property
+    def has_sliding_layers(self):
+        return "sliding_attention" in self.layer_types
+
+
+def rope_inv_freq(config, layer_type):
+    """Inverse frequencies [head_dim / 2] (float32) of one layer type, as transformers builds them."""
+    sliding = layer_type == "sliding_attention"
+    theta = config.local_rope_theta if sliding and config.local_rope_theta else config.rope_theta
+    dim = config.head_dim
+    inv_freq = 1.0 / (np.float32(theta) ** (np.arange(0, dim, 2).astype(np.float32) / dim))
+    if sliding:
+        return inv_freq.astype(np.float32)
+    if config.rope_freq_factors is not None:
+        inv_freq = inv_freq / np.asarray(config.rope_freq_factors, np.float32)
+    scaling = dict(config.rope_scaling or {})
+    rope_type = scaling.get("rope_type", "default")
+    if rope_type == "linear":
+        inv_freq = inv_freq / scaling["factor"]
+    elif rope_type == "llama3":
+        inv_freq = _llama3_inv_freq(inv_freq, scaling)
+    return inv_freq.astype(np.float32)
+
+
+def _llama3_inv_freq(inv_freq, scaling):
+    """Llama 3.1 frequency-dependent rope scaling (transformers' _compute_llama3_parameters)."""
+    factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+    old_context = scaling["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv_freq
+    scaled = np.where(wavelen > old_context / low, inv_freq / factor, inv_freq)
+    smooth = (old_context / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    is_medium = ~(wavelen < old_context / high) & ~(wavelen > old_context / low)
+    return np.where(is_medium, smoothed, scaled)
+
+
+def rms_norm(x, weight, eps, offset):
+    """RMS norm over the last axis in float32, weight applied the way each family does.
+
+    Llama/Qwen2 (offset 0): w * normed.astype(dtype); Gemma (offset 1): (normed * (1 + w)) cast.
+    """
+    x32 = x.astype(jnp.float32)
+    normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    if offset:
+        return (normed * (offset + weight.astype(jnp.float32))).astype(x.dtype)
+    return weight * normed.astype(x.dtype)
+
+
+def apply_rope(x, cos, sin):
+    """x [batch, len, heads, head_dim] rotated by cos/sin [len, head_dim] (rotate-half layout)."""
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    return x * cos[None, :, None, :] + rotated * sin[None, :, None, :]
+
+
+def _layer_params(config, dtype):
+    """name -> (per-layer shape, logical axes) of one decoder layer's weights."""
+    e, h, kv, d, f = (config.hidden_size, config.num_heads, config.num_kv_heads, config.head_dim,
+                      config.intermediate_size)
+    params = {
+        "attn_norm": ((e,), ("norm",)),
+        "q": ((e, h, d), ("embed", "heads", "head_dim")),
+        "k": ((e, kv, d), ("embed", "kv_heads", "head_dim")),
+        "v": ((e, kv, d), ("embed", "kv_heads", "head_dim")),
+        "o": ((h, d, e), ("heads", "head_dim", "embed")),
+        "mlp_norm": ((e,), ("norm",)),
+        "gate": ((e, f), ("embed", "mlp")),
+        "up": ((e, f), ("embed", "mlp")),
+        "down": ((f, e), ("mlp", "embed")),
+    }
+    if config.qkv_bias:
+        params.update(q_bias=((h, d), ("heads", "head_dim")),
+                      k_bias=((kv, d), ("kv_heads", "head_dim")),
+                      v_bias=((kv, d), ("kv_heads", "head_dim")))
+    if config.o_bias:
+        params["o_bias"] = ((e,), ("embed",))
+    if config.is_gemma:
+        params.update(q_norm=((d,), ("norm",)), k_norm=((d,), ("norm",)),
+                      attn_post_norm=((e,), ("norm",)), mlp_post_norm=((e,), ("norm",)))
+    return params
+
+
+class DecoderLM(nnx.Module):
+    """The transformer. Built under `nnx.eval_shape` and filled by `weights.load_llm`.
+
+    Variables: embed [vocab, embed]; final_norm [norm]; lm_head [embed, vocab] (untied only);
+    layers.<name> [layers, ...] (see `_layer_params`).
+    """
+
+    def __init__(self, config, dtype=jnp.float32):
+        self.config = config
+        self.dtype = dtype
+
+        def param(shape, axes):
+            return nnx.Param(jnp.zeros(shape, dtype), out_sharding=axes)
+
+        self.embed = param((config.vocab_size, config.hidden_size), ("vocab", "embed"))
+        self.final_norm = param((config.hidden_size,), ("norm",))
+        self.lm_head = (None if config.tie_word_embeddings else
+                        param((config.hidden_size, config.vocab_size), ("embed", "vocab")))
+        self.layers = nnx.Dict({
+            name: param((config.num_layers, *shape), ("layers", *axes))
+            for name, (shape, axes) in _layer_params(config, dtype).items()})
+
+    def __call__(self, input_ids, attention_mask):
+        """input_ids, attention_mask [batch, len] -> (embeddings, stacked layer outputs, final).
+
+        embeddings [batch, len, embed]; stacked [layers, batch, len, embed] (raw residual stream
+        after each layer); final [batch, len, embed] (last layer after the final norm).
+        """
+        c = self.config
+        x = jnp.take(self.embed[...], input_ids, axis=0)
+        if c.is_gemma:
+            x = x * jnp.asarray(math.sqrt(c.hidden_size), self.dtype)
+        x = constrain(x, ("batch", "length", "embed"))
+        key_mask = attention_mask.astype(bool)
+
+        inv_freq = np.stack([rope_inv_freq(c, t) for t in c.layer_types])  # [layers, hd / 2]
+        windows = np.array([c.sliding_window if t == "sliding_attention" else _NO_WINDOW
+                            for t in c.layer_types], np.int32)
+        positions = jnp.arange(input_ids.shape[1], dtype=jnp.float32)
+        weights = {name: p[...] for name, p in self.layers.items()}
+
+        def layer(x, per_layer):
+            params, layer_inv_freq, window = per_layer
+            angles = positions[:, None] * layer_inv_freq[None, :]
+            angles = jnp.concatenate([angles, angles], axis=-1)
+            rope = (jnp.cos(angles).astype(self.dtype), jnp.sin(angles).astype(self.dtype))
+            x = self._decoder_layer(params, x, key_mask, rope,
+                                    window if c.has_sliding_layers else None)
+            return x, x
+
+        _, stacked = jax.lax.scan(layer, x, (weights, inv_freq, windows))
+        final = rms_norm(stacked[-1], self.final_norm[...], c.rms_norm_eps, c.norm_offset)
+        return x, stacked, final
+
+    def _decoder_layer(self, p, x, key_mask, rope, window):
+        """One pre-norm block (Gemma: sandwich norms) on x [batch, len, embed]."""
+        c = self.config
+
+        def norm(h, name):
+            return rms_norm(h, p[name], c.rms_norm_eps, c.norm_offset)
+
+        h = norm(x, "attn_norm")
+        q = jnp.einsum("ble,ehd->blhd", h, p["q"])
+        k = jnp.einsum("ble,ehd->blhd", h, p["k"])
+        v = jnp.einsum("ble,ehd->blhd", h, p["v"])
+        if c.qkv_bias:
+            q, k, v = q + p["q_bias"], k + p["k_bias"], v + p["v_bias"]
+        if c.is_gemma:
+            q, k = norm(q, "q_norm"), norm(k, "k_norm")
+        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        q = constrain(q, ("batch", "length", "heads", "head_dim"))
+        k = constrain(k, ("batch", "length", "kv_heads", "head_dim"))
+        attended = dot_product_attention(q, k, v, key_mask=key_mask, causal=True,
+                                         sliding_window=window, scale=c.scale)
+        h = jnp.einsum("blhd,hde->ble", attended, p["o"])
+        if c.o_bias:
+            h = h + p["o_bias"]
+        if c.is_gemma:
+            h = norm(h, "attn_post_norm")
+        x = constrain(x + h, ("batch", "length", "embed"))
+
+        h = norm(x, "mlp_norm")
+        gate = ACTIVATIONS[c.activation](h @ p["gate"])
+        h = constrain(gate * (h @ p["up"]), ("batch", "length", "mlp")) @ p["down"]
+        if c.is_gemma:
+            h = norm(h, "mlp_post_norm")
+        return constrain(x + h, ("batch", "length", "embed"))
+
+    def logits(self, final):
+        """final hidden state [batch, len, embed] -> logits [batch, len, vocab]."""
+        head = self.embed[...].T if self.lm_head is None else self.lm_head[...]
+        logits = constrain(final @ head, ("batch", "length", "vocab"))
+        cap = self.config.final_logit_softcapping
+        return logits if cap is None else jnp.tanh(logits / cap) * cap
+
+    def apply_final_norm(self, states):
+        """The final norm on any [..., embed] states (e.g. a middle hidden state)."""
+        return rms_norm(states, self.final_norm[...], self.config.rms_norm_eps,
+                        self.config.norm_offset)
+
+
+def _hidden_states(graphdef, state, input_ids, attention_mask):
+    model = nnx.merge(graphdef, state)
+    embeddings, stacked, final = model(input_ids, attention_mask)
+    layers = stacked.shape[0]
+    return (embeddings, *(stacked[i] for i in range(layers - 1)), final)
+
+
+def _logits(graphdef, state, input_ids, attention_mask):
+    model = nnx.merge(graphdef, state)
+    return model.logits(model(input_ids, attention_mask)[2])
+
+
+def _final_norm(graphdef, state, states):
+    return nnx.merge(graphdef, state).apply_final_norm(states)
+
+
+# One compiled function per (graphdef, shapes): shared by every LLM, cached by jax.jit.
+_jitted = {fn: jax.jit(fn, static_argnums=0) for fn in (_hidden_states, _logits, _final_norm)}
+
+
+class LLM:
+    """A loaded frozen LLM: config, tokenizer, jitted forward passes, identity of its weights.
+
+    `name` is "<family>/<model name>"; `fingerprint` a sha256 of the weight files (see
+    `weights.fingerprint`); both are recorded by the text-state cache and checkpoints.
+    """
+
+    def __init__(self, model, *, name, fingerprint_fn, tokenizer_fn, mesh=None, rules=None):
+        self.config = model.config
+        self.name = name
+        self.mesh, self.rules = mesh, rules
+        self._graphdef, self._state = nnx.split(model)
+        self._fingerprint_fn, self._fingerprint = fingerprint_fn, None
+        self._tokenizer_fn, self._tokenizer = tokenizer_fn, None
+
+    @property
+    def tokenizer(self):
+        """transformers tokenizer of the same folder / GGUF file (loaded on first use)."""
+        if self._tokenizer is None:
+            self._tokenizer = self._tokenizer_fn()
+        return self._tokenizer
+
+    @property
+    def fingerprint(self):
+        if self._fingerprint is None:
+            self._fingerprint = self._fingerprint_fn()
+        return self._fingerprint
+
+    @property
+    def model(self):
+        return nnx.merge(self._graphdef, self._state)
+
+    def _run(self, fn, *args):
+        if self.mesh is None:
+            return _jitted[fn](self._graphdef, self._state, *args)
+        from lidit_jax.parallel.sharding import axis_rules
+        with jax.set_mesh(self.mesh), axis_rules(self.rules):
+            return _jitted[fn](self._graphdef, self._state, *args)
+
+    def hidden_states(self, input_ids, attention_mask):
+        """input_ids, attention_mask [batch, len] -> L + 1 arrays [batch, len, embed].
+
+        As transformers' output_hidden_states: entry 0 the (Gemma: scaled) embeddings, entries
+        1..L-1 the residual stream after each layer, entry L the last layer after the final norm.
+        """
+        return self._run(_hidden_states, jnp.asarray(input_ids), jnp.asarray(attention_mask))
+
+    def logits(self, input_ids, attention_mask):
+        """input_ids, attention_mask [batch, len] -> next-token logits [batch, len, vocab]."""
+        return self._run(_logits, jnp.asarray(input_ids), jnp.asarray(attention_mask))
+
+    def final_norm(self, states):
+        """The LLM's final norm applied to states [..., embed] (jitted)."""
+        return self._run(_final_norm, states)

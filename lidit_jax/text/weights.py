@@ -1,0 +1,471 @@
+"""Loads a frozen LLM from a Hugging Face folder or a GGUF file into `llm.DecoderLM`.
+
+    llm = load_llm("default:smollm2" resolved, or "/models/Llama-3.1-8B", dtype=jnp.bfloat16,
+                   mesh=mesh, rules=config.mesh.rules)
+
+Both sources serve tensors under their Hugging Face names and conventions ([out, in] kernels,
+Gemma norm weights w): the GGUF reader dequantizes (gguf.quants), undoes llama.cpp's q/k row
+permutation for Llama files and subtracts Gemma's stored 1 + w. Tensors are read lazily (memory
+maps); each parameter (one name, all layers stacked) is converted, placed on the devices with the
+NamedSharding its logical axes get from the rules table, and dropped from host memory before the
+next, so the host never holds more than one parameter of the model.
+"""
+import hashlib
+import json
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from lidit_jax.parallel import sharding
+from lidit_jax.text.llm import LLM, DecoderLM, LLMConfig
+
+SUPPORTED_HF_MODEL_TYPES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2",
+                            "gemma3_text": "gemma3"}
+SUPPORTED_GGUF_ARCHITECTURES = ("llama", "qwen2", "gemma3")
+SUPPORTED_GGUF_TYPES = ("F32", "F16", "BF16", "Q4_0", "Q4_1", "Q4_K", "Q5_0", "Q5_K", "Q6_K",
+                        "Q8_0")
+ACTIVATION_NAMES = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh",
+                    "gelu_tanh": "gelu_tanh"}
+SAFETENSORS_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16,
+                      "BF16": jnp.bfloat16}
+
+
+# ---- Parameter table: our variable <- Hugging Face tensor ---------------------------------------
+
+def _parameter_sources(config):
+    """variable path -> (HF tensor name, with {i} for the layer, HF shape, HF array -> ours)."""
+    e, h, kv, d, f, vocab = (config.hidden_size, config.num_heads, config.num_kv_heads,
+                             config.head_dim, config.intermediate_size, config.vocab_size)
+    layer = "model.layers.{i}."
+
+    def qkv(heads):
+        return lambda w: w.T.reshape(e, heads, d)
+
+    sources = {
+        ("embed",): ("model.embed_tokens.weight", (vocab, e), None),
+        ("final_norm",): ("model.norm.weight", (e,), None),
+        ("layers", "attn_norm"): (layer + "input_layernorm.weight", (e,), None),
+        ("layers", "q"): (layer + "self_attn.q_proj.weight", (h * d, e), qkv(h)),
+        ("layers", "k"): (layer + "self_attn.k_proj.weight", (kv * d, e), qkv(kv)),
+        ("layers", "v"): (layer + "self_attn.v_proj.weight", (kv * d, e), qkv(kv)),
+        ("layers", "o"): (layer + "self_attn.o_proj.weight", (e, h * d),
+                          lambda w: w.T.reshape(h, d, e)),
+        ("layers", "gate"): (layer + "mlp.gate_proj.weight", (f, e), np.transpose),
+        ("layers", "up"): (layer + "mlp.up_proj.weight", (f, e), np.transpose),
+        ("layers", "down"): (layer + "mlp.down_proj.weight", (e, f), np.transpose),
+    }
+    if not config.tie_word_embeddings:
+        sources[("lm_head",)] = ("lm_head.weight", (vocab, e), np.transpose)
+    if config.qkv_bias:
+        for name, heads in (("q", h), ("k", kv), ("v", kv)):
+            sources[("layers", f"{name}_bias")] = (
+                layer + f"self_attn.{name}_proj.bias", (heads * d,),
+                lambda b, heads=heads: b.reshape(heads, d))
+    if config.o_bias:
+        sources[("layers", "o_bias")] = (layer + "self_attn.o_proj.bias", (e,), None)
+    if config.is_gemma:
+        sources.update({
+            ("layers", "mlp_norm"): (layer + "pre_feedforward_layernorm.weight", (e,), None),
+            ("layers", "attn_post_norm"): (layer + "post_attention_layernorm.weight", (e,), None),
+            ("layers", "mlp_post_norm"): (layer + "post_feedforward_layernorm.weight", (e,), None),
+            ("layers", "q_norm"): (layer + "self_attn.q_norm.weight", (d,), None),
+            ("layers", "k_norm"): (layer + "self_attn.k_norm.weight", (d,), None),
+        })
+    else:
+        sources[("layers", "mlp_norm")] = (layer + "post_attention_layernorm.weight", (e,), None)
+    return sources
+
+
+# ---- Hugging Face folders -----------------------------------------------------------------------
+
+def _safetensors_header(path):
+    """name -> (dtype, shape, byte offset, byte end) of one .safetensors file, bounds checked."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        prefix = f.read(8)
+        if len(prefix) < 8:
+            raise ValueError(f"{path}: not a safetensors file ({size} bytes)")
+        header_len = int.from_bytes(prefix, "little")
+        if header_len > size - 8:
+            raise ValueError(f"{path}: header of {header_len} bytes exceeds the file ({size} "
+                             "bytes); the file is truncated or not safetensors")
+        header = json.loads(f.read(header_len))
+    header.pop("__metadata__", None)
+    data_start = 8 + header_len
+    table = {}
+    for name, info in header.items():
+        start, end = info["data_offsets"]
+        if data_start + end > size:
+            raise ValueError(f"{path}: tensor {name!r} ends at byte {data_start + end} but the "
+                             f"file has {size}; the file is truncated, download it again")
+        table[name] = (info["dtype"], tuple(info["shape"]), data_start + start, data_start + end)
+    return table
+
+
+class HuggingFaceFolder:
+    """A folder with config.json and one or many .safetensors files (with or without an index)."""
+
+    def __init__(self, folder):
+        self.folder = pathlib.Path(folder)
+        config_path = self.folder / "config.json"
+        if not config_path.is_file():
+            raise FileNotFoundError(
+                f"{self.folder}: no config.json; an LLM path must be a Hugging Face folder "
+                "(config.json + *.safetensors) or a .gguf file")
+        self.config = _config_from_hf(self.folder, json.loads(config_path.read_text()))
+        index = self.folder / "model.safetensors.index.json"
+        if index.is_file():
+            names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            self.files = [self.folder / n for n in names]
+        else:
+            self.files = sorted(self.folder.glob("*.safetensors"))
+        if not self.files:
+            raise FileNotFoundError(f"{self.folder}: no *.safetensors files (.bin / .pt weights "
+                                    "are not supported; convert them with save_pretrained)")
+        self.tensors = {}
+        for path in self.files:
+            for name, entry in _safetensors_header(path).items():
+                self.tensors[name] = (path, *entry)
+        self._maps = {}
+
+    @property
+    def fingerprint_files(self):
+        return [self.folder / "config.json", *self.files]
+
+    def read(self, name):
+        """The tensor `name` as a numpy array (a view of the memory-mapped file)."""
+        if name not in self.tensors:
+            raise KeyError(f"tensor {name!r} is missing from {self.folder} (files: "
+                           f"{', '.join(p.name for p in self.files)})")
+        path, dtype, shape, start, end = self.tensors[name]
+        if dtype not in SAFETENSORS_DTYPES:
+            raise ValueError(f"{path}: tensor {name!r} has dtype {dtype}; supported: "
+                             f"{sorted(SAFETENSORS_DTYPES)}")
+        if path not in self._maps:
+            self._maps[path] = np.memmap(path, np.uint8, mode="r")
+        return self._maps[path][start:end].view(SAFETENSORS_DTYPES[dtype]).reshape(shape)
+
+    def where(self, name):
+        return str(self.tensors[name][0]) if name in self.tensors else str(self.folder)
+
+    def tokenizer(self):
+        from transformers import AutoTokenizer
+        return AutoTokenizer.from_pretrained(str(self.folder))
+
+
+def _config_from_hf(folder, raw):
+    model_type = raw.get("model_type")
+    if model_type not in SUPPORTED_HF_MODEL_TYPES:
+        raise ValueError(f"{folder / 'config.json'}: model_type {model_type!r} "
+                         f"(architectures {raw.get('architectures')}) is not supported; "
+                         f"supported model types: {sorted(SUPPORTED_HF_MODEL_TYPES)}")
+    from transformers import AutoConfig  # Its defaults and derived fields are the reference.
+    hf = AutoConfig.from_pretrained(str(folder))
+    family = SUPPORTED_HF_MODEL_TYPES[model_type]
+    where = folder / "config.json"
+    unsupported = {key: getattr(hf, key, None) for key in
+                   ("mlp_bias", "attn_logit_softcapping", "use_bidirectional_attention")}
+    unsupported = {k: v for k, v in unsupported.items() if v}
+    if unsupported:
+        raise ValueError(f"{where}: {unsupported} not supported (set them false/null)")
+    activation = getattr(hf, "hidden_activation", None) or hf.hidden_act
+    if activation not in ACTIVATION_NAMES:
+        raise ValueError(f"{where}: activation {activation!r}; supported: "
+                         f"{sorted(ACTIVATION_NAMES)}")
+    heads = hf.num_attention_heads
+    layer_types = getattr(hf, "layer_types", None)
+    if layer_types is None:  # Llama: all global; Mistral: one window for every layer.
+        sliding = getattr(hf, "sliding_window", None) if model_type == "mistral" else None
+        layer_types = ["sliding_attention" if sliding else "full_attention"] * hf.num_hidden_layers
+    rope = dict(hf.rope_parameters)
+    local_theta = None
+    if family == "gemma3":
+        local = rope["sliding_attention"]
+        if local.get("rope_type", "default") != "default":
+            raise ValueError(f"{where}: rope_parameters.sliding_attention type "
+                             f"{local['rope_type']!r}; only 'default' is supported there")
+        local_theta, rope = local["rope_theta"], dict(rope["full_attention"])
+    theta = rope.pop("rope_theta")
+    attention_bias = bool(getattr(hf, "attention_bias", False))
+    return LLMConfig(
+        family=family,
+        name=folder.name,
+        vocab_size=hf.vocab_size,
+        hidden_size=hf.hidden_size,
+        intermediate_size=hf.intermediate_size,
+        num_layers=hf.num_hidden_layers,
+        num_heads=heads,
+        num_kv_heads=getattr(hf, "num_key_value_heads", None) or heads,
+        head_dim=getattr(hf, "head_dim", None) or hf.hidden_size // heads,
+        rms_norm_eps=hf.rms_norm_eps,
+        rope_theta=theta,
+        rope_scaling=(None if rope.get("rope_type", "default") == "default"
+                      else tuple(sorted(rope.items()))),
+        local_rope_theta=local_theta,
+        layer_types=tuple(layer_types),
+        sliding_window=getattr(hf, "sliding_window", None),
+        attention_scale=hf.query_pre_attn_scalar**-0.5 if family == "gemma3" else None,
+        qkv_bias=family == "qwen2" or attention_bias,
+        o_bias=family == "llama" and attention_bias,
+        activation=ACTIVATION_NAMES[activation],
+        tie_word_embeddings=bool(hf.tie_word_embeddings),
+        final_logit_softcapping=getattr(hf, "final_logit_softcapping", None),
+    )
+
+
+# ---- GGUF files ---------------------------------------------------------------------------------
+
+_GGUF_LAYER_NAMES = {  # HF name inside a layer -> GGUF name inside blk.{i}.
+    "input_layernorm.weight": "attn_norm.weight",
+    "self_attn.q_proj.weight": "attn_q.weight",
+    "self_attn.k_proj.weight": "attn_k.weight",
+    "self_attn.v_proj.weight": "attn_v.weight",
+    "self_attn.q_proj.bias": "attn_q.bias",
+    "self_attn.k_proj.bias": "attn_k.bias",
+    "self_attn.v_proj.bias": "attn_v.bias",
+    "self_attn.o_proj.weight": "attn_output.weight",
+    "self_attn.o_proj.bias": "attn_output.bias",
+    "self_attn.q_norm.weight": "attn_q_norm.weight",
+    "self_attn.k_norm.weight": "attn_k_norm.weight",
+    "mlp.gate_proj.weight": "ffn_gate.weight",
+    "mlp.up_proj.weight": "ffn_up.weight",
+    "mlp.down_proj.weight": "ffn_down.weight",
+    "pre_feedforward_layernorm.weight": "ffn_norm.weight",
+    "post_feedforward_layernorm.weight": "post_ffw_norm.weight",
+}
+_GGUF_GLOBAL_NAMES = {"model.embed_tokens.weight": "token_embd.weight",
+                      "model.norm.weight": "output_norm.weight", "lm_head.weight": "output.weight"}
+
+
+class GGUFFile:
+    """A llama.cpp GGUF file of a supported architecture, serving tensors under HF names."""
+
+    def __init__(self, path):
+        import gguf
+        self.path = pathlib.Path(path)
+        if not self.path.is_file():
+            raise FileNotFoundError(f"{self.path}: no such GGUF file")
+        try:
+            self.reader = gguf.GGUFReader(self.path)
+        except Exception as err:  # The reader fails in many ways on a cut-off file.
+            raise ValueError(f"{self.path}: cannot read it as GGUF ({type(err).__name__}: {err}); "
+                             f"the file ({self.path.stat().st_size} bytes) is truncated or "
+                             "corrupt: download or assemble it again") from err
+        self.tensors = {t.name: t for t in self.reader.tensors}
+        self.config = self._config()
+
+    def field(self, key, default=KeyError):
+        field = self.reader.fields.get(key)
+        if field is None:
+            if default is KeyError:
+                raise KeyError(f"{self.path}: GGUF metadata field {key!r} is missing")
+            return default
+        return field.contents()
+
+    def _config(self):
+        arch = self.field("general.architecture")
+        if arch not in SUPPORTED_GGUF_ARCHITECTURES:
+            raise ValueError(f"{self.path}: general.architecture {arch!r} is not supported; "
+                             f"supported: {SUPPORTED_GGUF_ARCHITECTURES}")
+
+        def arch_field(key, default=KeyError):
+            return self.field(f"{arch}.{key}", default)
+
+        if "token_embd.weight" not in self.tensors:
+            raise KeyError(f"{self.path}: tensor 'token_embd.weight' is missing")
+        hidden, heads = arch_field("embedding_length"), arch_field("attention.head_count")
+        layers = arch_field("block_count")
+        head_dim = arch_field("attention.key_length", hidden // heads)
+        gemma = arch == "gemma3"
+        layer_types = ["full_attention"] * layers
+        scalar = None
+        if gemma:
+            # Gemma 3 GGUF files carry no layer pattern: llama.cpp and transformers both use
+            # five sliding-window layers then one global, local rope base 10000, and
+            # query_pre_attn_scalar = head_dim except for the 27B model (62 layers).
+            layer_types = ["full_attention" if (i + 1) % 6 == 0 else "sliding_attention"
+                           for i in range(layers)]
+            scalar = hidden // heads if layers == 62 else head_dim
+        scaling_type = arch_field("rope.scaling.type", None)
+        if scaling_type not in (None, "none", "linear"):
+            raise ValueError(f"{self.path}: {arch}.rope.scaling.type {scaling_type!r}; "
+                             "supported: none, linear")
+        rope_scaling = None
+        if scaling_type == "linear":
+            rope_scaling = (("factor", float(arch_field("rope.scaling.factor"))),
+                            ("rope_type", "linear"))
+        freq_factors = None
+        if "rope_freqs.weight" in self.tensors:  # llama.cpp's form of Llama 3 rope scaling.
+            freq_factors = tuple(float(x) for x in self._dequantize("rope_freqs.weight"))
+        return LLMConfig(
+            family=arch,
+            name=self.path.stem,
+            vocab_size=int(self.tensors["token_embd.weight"].shape[1]),
+            hidden_size=int(hidden),
+            intermediate_size=int(arch_field("feed_forward_length")),
+            num_layers=int(layers),
+            num_heads=int(heads),
+            num_kv_heads=int(arch_field("attention.head_count_kv", heads)),
+            head_dim=int(head_dim),
+            rms_norm_eps=float(arch_field("attention.layer_norm_rms_epsilon")),
+            rope_theta=float(arch_field("rope.freq_base", 10000.0)),
+            rope_scaling=rope_scaling,
+            rope_freq_factors=freq_factors,
+            local_rope_theta=10000.0 if gemma else None,
+            layer_types=tuple(layer_types),
+            sliding_window=int(arch_field("attention.sliding_window")) if gemma else None,
+            attention_scale=scalar**-0.5 if gemma else None,
+            qkv_bias="blk.0.attn_q.bias" in self.tensors,
+            o_bias="blk.0.attn_output.bias" in self.tensors,
+            activation="gelu_tanh" if gemma else "silu",
+            tie_word_embeddings="output.weight" not in self.tensors,
+        )
+
+    @property
+    def fingerprint_files(self):
+        return [self.path]
+
+    def gguf_name(self, name):
+        if name in _GGUF_GLOBAL_NAMES:
+            return _GGUF_GLOBAL_NAMES[name]
+        _, _, index, rest = name.split(".", 3)
+        if rest == "post_attention_layernorm.weight":  # Llama: pre-MLP norm; Gemma: post-attn.
+            rest_gguf = "post_attention_norm.weight" if self.config.is_gemma else "ffn_norm.weight"
+        else:
+            rest_gguf = _GGUF_LAYER_NAMES[rest]
+        return f"blk.{index}.{rest_gguf}"
+
+    def _dequantize(self, gguf_name):
+        import gguf
+        tensor = self.tensors[gguf_name]
+        kind = tensor.tensor_type.name
+        if kind not in SUPPORTED_GGUF_TYPES:
+            raise ValueError(f"{self.path}: tensor {gguf_name!r} is stored as {kind}; supported "
+                             f"types: {', '.join(SUPPORTED_GGUF_TYPES)}")
+        return np.asarray(gguf.quants.dequantize(tensor.data, tensor.tensor_type), np.float32)
+
+    def read(self, name):
+        """The tensor with HF name `name`, dequantized to float32 in HF conventions."""
+        gguf_name = self.gguf_name(name)
+        if gguf_name not in self.tensors:
+            raise KeyError(f"tensor {gguf_name!r} ({name}) is missing from {self.path}")
+        w = self._dequantize(gguf_name)
+        c = self.config
+        if c.family == "llama" and gguf_name.endswith(("attn_q.weight", "attn_k.weight")):
+            # llama.cpp interleaves the two rope halves of each head's rows; undo it.
+            heads = c.num_heads if gguf_name.endswith("attn_q.weight") else c.num_kv_heads
+            w = w.reshape(heads, w.shape[0] // heads // 2, 2, -1).swapaxes(1, 2).reshape(w.shape)
+        if c.is_gemma and gguf_name.endswith("norm.weight"):
+            w = w - 1.0  # GGUF stores Gemma's 1 + w.
+        return w
+
+    def where(self, name):
+        return f"{self.path} ({self.gguf_name(name)})"
+
+    def tokenizer(self):
+        from transformers import AutoTokenizer
+        return AutoTokenizer.from_pretrained(str(self.path.parent), gguf_file=self.path.name)
+
+
+# ---- Loading ------------------------------------------------------------------------------------
+
+def open_source(path):
+    """A folder or .gguf path -> HuggingFaceFolder / GGUFFile (config, tensors, tokenizer)."""
+    path = pathlib.Path(path).expanduser()
+    if path.is_dir():
+        return HuggingFaceFolder(path)
+    if path.suffix == ".gguf":
+        return GGUFFile(path)
+    raise FileNotFoundError(f"{path}: expected a Hugging Face folder (config.json + "
+                            "*.safetensors) or a .gguf file")
+
+
+def fingerprint(files, windows=64, window_bytes=1 << 16):
+    """sha256 of the weight files: names, sizes and 64 evenly spaced 64 KiB windows of each.
+
+    Cheap (4 MiB read per file, whatever its size) and stable; any re-quantization, fine-tune or
+    truncation changes sizes or sampled bytes. Files up to 4 MiB are hashed whole.
+    """
+    digest = hashlib.sha256()
+    for path in files:
+        size = path.stat().st_size
+        digest.update(f"{path.name}:{size};".encode())
+        with open(path, "rb") as f:
+            if size <= windows * window_bytes:
+                digest.update(f.read())
+                continue
+            for offset in np.linspace(0, size - window_bytes, windows).astype(np.int64):
+                f.seek(int(offset))
+                digest.update(f.read(window_bytes))
+    return digest.hexdigest()
+
+
+def _read_parameter(source, path, hf_name, hf_shape, convert, target_shape, np_dtype, config):
+    """One variable as a host array in its final layout and dtype (layers stacked)."""
+    layer_ids = range(config.num_layers) if path[0] == "layers" else [None]
+    out = np.empty(target_shape, np_dtype)
+    for i in layer_ids:
+        name = hf_name.format(i=i)
+        array = source.read(name)
+        if tuple(array.shape) != tuple(hf_shape):
+            raise ValueError(f"tensor {name!r} in {source.where(name)} has shape "
+                             f"{tuple(array.shape)}; the config ({config.name}) needs "
+                             f"{tuple(hf_shape)}")
+        array = convert(array) if convert is not None else array
+        if i is None:
+            out[...] = array
+        else:
+            out[i] = array
+    return out
+
+
+def _place(host, named_sharding):
+    if named_sharding is None:
+        return jax.device_put(host)
+    return jax.make_array_from_callback(host.shape, named_sharding, lambda index: host[index])
+
+
+def load_llm(path, dtype=jnp.float32, mesh=None, rules=None):
+    """A Hugging Face folder or .gguf file -> `LLM` with parameters in `dtype`.
+
+    With `mesh`, each parameter is placed with the NamedSharding that `rules` (the config's
+    mesh.rules table) gives its logical axes, as it is read; nothing is replicated by accident.
+    """
+    if mesh is not None and rules is None:
+        raise ValueError("load_llm: a mesh needs the logical axis rules (config.mesh.rules)")
+    source = open_source(path)
+    config = source.config
+    abstract = nnx.eval_shape(lambda: DecoderLM(config, dtype))
+    graphdef, abstract_state = nnx.split(abstract)
+    shardings = None
+    if mesh is not None:
+        sharding.validate_rules(rules, mesh.axis_names)
+        shardings = sharding.state_shardings(abstract_state, mesh, rules)
+    sources = _parameter_sources(config)
+    np_dtype = np.dtype(dtype)
+
+    def fill(key_path, variable):
+        path = tuple(getattr(k, "key", k) for k in key_path)
+        hf_name, hf_shape, convert = sources[path]
+        host = _read_parameter(source, path, hf_name, hf_shape, convert, variable.shape,
+                               np_dtype, config)
+        named = None
+        if shardings is not None:
+            named = _lookup(shardings, path)
+        return variable.replace(value=_place(host, named))
+
+    state = jax.tree.map_with_path(fill, abstract_state,
+                                   is_leaf=lambda x: isinstance(x, nnx.Variable))
+    model = nnx.merge(graphdef, state)
+    return LLM(model, name=f"{config.family}/{config.name}",
+               fingerprint_fn=lambda: fingerprint(source.fingerprint_files),
+               tokenizer_fn=source.tokenizer, mesh=mesh, rules=rules)
+
+
+def _lookup(tree, path):
+    for key in path:
+        tree = tree[key]
+    return getattr(tree, "value", tree)
