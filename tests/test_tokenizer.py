@@ -67,7 +67,8 @@ def test_template_uses_chat_template_only_where_there_is_one(tokenizer):
     assert description["use_chat_template"] == bool(tokenizer.chat_template)
     assert description["instruction"] == common.PAPER_INSTRUCTION
     if tokenizer.chat_template:  # SmolLM2: ChatML.
-        assert template.prefix.startswith("<|im_start|>") and "<|im_start|>user\n" in template.prefix
+        assert template.prefix.startswith("<|im_start|>system\n")
+        assert "<|im_start|>user\n" + common.PAPER_INSTRUCTION in template.prefix
         assert template.suffix == "<|im_end|>\n<|im_start|>assistant\n"
         assert len(description["chat_template_sha256"]) == 64
         plain = make(tokenizer, use_chat_template=False, system_prompt="Be precise.")

@@ -40,7 +40,9 @@ class PromptTemplate:
         self.tokenizer = tokenizer
         self.instruction = instruction if use_instruction else ""
         self.system_prompt = system_prompt
-        self.chat_template = getattr(tokenizer, "chat_template", None) if use_chat_template else None
+        # Base models (Gemma 3 270M) have no chat template: plain text then.
+        self.chat_template = (getattr(tokenizer, "chat_template", None) if use_chat_template
+                              else None)
         self.max_length = int(max_length)
         self.padding_side = padding_side
         self.pad_id = next((i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id)
