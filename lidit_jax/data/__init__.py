@@ -1,0 +1,4 @@
+"""Input data: record format, synthetic shapes, converters and the Grain training pipeline.
+
+Depends on no model code.
+"""

@@ -1,0 +1,81 @@
+"""Shapes data: ground truth matches pixels, captions name every object, records are pure."""
+import numpy as np
+import pytest
+
+from lidit_jax.data import shapes
+
+
+def test_masks_distinct_per_slot():
+    for image_size in (32, 48, 64):
+        masks = shapes.masks(image_size)
+        for slot in range(3):
+            flat = masks[slot].reshape(len(shapes.SHAPES) * len(shapes.SIZES), -1)
+            assert len({m.tobytes() for m in flat}) == len(flat), (image_size, slot)
+            assert flat.sum(1).min() >= 15  # Even small shapes have enough pixels to read.
+
+
+def test_detect_recovers_ground_truth():
+    source = shapes.ShapesSource(3000, seed=7)
+    wrong = [i for i in range(len(source))
+             if shapes.detect(source[i]["image"]) != shapes.expected_detection(source[i]["metadata"])]
+    assert not wrong, f"detect() disagrees with the metadata on records {wrong[:10]}"
+
+
+def test_detect_robust_to_mild_noise_and_float_range():
+    source = shapes.ShapesSource(300, seed=3, image_size=48)
+    rng = np.random.default_rng(0)
+    for i in range(len(source)):
+        record = source[i]
+        noisy = record["image"].astype(np.float32) / 127.5 - 1 + rng.normal(0, 0.08, (48, 48, 3))
+        assert shapes.detect(noisy) == shapes.expected_detection(record["metadata"]), i
+
+
+def test_detect_empty_image():
+    assert shapes.detect(np.full((32, 32, 3), 40, np.uint8)) == [None, None, None]
+
+
+def test_records_are_pure_functions_of_seed_and_index():
+    a, b = shapes.ShapesSource(50, seed=1), shapes.ShapesSource(50, seed=1)
+    for i in (0, 17, 49):
+        assert a[i]["caption"] == b[i]["caption"]
+        np.testing.assert_array_equal(a[i]["image"], b[i]["image"])
+    other = shapes.ShapesSource(50, seed=2)
+    assert [a[i]["caption"] for i in range(20)] != [other[i]["caption"] for i in range(20)]
+    with pytest.raises(IndexError):
+        a[50]
+
+
+def test_captions_name_every_object_at_its_word_index():
+    source = shapes.ShapesSource(2000, seed=0)
+    templates, counts = set(), 0
+    for i in range(len(source)):
+        record = source[i]
+        words = [w.strip(",") for w in record["caption"].split()]
+        for obj in record["metadata"]["objects"]:
+            noun = words[obj["word_index"]]
+            assert noun.startswith(obj["shape"]), (record["caption"], obj)
+            assert words[obj["word_index"] - 1] == obj["colour"]
+            assert words[obj["word_index"] - 2] == obj["size"]
+        templates.add(record["metadata"]["template"])
+        counts += any(w in ("two", "three") for w in words)
+    assert templates == {0, 1, 2} and counts > 50
+
+
+def test_count_and_relation_captions():
+    objects = [{"colour": "yellow", "shape": "triangle", "size": "small", "slot": "left"},
+               {"colour": "yellow", "shape": "triangle", "size": "small", "slot": "middle"},
+               {"colour": "blue", "shape": "cross", "size": "large", "slot": "right"}]
+    caption, positions = shapes.caption_for(objects, 1)
+    assert caption == "two small yellow triangles and a large blue cross"
+    assert positions == [3, 3, 8]
+    caption, positions = shapes.caption_for(objects[1:], 2)
+    assert caption == "a small yellow triangle to the left of a large blue cross"
+    assert positions == [3, 11]
+    caption, _ = shapes.caption_for(objects, 0)
+    assert caption == ("a small yellow triangle on the left, a small yellow triangle in the middle "
+                       "and a large blue cross on the right")
+
+
+def test_bad_image_size():
+    with pytest.raises(ValueError, match="image_size"):
+        shapes.ShapesSource(10, image_size=16)
