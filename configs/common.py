@@ -130,6 +130,11 @@ def get_config(arg=None):
     c.data.num_workers = 0
     c.data.shuffle_seed = 0
     c.data.shapes_num_records = 20000
+    # data.source=tfds: feature names (label_key: a ClassLabel used as "a photo of {class}"
+    # when there is no caption feature; empty = unused).
+    c.data.tfds_image_key = "image"
+    c.data.tfds_caption_key = "caption"
+    c.data.tfds_label_key = ""
 
     # ---- Training -----------------------------------------------------------------------------
     c.train = ml_collections.ConfigDict()

@@ -1,0 +1,81 @@
+"""Image decoding, validation, aspect-ratio buckets, resize and center crop.
+
+Bad inputs raise BadRecord with the reason; the pipeline skips and counts them.
+"""
+import io
+import math
+import warnings
+
+import numpy as np
+from PIL import Image
+
+MIN_SIDE = 8  # Smaller images (1x1 thumbnails, tracking pixels) are not training data.
+MAX_PIXELS = 64 * 1024 * 1024  # Larger ones are corrupt headers or decompression bombs.
+
+
+class BadRecord(ValueError):
+    """A record that cannot be used (undecodable image, bad caption, missing field)."""
+
+
+def parse_buckets(spec, image_size):
+    """'HxW,HxW' -> [(H, W), ...]; empty -> [(image_size, image_size)]."""
+    if not spec:
+        return [(image_size, image_size)]
+    buckets = []
+    for item in spec.split(","):
+        try:
+            height, width = (int(v) for v in item.strip().lower().split("x"))
+        except ValueError:
+            raise ValueError(f"data.buckets entry {item!r} is not HxW (e.g. '512x512,448x576')")
+        if height <= 0 or width <= 0:
+            raise ValueError(f"data.buckets entry {item!r} must have positive sides")
+        buckets.append((height, width))
+    return buckets
+
+
+def nearest_bucket(height, width, buckets):
+    """Index of the bucket whose aspect ratio is nearest (in log space) to height / width."""
+    ratio = math.log(height / width)
+    return min(range(len(buckets)), key=lambda k: abs(math.log(buckets[k][0] / buckets[k][1]) - ratio))
+
+
+def decode(image_bytes):
+    """Encoded image bytes -> uint8 [H, W, 3] RGB; raises BadRecord for anything unusable."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(image_bytes))
+            width, height = image.size
+            check_size(height, width)
+            image = image.convert("RGB")  # Forces the full decode: truncated files fail here.
+    except BadRecord:
+        raise
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError,
+            Image.DecompressionBombWarning) as error:
+        raise BadRecord(f"undecodable image: {error}") from None
+    return np.asarray(image)
+
+
+def check_size(height, width):
+    if min(height, width) < MIN_SIDE:
+        raise BadRecord(f"image {height}x{width} is smaller than {MIN_SIDE} px")
+    if height * width > MAX_PIXELS:
+        raise BadRecord(f"image {height}x{width} has more than {MAX_PIXELS} pixels")
+
+
+def resize_center_crop(image, height, width):
+    """uint8 [h, w, 3] -> uint8 [height, width, 3]: scale to cover, then crop the center."""
+    h, w = image.shape[:2]
+    if (h, w) == (height, width):
+        return image
+    scale = max(height / h, width / w)
+    new_h, new_w = max(height, round(h * scale)), max(width, round(w * scale))
+    resized = np.asarray(Image.fromarray(image).resize((new_w, new_h), Image.BICUBIC,
+                                                       reducing_gap=3.0))
+    top, left = (new_h - height) // 2, (new_w - width) // 2
+    return resized[top:top + height, left:left + width]
+
+
+def to_model_range(image):
+    """uint8 [..., 3] -> float32 in [-1, 1]."""
+    return image.astype(np.float32) / 127.5 - 1.0

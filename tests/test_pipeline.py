@@ -1,0 +1,185 @@
+"""Training pipeline: process shards, exact restore, buckets, bad records, caption dropout."""
+import io
+import json
+
+import jax
+import numpy as np
+import pytest
+from PIL import Image
+
+from configs import common
+from lidit_jax.data import pipeline, records
+from lidit_jax.parallel import mesh as mesh_lib
+
+# Record set for the arrayrecord tests: three aspect ratios, 5 % bad records.
+_SIZES = [(16, 32), (32, 16), (24, 24)]
+_BAD = {7: "truncated", 23: "empty caption", 41: "1x1", 62: "missing caption", 88: "bad json"}
+
+
+def _jpeg(height, width, value):
+    buffer = io.BytesIO()
+    Image.fromarray(np.full((height, width, 3), value, np.uint8)).save(buffer, format="JPEG")
+    return buffer.getvalue()
+
+
+def _entry(index):
+    height, width = _SIZES[index % 3]
+    image, caption = _jpeg(height, width, index), f"record {index}"
+    kind = _BAD.get(index)
+    if kind == "truncated":
+        image = image[:len(image) // 2]
+    elif kind == "empty caption":
+        caption = "  "
+    elif kind == "1x1":
+        image = _jpeg(1, 1, 0)
+    elif kind == "bad json":
+        return b"\x05\x00\x00\x00{oops" + image
+    entry = records.encode_record(image, caption, {}, "jpeg")
+    if kind == "missing caption":
+        entry = records.encode_record(image, caption, {}, "jpeg").replace(b'"caption"', b'"caxtion"')
+    return entry
+
+
+@pytest.fixture(scope="module")
+def record_dir(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("records"))
+    records.write_records(out, 100, _entry, records_per_shard=40)
+    return out
+
+
+def _config(**overrides):
+    config = common.get_config().data
+    config.update(overrides)
+    return config
+
+
+def _take(iterator, count):
+    return [next(iterator) for _ in range(count)]
+
+
+def test_process_shards_are_disjoint_and_cover_the_epoch():
+    config = _config(source="shapes", shapes_num_records=64, caption_dropout=0.0)
+    seen = []
+    for process in range(2):
+        iterator = pipeline.make_train_iterator(config, global_batch_size=8, seed=5,
+                                                process_index=process, process_count=2)
+        batches = _take(iterator, 8)  # 8 x 4 = one epoch's half.
+        seen.append(np.concatenate([b["record_id"] for b in batches]).tolist())
+        assert all(b["image"].shape == (4, 32, 32, 3) for b in batches)
+    assert not set(seen[0]) & set(seen[1])
+    assert sorted(seen[0] + seen[1]) == list(range(64))
+
+
+def test_epochs_are_reshuffled():
+    config = _config(source="shapes", shapes_num_records=32)
+    iterator = pipeline.make_train_iterator(config, global_batch_size=32, seed=0,
+                                            process_index=0, process_count=1)
+    first, second = (b["record_id"].tolist() for b in _take(iterator, 2))
+    assert sorted(first) == sorted(second) == list(range(32)) and first != second
+
+
+def test_batch_fields():
+    config = _config(source="shapes", shapes_num_records=40)
+    batch = next(pipeline.make_train_iterator(config, global_batch_size=4, seed=0,
+                                              process_index=0, process_count=1,
+                                              record_transform=lambda i: {"twice": np.int32(2 * i)}))
+    assert batch["image"].dtype == np.float32 and batch["image"].shape == (4, 32, 32, 3)
+    assert -1 <= batch["image"].min() and batch["image"].max() <= 1
+    assert batch["caption"].dtype == object and batch["caption_dropped"].dtype == bool
+    assert batch["record_id"].dtype == np.int64
+    np.testing.assert_array_equal(batch["twice"], 2 * batch["record_id"])
+
+
+def test_restored_iterator_continues_exactly(record_dir):
+    config = _config(source="arrayrecord", path=record_dir, buckets="16x32,32x16,24x24",
+                     caption_dropout=0.5)
+    make = lambda: pipeline.make_train_iterator(config, global_batch_size=4, seed=3,  # noqa: E731
+                                                process_index=0, process_count=1)
+    reference = make()
+    _take(reference, 5)
+    state = json.loads(json.dumps(reference.get_state()))
+    assert any(state["pending"].values())  # Buffers hold records of other buckets.
+    expected = _take(reference, 30)  # Crosses an epoch boundary (100 records).
+    restored = make()
+    restored.set_state(state)
+    for want, got in zip(expected, _take(restored, 30)):
+        np.testing.assert_array_equal(want["record_id"], got["record_id"])
+        np.testing.assert_array_equal(want["caption"], got["caption"])
+        np.testing.assert_array_equal(want["image"], got["image"])
+    assert restored.counters() == reference.counters()
+    other = pipeline.make_train_iterator(config, global_batch_size=8, seed=3,
+                                         process_index=0, process_count=1)
+    with pytest.raises(ValueError, match="local_batch_size"):
+        other.set_state(state)
+
+
+def test_buckets_never_mix_and_bad_records_are_skipped(record_dir):
+    config = _config(source="arrayrecord", path=record_dir, buckets="16x32,32x16,24x24",
+                     caption_dropout=0.0)
+    iterator = pipeline.make_train_iterator(config, global_batch_size=5, seed=1,
+                                            process_index=0, process_count=1)
+    ids = []
+    while iterator.get_state()["consumed"] < 100:  # One epoch.
+        batch = next(iterator)
+        assert batch["image"].shape[1:3] in _SIZES
+        for record_id, caption in zip(batch["record_id"], batch["caption"]):
+            assert _SIZES[record_id % 3] == batch["image"].shape[1:3]
+            assert caption == f"record {record_id}"
+            if iterator.get_state()["consumed"] <= 100:
+                ids.append(int(record_id))
+    counters = iterator.counters()
+    assert counters["skipped"] >= len(_BAD)  # All of epoch 0's bad records, maybe some of epoch 1.
+    assert counters["skipped"] + counters["records"] == iterator.get_state()["consumed"]
+    assert not set(ids) & set(_BAD)
+
+
+def test_every_good_record_arrives_once_per_epoch(record_dir):
+    config = _config(source="arrayrecord", path=record_dir, caption_dropout=0.0,
+                     image_size=24)  # One square bucket: everything is cropped to 24x24.
+    iterator = pipeline.make_train_iterator(config, global_batch_size=5, seed=2,
+                                            process_index=0, process_count=1)
+    ids = np.concatenate([b["record_id"] for b in _take(iterator, 19)]).tolist()
+    assert sorted(ids) == sorted(set(range(100)) - set(_BAD))
+
+
+def test_caption_dropout_rate_and_determinism():
+    config = _config(source="shapes", shapes_num_records=2000, caption_dropout=0.3)
+    make = lambda: pipeline.make_train_iterator(config, global_batch_size=100, seed=4,  # noqa: E731
+                                                process_index=0, process_count=1)
+    batches = _take(make(), 20)
+    dropped = np.concatenate([b["caption_dropped"] for b in batches])
+    captions = np.concatenate([b["caption"] for b in batches])
+    assert 0.26 < dropped.mean() < 0.34
+    assert all(c == "" for c in captions[dropped]) and all(captions[~dropped])
+    again = _take(make(), 20)
+    np.testing.assert_array_equal(dropped, np.concatenate([b["caption_dropped"] for b in again]))
+
+
+def test_workers_give_the_same_batches(record_dir):
+    config = _config(source="arrayrecord", path=record_dir, buckets="16x32,32x16,24x24")
+    batches = {}
+    for workers in (0, 2):
+        config.num_workers = workers
+        iterator = pipeline.make_train_iterator(config, global_batch_size=4, seed=9,
+                                                process_index=0, process_count=1)
+        batches[workers] = _take(iterator, 12)
+        state = iterator.get_state()
+        json.dumps(state)
+        iterator.close()
+    for a, b in zip(batches[0], batches[2]):
+        np.testing.assert_array_equal(a["record_id"], b["record_id"])
+        np.testing.assert_array_equal(a["image"], b["image"])
+
+
+def test_to_global_batch():
+    config = _config(source="shapes", shapes_num_records=16)
+    batch = next(pipeline.make_train_iterator(config, global_batch_size=8, seed=0,
+                                              process_index=0, process_count=1))
+    mesh_config = common.get_config().mesh
+    mesh_config.fsdp = 2  # Batch split over data x fsdp = 4 x 2.
+    mesh = mesh_lib.build_mesh(mesh_config)
+    out = pipeline.to_global_batch(batch, mesh)
+    assert isinstance(out["image"], jax.Array) and out["image"].shape == (8, 32, 32, 3)
+    assert len(out["image"].sharding.device_set) == jax.device_count()
+    np.testing.assert_array_equal(np.asarray(out["record_id"]), batch["record_id"])
+    assert out["caption"] is batch["caption"]
