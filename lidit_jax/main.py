@@ -27,6 +27,16 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. con
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, logs and samples go.")
 _MODE = flags.DEFINE_string("mode", "train", f"One of {sorted(MODES)}.")
+# --mode=sample options; unset ones take the config's values.
+flags.DEFINE_multi_string("prompts", None, "sample: a prompt (repeat the flag for more).")
+flags.DEFINE_string("prompt_file", None, "sample: a file with one prompt per line.")
+flags.DEFINE_string("output", None, "sample: output folder (default WORKDIR/samples/cli).")
+flags.DEFINE_string("sampler", None, "sample: ddim | dpm++2m | euler | heun.")
+flags.DEFINE_integer("sample_steps", None, "sample: number of sampler steps.")
+flags.DEFINE_float("guidance_scale", None, "sample: classifier-free guidance scale.")
+flags.DEFINE_integer("seed", 0, "sample: noise seed.")
+flags.DEFINE_string("size", None, "sample: image size HxW in pixels (default data.image_size).")
+flags.DEFINE_integer("num_per_prompt", 1, "sample: images per prompt.")
 
 
 def parse_flags(argv):

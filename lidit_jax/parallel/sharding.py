@@ -92,13 +92,18 @@ def _logical_axes_of(variable):
 
 
 def state_shardings(abstract_state, mesh, rules):
-    """NamedSharding for every leaf of an nnx.State of abstract variables."""
+    """The nnx.State of abstract variables with each value replaced by its NamedSharding.
+
+    Variables stay in place (holding shardings), so the result has the state's exact pytree
+    structure and can be matched leaf by leaf against parameters, gradients or optimizer moments.
+    """
 
     def to_sharding(variable):
         axes = _logical_axes_of(variable)
         if len(axes) != variable.ndim:
             raise ValueError(f"logical axes {axes} do not match the shape {variable.shape}")
-        return NamedSharding(mesh, logical_to_mesh_spec(axes, rules, mesh, variable.shape))
+        return variable.replace(
+            NamedSharding(mesh, logical_to_mesh_spec(axes, rules, mesh, variable.shape)))
 
     return jax.tree.map(to_sharding, abstract_state,
                         is_leaf=lambda x: isinstance(x, nnx.Variable))
