@@ -56,6 +56,18 @@ def decode(image_bytes):
     return np.asarray(image)
 
 
+def check_caption(caption):
+    """str or UTF-8 bytes -> str; raises BadRecord for non-UTF-8, non-text or blank captions."""
+    if isinstance(caption, bytes):
+        try:
+            caption = caption.decode("utf-8")
+        except UnicodeDecodeError:
+            raise BadRecord("caption is not UTF-8") from None
+    if not isinstance(caption, str) or not caption.strip():
+        raise BadRecord(f"empty or non-text caption {caption!r}")
+    return caption
+
+
 def check_size(height, width):
     if min(height, width) < MIN_SIDE:
         raise BadRecord(f"image {height}x{width} is smaller than {MIN_SIDE} px")

@@ -68,13 +68,7 @@ def parse_record(raw):
         caption = record["caption"]
     except (KeyError, ValueError) as error:  # ValueError covers bad JSON and UTF-8.
         raise images.BadRecord(f"unreadable record: {type(error).__name__}: {error}") from None
-    if isinstance(caption, bytes):
-        try:
-            caption = caption.decode("utf-8")
-        except UnicodeDecodeError:
-            raise images.BadRecord("caption is not UTF-8") from None
-    if not isinstance(caption, str) or not caption.strip():
-        raise images.BadRecord(f"empty or non-text caption {caption!r}")
+    caption = images.check_caption(caption)
     if isinstance(image, np.ndarray):
         if image.ndim != 3 or image.shape[-1] != 3 or image.dtype != np.uint8:
             raise images.BadRecord(f"image array {image.dtype} {image.shape} is not uint8 [H, W, 3]")
