@@ -240,11 +240,13 @@ class GGUFFile:
         layer_types = ["full_attention"] * layers
         scalar = None
         if gemma:
-            # Gemma 3 GGUF files carry no layer pattern: llama.cpp and transformers both use
-            # five sliding-window layers then one global, local rope base 10000, and
+            # Older Gemma 3 GGUF files carry no layer pattern: llama.cpp and transformers then use
+            # five sliding-window layers and one global, local rope base 10000, and
             # query_pre_attn_scalar = head_dim except for the 27B model (62 layers).
-            layer_types = ["full_attention" if (i + 1) % 6 == 0 else "sliding_attention"
-                           for i in range(layers)]
+            pattern = arch_field("attention.sliding_window_pattern", 6)
+            if isinstance(pattern, int):
+                pattern = [(i + 1) % pattern != 0 for i in range(layers)]
+            layer_types = ["sliding_attention" if s else "full_attention" for s in pattern]
             scalar = hidden // heads if layers == 62 else head_dim
         scaling_type = arch_field("rope.scaling.type", None)
         if scaling_type not in (None, "none", "linear"):
@@ -271,7 +273,7 @@ class GGUFFile:
             rope_theta=float(arch_field("rope.freq_base", 10000.0)),
             rope_scaling=rope_scaling,
             rope_freq_factors=freq_factors,
-            local_rope_theta=10000.0 if gemma else None,
+            local_rope_theta=float(arch_field("rope.freq_base_swa", 10000.0)) if gemma else None,
             layer_types=tuple(layer_types),
             sliding_window=int(arch_field("attention.sliding_window")) if gemma else None,
             attention_scale=scalar**-0.5 if gemma else None,

@@ -1,0 +1,229 @@
+"""Weight loading: GGUF files written the llama.cpp way load like their Hugging Face folders; bad
+inputs fail naming the file, tensor or field; fingerprints; the offline default models."""
+import gguf
+import numpy as np
+import pytest
+import safetensors.numpy
+import torch
+
+from lidit_jax.text import load_llm, models, weights
+from test_llm import build_tiny, random_batch
+
+LAYER_NAMES = {  # Hugging Face name inside a layer -> llama.cpp name inside blk.{i}.
+    "input_layernorm.weight": "attn_norm.weight",
+    "self_attn.q_proj.weight": "attn_q.weight",
+    "self_attn.k_proj.weight": "attn_k.weight",
+    "self_attn.v_proj.weight": "attn_v.weight",
+    "self_attn.q_proj.bias": "attn_q.bias",
+    "self_attn.k_proj.bias": "attn_k.bias",
+    "self_attn.v_proj.bias": "attn_v.bias",
+    "self_attn.o_proj.weight": "attn_output.weight",
+    "self_attn.q_norm.weight": "attn_q_norm.weight",
+    "self_attn.k_norm.weight": "attn_k_norm.weight",
+    "mlp.gate_proj.weight": "ffn_gate.weight",
+    "mlp.up_proj.weight": "ffn_up.weight",
+    "mlp.down_proj.weight": "ffn_down.weight",
+    "pre_feedforward_layernorm.weight": "ffn_norm.weight",
+    "post_feedforward_layernorm.weight": "post_ffw_norm.weight",
+}
+
+
+def llama_cpp_permute(w, heads):
+    """convert_hf_to_gguf.py's q/k row order for Llama files."""
+    return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(
+        w.shape)
+
+
+def gguf_tensors(model, arch):
+    """HF model -> {llama.cpp name: float32 array} as convert_hf_to_gguf.py would write them."""
+    config = model.config
+    out = {}
+    for name, tensor in model.state_dict().items():
+        w = tensor.numpy().astype(np.float32)
+        if name == "lm_head.weight":
+            if config.tie_word_embeddings:
+                continue
+            out["output.weight"] = w
+            continue
+        if name in ("model.embed_tokens.weight", "model.norm.weight"):
+            out[{"model.embed_tokens.weight": "token_embd.weight",
+                 "model.norm.weight": "output_norm.weight"}[name]] = (
+                w + 1 if arch == "gemma3" and "norm" in name else w)
+            continue
+        _, _, index, rest = name.split(".", 3)
+        if rest == "post_attention_layernorm.weight":
+            gguf_name = "post_attention_norm.weight" if arch == "gemma3" else "ffn_norm.weight"
+        else:
+            gguf_name = LAYER_NAMES[rest]
+        if arch == "llama" and rest == "self_attn.q_proj.weight":
+            w = llama_cpp_permute(w, config.num_attention_heads)
+        if arch == "llama" and rest == "self_attn.k_proj.weight":
+            w = llama_cpp_permute(w, config.num_key_value_heads)
+        if arch == "gemma3" and "norm" in rest:
+            w = w + 1
+        out[f"blk.{index}.{gguf_name}"] = w
+    return out
+
+
+def write_gguf(path, arch, tensors, fields, raw_types=None):
+    """A GGUF file with `fields` (method name -> value of gguf.GGUFWriter) and float32 tensors,
+    except those in raw_types (name -> (GGMLQuantizationType, uint8 [rows, bytes per row]))."""
+    writer = gguf.GGUFWriter(str(path), arch)
+    for method, value in fields.items():
+        getattr(writer, method)(value)
+    for name, array in tensors.items():
+        if raw_types and name in raw_types:
+            kind, raw = raw_types[name]
+            writer.add_tensor(name, raw, raw_dtype=kind)  # Shape from the byte rows.
+        else:
+            writer.add_tensor(name, array)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def gguf_fields(model, arch):
+    c = model.config
+    fields = dict(add_block_count=c.num_hidden_layers, add_context_length=128,
+                  add_embedding_length=c.hidden_size, add_feed_forward_length=c.intermediate_size,
+                  add_head_count=c.num_attention_heads, add_head_count_kv=c.num_key_value_heads,
+                  add_layer_norm_rms_eps=c.rms_norm_eps)
+    if arch == "gemma3":
+        fields.update(add_key_length=c.head_dim, add_sliding_window=c.sliding_window,
+                      add_rope_freq_base=c.rope_parameters["full_attention"]["rope_theta"])
+    else:
+        fields["add_rope_freq_base"] = c.rope_parameters["rope_theta"]
+    return fields
+
+
+def tiny_gguf(tmp_path, arch, raw_types=None, drop=(), drop_fields=()):
+    """A tiny random HF model of `arch` saved as a folder and as a llama.cpp-style GGUF file."""
+    folder = tmp_path / "hf"
+    model = build_tiny(arch, folder)
+    tensors = gguf_tensors(model, arch)
+    if arch == "llama":  # Llama 3 rope scaling, the way llama.cpp stores it: divisors.
+        c = model.config
+        dim = c.hidden_size // c.num_attention_heads
+        default = 1.0 / (c.rope_parameters["rope_theta"] ** (torch.arange(0, dim, 2).float() / dim))
+        tensors["rope_freqs.weight"] = (default / model.model.rotary_emb.inv_freq).numpy()
+    tensors = {k: v for k, v in tensors.items() if k not in drop}
+    fields = {k: v for k, v in gguf_fields(model, arch).items() if k not in drop_fields}
+    return folder, write_gguf(tmp_path / f"tiny-{arch}.gguf", arch, tensors, fields, raw_types)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma3"])
+def test_gguf_loads_like_the_folder(arch, tmp_path, monkeypatch):
+    if arch == "gemma3":  # GGUF Gemma files imply 5 local + 1 global layers, head_dim scale.
+        import test_llm
+        monkeypatch.setitem(test_llm.TINY_MODELS, "gemma3", lambda: test_llm.transformers.
+                            Gemma3ForCausalLM(test_llm.transformers.Gemma3TextConfig(
+                                vocab_size=test_llm.VOCAB, hidden_size=64, intermediate_size=96,
+                                num_hidden_layers=6, num_attention_heads=4, num_key_value_heads=2,
+                                head_dim=16, query_pre_attn_scalar=16, sliding_window=4)))
+    folder, path = tiny_gguf(tmp_path, arch)
+    from_gguf, from_folder = load_llm(path), load_llm(folder)
+    assert from_gguf.config.layer_types == from_folder.config.layer_types
+    ids, mask = random_batch(seed=4)
+    for a, b in zip(from_gguf.hidden_states(ids, mask), from_folder.hidden_states(ids, mask)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
+
+
+def test_folder_without_config(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"no config\.json.*\.gguf"):
+        load_llm(tmp_path)
+
+
+def test_unsupported_architecture(tmp_path):
+    (tmp_path / "config.json").write_text('{"model_type": "bert"}')
+    with pytest.raises(ValueError, match=r"config\.json: model_type 'bert'.*supported.*llama"):
+        load_llm(tmp_path)
+    path = write_gguf(tmp_path / "gpt2.gguf", "gpt2", {"token_embd.weight": np.zeros((4, 8),
+                                                                                     np.float32)}, {})
+    with pytest.raises(ValueError, match=r"gpt2\.gguf: general\.architecture 'gpt2'.*gemma3"):
+        load_llm(path)
+
+
+def test_unsupported_quantization(tmp_path):
+    # Q5_1 blocks: 32 values in 24 bytes; the loader must refuse before dequantizing.
+    raw = np.zeros((96, 64 // 32 * 24), np.uint8)
+    _, path = tiny_gguf(tmp_path, "llama",
+                        raw_types={"blk.0.ffn_up.weight": (gguf.GGMLQuantizationType.Q5_1, raw)})
+    with pytest.raises(ValueError, match=r"tiny-llama\.gguf: tensor 'blk\.0\.ffn_up\.weight' is "
+                                         r"stored as Q5_1; supported types: .*Q6_K"):
+        load_llm(path)
+
+
+def test_missing_tensor(tmp_path):
+    folder, path = tiny_gguf(tmp_path, "qwen2", drop=("blk.1.ffn_up.weight",))
+    with pytest.raises(KeyError, match=r"blk\.1\.ffn_up\.weight.*missing from .*tiny-qwen2\.gguf"):
+        load_llm(path)
+    tensors = safetensors.numpy.load_file(folder / "model.safetensors")
+    del tensors["model.layers.1.mlp.up_proj.weight"]
+    safetensors.numpy.save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(KeyError, match=r"model\.layers\.1\.mlp\.up_proj\.weight.*missing from"):
+        load_llm(folder)
+
+
+def test_missing_gguf_field(tmp_path):
+    _, path = tiny_gguf(tmp_path, "llama", drop_fields=("add_feed_forward_length",))
+    with pytest.raises(KeyError, match=r"tiny-llama\.gguf: .*'llama\.feed_forward_length'"):
+        load_llm(path)
+
+
+def test_misshapen_tensor(tmp_path):
+    folder = tmp_path / "hf"
+    build_tiny("llama", folder)
+    tensors = safetensors.numpy.load_file(folder / "model.safetensors")
+    name = "model.layers.2.self_attn.k_proj.weight"
+    tensors[name] = tensors[name][:16]
+    safetensors.numpy.save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=rf"{name}.*model\.safetensors has shape \(16, 64\); "
+                                         r"the config .* needs \(32, 64\)"):
+        load_llm(folder)
+
+
+def test_truncated_files(tmp_path):
+    folder, path = tiny_gguf(tmp_path, "llama")
+    for file in (path, folder / "model.safetensors"):
+        data = file.read_bytes()
+        file.write_bytes(data[: len(data) * 3 // 5])
+    with pytest.raises(ValueError, match=r"tiny-llama\.gguf: cannot read it as GGUF.*truncated"):
+        load_llm(path)
+    with pytest.raises(ValueError, match=r"model\.safetensors: tensor .* truncated"):
+        load_llm(folder)
+
+
+def test_fingerprint_is_stable_and_sees_changed_weights(tmp_path):
+    folder = tmp_path / "hf"
+    build_tiny("qwen2", folder)
+    first, again = load_llm(folder).fingerprint, load_llm(folder).fingerprint
+    assert first == again and len(first) == 64
+    tensors = safetensors.numpy.load_file(folder / "model.safetensors")
+    tensors["model.norm.weight"] = tensors["model.norm.weight"] * 1.01
+    safetensors.numpy.save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    assert load_llm(folder).fingerprint != first
+    big = tmp_path / "big.bin"  # Sampled windows past 4 MiB still see a change in one window.
+    big.write_bytes(bytes(8 << 20))
+    sampled = weights.fingerprint([big])
+    big.write_bytes(bytes(1 << 16) + b"x" + bytes((8 << 20) - (1 << 16) - 1))
+    assert weights.fingerprint([big]) != sampled
+
+
+def test_resolve_model_path(tmp_path):
+    assert models.resolve_model_path("default:smollm2").name == "SmolLM2-135M-Instruct.Q4_1.gguf"
+    assert (models.resolve_model_path("default:minilm") / "config.json").is_file()
+    assert models.resolve_model_path(str(tmp_path)) == tmp_path
+    with pytest.raises(ValueError, match=r"text\.llms\.x\.path='default:nope'.*default:gemma3"):
+        models.resolve_model_path("default:nope", key="text.llms.x.path")
+    with pytest.raises(FileNotFoundError, match=r"path='/no/such' does not exist"):
+        models.resolve_model_path("/no/such")
+
+
+def test_gemma3_is_assembled_once_into_the_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv(models.CACHE_ENV, str(tmp_path))
+    path = models.default_model_path("gemma3")
+    assert path == tmp_path / models.GEMMA3_FILE and path.stat().st_size == 253113024
+    assert [p.name for p in tmp_path.iterdir()] == [models.GEMMA3_FILE]  # No partial left.
+    assert models.default_model_path("gemma3") == path
