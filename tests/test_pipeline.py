@@ -131,6 +131,8 @@ def test_buckets_never_mix_and_bad_records_are_skipped(record_dir):
     assert counters["skipped"] >= len(_BAD)  # All of epoch 0's bad records, maybe some of epoch 1.
     assert counters["skipped"] + counters["records"] == iterator.get_state()["consumed"]
     assert not set(ids) & set(_BAD)
+    source = pipeline.make_source(config)  # What the text cache encodes: "" for bad records.
+    assert [source.caption(i) for i in (7, 23, 62, 88)] == ["record 7", "", "", ""]
 
 
 def test_every_good_record_arrives_once_per_epoch(record_dir):

@@ -1,8 +1,11 @@
 """Shapes data: ground truth matches pixels, captions name every object, records are pure."""
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
-from lidit_jax.data import shapes
+from lidit_jax.data import images, records, shapes
 
 
 def test_masks_distinct_per_slot():
@@ -79,3 +82,19 @@ def test_count_and_relation_captions():
 def test_bad_image_size():
     with pytest.raises(ValueError, match="image_size"):
         shapes.ShapesSource(10, image_size=16)
+
+
+def test_cli_writes_records(tmp_path):
+    out = str(tmp_path / "shapes")
+    result = subprocess.run([sys.executable, "-m", "lidit_jax.data.shapes", f"--output={out}",
+                             "--num=30", "--seed=4", "--records_per_shard=20"],
+                            capture_output=True, text=True, check=True)
+    assert result.stdout.strip().splitlines()[-1] == "records=30 skipped=0"
+    stored, source = records.ArrayRecordSource(out), shapes.ShapesSource(30, seed=4)
+    assert len(stored) == 30 and len(records.shard_paths(out)) == 2
+    for index in (0, 29):
+        record = records.decode_record(stored[index])
+        assert record["caption"] == source[index]["caption"] == stored.caption(index)
+        np.testing.assert_array_equal(images.decode(record["image_bytes"]), source[index]["image"])
+        assert shapes.detect(images.decode(record["image_bytes"])) == shapes.expected_detection(
+            record["metadata"])

@@ -178,7 +178,11 @@ class TfdsSource:
         return {"image": image, "caption": caption, "metadata": {"source": f"{self.path}[{index}]"}}
 
     def caption(self, index):
-        return images.check_caption(self[index]["caption"])
+        """Caption of record `index` (for the text cache); "" for a bad record, never trained on."""
+        try:
+            return images.check_caption(self[index]["caption"])
+        except images.BadRecord:
+            return ""
 
     def __repr__(self):
         return f"TfdsSource({self.path!r})"

@@ -22,6 +22,8 @@ from absl import logging
 from array_record.python import array_record_module
 from PIL import Image
 
+from lidit_jax.data import images
+
 FORMAT_VERSION = 1
 SHARD_PATTERN = "records-{shard:05d}-of-{count:05d}.arrayrecord"
 
@@ -146,7 +148,11 @@ class ArrayRecordSource:
         return self._readers[path].read([offset])[0]
 
     def caption(self, index):
-        return decode_record(self[index])["caption"]
+        """Caption of record `index` (for the text cache); "" for a bad record, never trained on."""
+        try:
+            return images.check_caption(decode_record(self[index])["caption"])
+        except ValueError:  # Includes images.BadRecord and bad JSON / UTF-8.
+            return ""
 
     def __getstate__(self):
         # Readers hold file handles; worker processes open their own.
