@@ -1,8 +1,5 @@
 """LI-DiT backbone: shapes at any resolution, zero init, scan/loop/remat agreement, text masking,
 1-device vs 8-device parity, logical axes, and the 1B/10B parameter counts (describe)."""
-import sys
-import types
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -10,41 +7,10 @@ import pytest
 from flax import nnx
 
 from configs import common
-
-
-def _install_text_conditioner_standin():
-    """Until lidit_jax.text.refiner lands: a projection-only TextConditioner, same interface."""
-    from lidit_jax.nn.layers import linear
-
-    class TextConditioner(nnx.Module):
-        def __init__(self, text_config, llm_widths, width, *, dtype=jnp.float32,
-                     param_dtype=jnp.float32, rngs):
-            del text_config
-            self.proj = nnx.List([linear(w, width, ("channels", "embed"), dtype=dtype,
-                                         param_dtype=param_dtype, rngs=rngs) for w in llm_widths])
-
-        def __call__(self, states, masks, prompt_masks, t_emb):
-            del prompt_masks, t_emb
-            tokens = jnp.concatenate([p(s) for p, s in zip(self.proj, states)], axis=1)
-            mask = jnp.concatenate(masks, axis=1)
-            pooled = jnp.sum(tokens * mask[..., None], 1) / jnp.maximum(
-                jnp.sum(mask, 1, keepdims=True), 1)
-            return tokens, mask, pooled
-
-    module = types.ModuleType("lidit_jax.text.refiner")
-    module.TextConditioner = TextConditioner
-    sys.modules["lidit_jax.text.refiner"] = module
-
-
-try:
-    import lidit_jax.text.refiner  # noqa: F401
-except ImportError:
-    _install_text_conditioner_standin()
-
-from lidit_jax import describe  # noqa: E402
-from lidit_jax.diffusion import dit  # noqa: E402
-from lidit_jax.parallel import mesh as mesh_lib  # noqa: E402
-from lidit_jax.parallel import sharding  # noqa: E402
+from lidit_jax import describe
+from lidit_jax.diffusion import dit
+from lidit_jax.parallel import mesh as mesh_lib
+from lidit_jax.parallel import sharding
 
 LLM_WIDTHS = [48]
 # Jitted calls: one compile instead of op-by-op dispatch keeps these tests fast on CPU.

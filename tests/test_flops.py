@@ -5,12 +5,10 @@ built with scan_layers=False (a python loop over blocks) to make XLA see every l
 """
 import jax
 import jax.numpy as jnp
-import pytest
 from flax import nnx
 
 from configs import common
 from lidit_jax.diffusion import dit, flops
-from lidit_jax.nn.layers import TimestepEmbedder
 
 
 def small_config(**text):
@@ -26,23 +24,25 @@ def xla_flops(fn, *args):
     return cost["flops"]
 
 
-def test_dit_backbone_flops_match_xla():
-    config = small_config()
-    batch, hw, channels, context_len = 2, (32, 24), 4, 24
-    backbone = dit.DiTBackbone(config.model, channels, rngs=nnx.Rngs(0))
-    time_embed = TimestepEmbedder(config.model.width, rngs=nnx.Rngs(1))
-    graphdefs, params = zip(nnx.split(backbone), nnx.split(time_embed))
+def test_train_step_flops_match_xla():
+    """The whole LIDiT (timestep embedder, token + collaborative refiners, DiT), jit(grad)."""
+    widths, lengths = [48, 40], [12, 10]
+    config = small_config(fusion="collaborative", encoders="smollm2,gemma3")
+    batch, hw, channels = 2, (24, 16), 3
+    model = dit.LIDiT(config, widths, channels, rngs=nnx.Rngs(0))
+    graphdef, params = nnx.split(model)
     x = jnp.ones((batch, *hw, channels))
-    context = jnp.ones((batch, context_len, config.model.width))
-    mask = jnp.ones((batch, context_len), bool)
+    t = jnp.full((batch,), 500.0)
+    masks = [jnp.ones((batch, n), bool) for n in lengths]
+    text = {"states": [jnp.ones((batch, n, w)) for n, w in zip(lengths, widths)],
+            "masks": masks, "prompt_masks": masks}
 
     def loss(params):
-        backbone, time_embed = (nnx.merge(g, p) for g, p in zip(graphdefs, params))
-        c = time_embed(jnp.full((batch,), 500.0))
-        return jnp.sum(jnp.square(backbone(x, c, context, mask)))
+        return jnp.sum(jnp.square(nnx.merge(graphdef, params)(x, t, text)))
 
     measured = xla_flops(jax.grad(loss), params)
-    ours = 3 * batch * flops.dit_forward_flops(config.model, channels, hw, context_len)
+    ours = flops.train_step_flops(config, widths, batch=batch, hw=hw, text_lengths=lengths,
+                                  in_channels=channels)
     assert abs(ours / measured - 1) < 0.1, (ours, measured)
 
 

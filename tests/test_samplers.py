@@ -121,7 +121,7 @@ def mlp(params, x, model_t):
     return h
 
 
-def train_toy(objective, steps=1000, batch=512, hidden=128):
+def train_toy(objective, steps=600, batch=512, hidden=128):
     """Trains the MLP on objective.target exactly as train/step does; returns its params."""
     dims = [(18, hidden), (hidden, hidden), (hidden, 2)]
     keys = jax.random.split(jax.random.key(0), len(dims))
@@ -165,6 +165,7 @@ def test_trained_toy_samples_the_mixture(name, schedule, sampler_names):
 
 
 # ---- Guidance, determinism, errors ---------------------------------------------------------------
+@jax.jit
 def conditional_toy(x, model_t, text):
     """A denoiser whose output depends on x, t and every text leaf (nonlinearly)."""
     summary = jnp.tanh(text["states"][0].sum(axis=(1, 2)) + text["masks"][0].sum(axis=1))

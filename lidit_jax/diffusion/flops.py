@@ -46,19 +46,20 @@ def dit_forward_flops(model_config, in_channels, hw, context_len):
 def refiner_forward_flops(text_config, llm_widths, width, text_lengths):
     """Forward matmul FLOPs of the text conditioner for one example.
 
-    Per LLM k with L_k tokens of width w_k: the input projection (2 L_k w_k d) and the pooled
-    text vector's projection (2 w_k d), then `text.refiner.depth` blocks of bidirectional
-    self-attention + FFN with 3 gates from c; with collaborative fusion, `collaborative.depth`
-    blocks where each branch cross-attends to the other branches' tokens, + FFN, with
-    shift/scale/gate for both (6 vectors from c).
+    Per LLM k with L_k tokens of width w_k (`lidit_jax.text.refiner`): the input projection
+    (2 L_k w_k d) and the pooled text vector's projection (2 w_k d), then `text.refiner.depth`
+    blocks of bidirectional self-attention + FFN with 2 gates from c; with collaborative
+    fusion, `collaborative.depth` blocks where each branch cross-attends to the other branches'
+    tokens, + FFN, with shift/scale/gate for both (6 vectors from c).
     """
     d = width
     total_len = sum(text_lengths)
+    gates = 2 * d * 2 * d if text_config.refiner.gating else 0
     flops = 0
     for w, length in zip(llm_widths, text_lengths):
         flops += 2 * length * w * d + 2 * w * d
         per_block = (_attention_flops(length, length, d)
-                     + _ffn_flops(length, d, text_config.refiner.mlp_ratio) + 2 * d * 3 * d)
+                     + _ffn_flops(length, d, text_config.refiner.mlp_ratio) + gates)
         flops += text_config.refiner.depth * per_block
         if text_config.fusion == "collaborative":
             per_block = (_attention_flops(length, total_len - length, d)
