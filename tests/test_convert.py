@@ -15,7 +15,8 @@ from PIL import Image
 from configs import common
 from lidit_jax.data import convert, images, pipeline, records
 
-_CAPTIONS = ["a red car", "two cats", "a small blue circle", "sunset über the sea", "a dog", "tree"]
+_CAPTIONS = ["a red car", "two cats", "a small blue circle", "sunset über the sea", "a dog",
+             "tree"]
 
 
 def _png(index):

@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from configs import common
-from lidit_jax.data import pipeline, records
+from lidit_jax.data import images, pipeline, records
 from lidit_jax.parallel import mesh as mesh_lib
 
 # Record set for the arrayrecord tests: three aspect ratios, 5 % bad records.
@@ -36,7 +36,7 @@ def _entry(index):
         return b"\x05\x00\x00\x00{oops" + image
     entry = records.encode_record(image, caption, {}, "jpeg")
     if kind == "missing caption":
-        entry = records.encode_record(image, caption, {}, "jpeg").replace(b'"caption"', b'"caxtion"')
+        entry = entry.replace(b'"caption"', b'"caxtion"')
     return entry
 
 
@@ -80,9 +80,10 @@ def test_epochs_are_reshuffled():
 
 def test_batch_fields():
     config = _config(source="shapes", shapes_num_records=40)
+    twice = lambda i: {"twice": np.int32(2 * i)}  # noqa: E731
     batch = next(pipeline.make_train_iterator(config, global_batch_size=4, seed=0,
                                               process_index=0, process_count=1,
-                                              record_transform=lambda i: {"twice": np.int32(2 * i)}))
+                                              record_transform=twice))
     assert batch["image"].dtype == np.float32 and batch["image"].shape == (4, 32, 32, 3)
     assert -1 <= batch["image"].min() and batch["image"].max() <= 1
     assert batch["caption"].dtype == object and batch["caption_dropped"].dtype == bool
@@ -185,3 +186,18 @@ def test_to_global_batch():
     assert len(out["image"].sharding.device_set) == jax.device_count()
     np.testing.assert_array_equal(np.asarray(out["record_id"]), batch["record_id"])
     assert out["caption"] is batch["caption"]
+
+
+def test_parse_record_rejects_bad_inputs():
+    good = _jpeg(16, 16, 0)
+    huge = io.BytesIO()
+    Image.new("1", (9000, 8000)).save(huge, format="PNG")  # 72 Mpixel, a few kB.
+    cases = {"caption is not UTF-8": {"image": good, "caption": b"\xff\xfe"},
+             "more than": {"image": huge.getvalue(), "caption": "huge"},
+             "smaller than": {"image": np.zeros((1, 1, 3), np.uint8), "caption": "tiny"},
+             "unreadable record": {"caption": "no image"}}
+    for message, raw in cases.items():
+        with pytest.raises(images.BadRecord, match=message):
+            pipeline.parse_record(raw)
+    image, caption = pipeline.parse_record({"image": good, "caption": b"ok \xc3\xa9"})
+    assert image.shape == (16, 16, 3) and caption == "ok é"

@@ -19,8 +19,8 @@ def test_masks_distinct_per_slot():
 
 def test_detect_recovers_ground_truth():
     source = shapes.ShapesSource(3000, seed=7)
-    wrong = [i for i in range(len(source))
-             if shapes.detect(source[i]["image"]) != shapes.expected_detection(source[i]["metadata"])]
+    wrong = [i for i in range(len(source)) if shapes.detect(source[i]["image"])
+             != shapes.expected_detection(source[i]["metadata"])]
     assert not wrong, f"detect() disagrees with the metadata on records {wrong[:10]}"
 
 

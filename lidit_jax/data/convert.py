@@ -106,7 +106,8 @@ class WebDatasetInput:
                     if member.isfile():
                         folder, name = os.path.split(member.name)
                         key, _, extension = name.partition(".")
-                        grouped.setdefault(os.path.join(folder, key), {})[extension.lower()] = member.name
+                        members = grouped.setdefault(os.path.join(folder, key), {})
+                        members[extension.lower()] = member.name
             self.samples.extend((path, key, members) for key, members in grouped.items())
         self._tars = {}
 
@@ -171,7 +172,8 @@ class TfdsSource:
         if self.caption_key is not None:
             caption = example[self.caption_key]
         else:
-            caption = "a photo of " + self.label_names[int(example[self.label_key])].replace("_", " ")
+            name = self.label_names[int(example[self.label_key])]
+            caption = "a photo of " + name.replace("_", " ")
         image = example[self.image_key]
         if isinstance(image, np.ndarray) and image.dtype == object:
             image = image.item()
@@ -205,9 +207,7 @@ def to_entry(example):
     caption = images.check_caption(example["caption"])
     image = example["image"]
     if isinstance(image, np.ndarray):
-        if image.dtype != np.uint8 or image.ndim != 3 or image.shape[-1] != 3:
-            raise images.BadRecord(f"image array {image.dtype} {image.shape} is not uint8 [H, W, 3]")
-        images.check_size(*image.shape[:2])
+        images.check_array(image)
         return records.encode_record(records.encode_image(image, "png"), caption,
                                      example["metadata"], "png")
     image = bytes(image)

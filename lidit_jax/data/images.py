@@ -36,7 +36,8 @@ def parse_buckets(spec, image_size):
 def nearest_bucket(height, width, buckets):
     """Index of the bucket whose aspect ratio is nearest (in log space) to height / width."""
     ratio = math.log(height / width)
-    return min(range(len(buckets)), key=lambda k: abs(math.log(buckets[k][0] / buckets[k][1]) - ratio))
+    distances = [abs(math.log(h / w) - ratio) for h, w in buckets]
+    return distances.index(min(distances))
 
 
 def decode(image_bytes):
@@ -66,6 +67,13 @@ def check_caption(caption):
     if not isinstance(caption, str) or not caption.strip():
         raise BadRecord(f"empty or non-text caption {caption!r}")
     return caption
+
+
+def check_array(image):
+    """A decoded image array must be uint8 [H, W, 3] of a sensible size."""
+    if image.ndim != 3 or image.shape[-1] != 3 or image.dtype != np.uint8:
+        raise BadRecord(f"image array {image.dtype} {image.shape} is not uint8 [H, W, 3]")
+    check_size(*image.shape[:2])
 
 
 def check_size(height, width):

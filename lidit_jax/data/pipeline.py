@@ -70,9 +70,7 @@ def parse_record(raw):
         raise images.BadRecord(f"unreadable record: {type(error).__name__}: {error}") from None
     caption = images.check_caption(caption)
     if isinstance(image, np.ndarray):
-        if image.ndim != 3 or image.shape[-1] != 3 or image.dtype != np.uint8:
-            raise images.BadRecord(f"image array {image.dtype} {image.shape} is not uint8 [H, W, 3]")
-        images.check_size(*image.shape[:2])
+        images.check_array(image)
     else:
         image = images.decode(bytes(image))
     return image, caption
@@ -151,7 +149,8 @@ class TrainIterator:
         dataset = self._positions[consumed:].map(self.loader).to_iter_dataset(
             grain.ReadOptions(num_threads=2, prefetch_buffer_size=2 * self.local_batch_size))
         if self.num_workers > 0:
-            dataset = dataset.mp_prefetch(grain.MultiprocessingOptions(num_workers=self.num_workers))
+            dataset = dataset.mp_prefetch(
+                grain.MultiprocessingOptions(num_workers=self.num_workers))
         self._iterator = iter(dataset)
         self._consumed = consumed
         self._counters = dict(counters)
@@ -229,7 +228,7 @@ def make_train_iterator(data_config, *, global_batch_size, seed=None, process_in
 
 
 def to_global_batch(local_batch, mesh, batch_axes=("data", "fsdp")):
-    """Numeric fields -> global jax.Arrays sharded on dim 0 over `batch_axes`; strings stay numpy."""
+    """Numeric fields -> global jax.Arrays sharded on dim 0 over `batch_axes`; strings stay."""
     out = {}
     for key, value in local_batch.items():
         if value.dtype == object or value.dtype.kind in "US":

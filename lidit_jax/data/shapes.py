@@ -114,7 +114,9 @@ class _Words:
     def noun(self, obj, count=1):
         """Adds '[a|two|three] size colour shape[s]'; returns the shape noun's word index."""
         article = "a" if count == 1 else _NUMBERS[count]
-        noun = obj["shape"] if count == 1 else obj["shape"] + ("es" if obj["shape"] == "cross" else "s")
+        noun = obj["shape"]
+        if count > 1:
+            noun += "es" if noun == "cross" else "s"
         self.add(f"{article} {obj['size']} {obj['colour']} {noun}")
         return len(self.words) - 1
 
@@ -200,7 +202,8 @@ class ShapesSource:
         return self[index]["caption"]
 
     def __repr__(self):
-        return f"ShapesSource(num_records={self.num_records}, seed={self.seed}, image_size={self.image_size})"
+        return (f"ShapesSource(num_records={self.num_records}, seed={self.seed}, "
+                f"image_size={self.image_size})")
 
 
 def detect(image):
