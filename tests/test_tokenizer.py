@@ -108,6 +108,32 @@ def test_truncation_keeps_the_template(tokenizer):
     assert template.truncated_count == 2
 
 
+def test_truncation_boundary_cuts_between_characters(tokenizer):
+    """max_length = the exact length: untouched; each token less: the prompt loses its tail,
+    never inside a character (SmolLM2's byte-level BPE spreads CJK and emoji over 2-3 tokens)."""
+    for prompt in PROMPTS[:-1]:
+        full = make(tokenizer, max_length=512)
+        whole = full.encode_batch([prompt])
+        length = int(whole["attention_mask"][0].sum())
+        whole_text = decoded_span(full, whole, 0)
+        kept = []
+        for cut in range(0, 6):
+            template = make(tokenizer, max_length=length - cut)
+            encoded = template.encode_batch([prompt])
+            assert template.truncated_count == (cut > 0)
+            text = decoded_span(template, encoded, 0)
+            assert "\ufffd" not in text and whole_text.startswith(text), (prompt, cut, text)
+            real = int(encoded["attention_mask"][0].sum())
+            assert real <= length - cut
+            # The template's suffix is intact: the tokens after the span match the full ones.
+            stop, whole_stop = encoded["prompt_span"][0, 1], whole["prompt_span"][0, 1]
+            np.testing.assert_array_equal(encoded["input_ids"][0, stop:real],
+                                          whole["input_ids"][0, whole_stop:length])
+            kept.append(len(text))
+        assert kept[0] == len(whole_text) and kept == sorted(kept, reverse=True)
+        assert kept[-1] < kept[0]
+
+
 def test_template_too_long_names_the_key(tokenizer):
     length = make(tokenizer).template_length
     with pytest.raises(ValueError, match="text.max_length"):

@@ -10,7 +10,10 @@ sentinel in place of the prompt, which splits it into a fixed text prefix and su
 is tokenized as prefix + prompt + suffix with character offsets (fast tokenizers), and the prompt
 tokens are those whose characters overlap the prompt's. A token that merges template characters
 with the prompt's first or last characters (e.g. "·a" after the instruction's trailing space)
-counts as a prompt token. Too-long prompts lose their last tokens; the template never does.
+counts as a prompt token. Too-long prompts lose their last tokens, cut between characters (a
+byte-level BPE spreads one CJK character or emoji over several tokens); the template never loses
+any. An empty prompt (caption dropout, the unconditional pass of classifier-free guidance) has an
+empty span and an all-False prompt_mask; the refiner then keeps one template token (refiner.py).
 """
 import hashlib
 
@@ -85,7 +88,8 @@ class PromptTemplate:
         return tuple(text.split(_SENTINEL))
 
     def _tokenize(self, prompts):
-        """-> list of (ids, (start, stop)) for prefix + prompt + suffix, before truncation."""
+        """-> list of (ids, offsets [n, 2], (start, stop)) for prefix + prompt + suffix, before
+        truncation; offsets are character offsets into that text ((0, 0) for special tokens)."""
         texts = [self.prefix + p + self.suffix for p in prompts]
         # A rendered chat template already holds its special tokens (BOS included); plain text
         # gets the tokenizer's own (e.g. Gemma's <bos>).
@@ -107,32 +111,41 @@ class PromptTemplate:
                 start = int(after[0]) if after.size else (
                     int(before[-1]) + 1 if before.size else len(ids))
                 span = (start, start)
-            out.append((list(ids), span))
+            out.append((list(ids), offsets, span))
         return out
 
     def encode_batch(self, prompts):
         """list of str -> dict of numpy arrays:
         input_ids int32 [b, max_length], attention_mask bool [b, max_length],
-        prompt_mask bool [b, max_length] (True on the prompt's tokens), prompt_span int32 [b, 2]
-        ([start, stop) of the prompt tokens in the padded sequence)."""
+        prompt_mask bool [b, max_length] (True exactly on the prompt's tokens; all False for an
+        empty prompt), prompt_span int32 [b, 2] ([start, stop) of the prompt tokens in the padded
+        sequence; start == stop, where the prompt would begin, for an empty prompt)."""
         batch = len(prompts)
         input_ids = np.full((batch, self.max_length), self.pad_id, np.int32)
         attention_mask = np.zeros((batch, self.max_length), bool)
         prompt_mask = np.zeros((batch, self.max_length), bool)
         prompt_span = np.zeros((batch, 2), np.int32)
-        for i, (prompt, (ids, (start, stop))) in enumerate(zip(prompts, self._tokenize(prompts))):
+        for i, (prompt, (ids, offsets, (start, stop))) in enumerate(
+                zip(prompts, self._tokenize(prompts))):
             excess = len(ids) - self.max_length
             if excess > 0:
                 stop_kept = stop - excess
-                if stop_kept < start:  # The template itself is checked in __init__.
+                # Cut between characters, not inside one spread over several byte tokens.
+                while stop_kept > start and offsets[stop_kept, 0] < offsets[stop_kept - 1, 1]:
+                    stop_kept -= 1
+                if stop_kept < start:  # Template tokens alone never exceed it (__init__).
                     raise ValueError(f"prompt template needs more than text.max_length="
                                      f"{self.max_length} tokens; raise text.max_length")
                 ids = ids[:stop_kept] + ids[stop:]
-                stop = stop_kept
                 self.truncated_count += 1
-                logging.warning("prompt truncated to %d of its %d tokens (text.max_length=%d): "
-                                "%.80r", stop - start, stop - start + excess, self.max_length,
-                                prompt)
+                # Logged at counts 1, 2, 4, 8, ...: a data set of long captions must not flood
+                # the log; truncated_count keeps the exact number.
+                if self.truncated_count & (self.truncated_count - 1) == 0:
+                    logging.warning(
+                        "prompt truncated to %d of its %d tokens (text.max_length=%d; %d prompts "
+                        "truncated so far): %.80r", stop_kept - start, stop - start,
+                        self.max_length, self.truncated_count, prompt)
+                stop = stop_kept
             offset = self.max_length - len(ids) if self.padding_side == "left" else 0
             input_ids[i, offset:offset + len(ids)] = ids
             attention_mask[i, offset:offset + len(ids)] = True
