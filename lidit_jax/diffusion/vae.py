@@ -90,15 +90,15 @@ def _diffusers_name(path):
     return name.replace(".to_out.", ".to_out.0.")
 
 
-def _to_ours(name, tensor, expected_shape):
+def _to_ours(name, tensor, expected_shape, weights_file):
     """A torch-layout tensor -> our layout: conv OIHW -> HWIO, linear [out, in] -> [in, out]."""
     if tensor.ndim == 4:
         tensor = jnp.transpose(tensor, (2, 3, 1, 0))
     elif tensor.ndim == 2:
         tensor = tensor.T
     if tuple(tensor.shape) != tuple(expected_shape):
-        raise ValueError(f"tensor {name!r} has shape {tuple(tensor.shape)} in our layout, the "
-                         f"config implies {tuple(expected_shape)}")
+        raise ValueError(f"{weights_file}: tensor {name!r} has shape {tuple(tensor.shape)} in our "
+                         f"(HWIO / [in, out]) layout, config.json implies {tuple(expected_shape)}")
     return tensor
 
 
@@ -148,7 +148,7 @@ def load_vae(path, dtype=jnp.float32, tile_size=0):
             name = _diffusers_name(path_tuple)
             tensor, found = _read_tensor(handle, keys, name, weights_file)
             used.add(found)
-            variable.set_value(_to_ours(name, tensor, variable.shape).astype(dtype))
+            variable.set_value(_to_ours(name, tensor, variable.shape, weights_file).astype(dtype))
     unused = sorted(keys - used)
     if unused:
         logging.warning("%s: %d tensors not used by the AutoencoderKL config, e.g. %s",
