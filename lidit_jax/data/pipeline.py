@@ -1,28 +1,32 @@
 """The training input pipeline (Grain): shuffled, process-sharded, bucketed, checkpointable.
 
-Stream of one JAX process p of P, for a source of n records:
-  position k = 0, 1, 2, ... of an endless sequence of epochs, each a seeded permutation of the n
-  records (Grain's index shuffle, reseeded per epoch); process p takes positions p, p + P, ...
-  -> load: read, decode, validate, pick the nearest-aspect bucket, resize + center crop, caption
-     dropout (deterministic in (seed, epoch, record)), optional `record_transform`
-     (in Grain worker processes when data.num_workers > 0)
-  -> batch: per-bucket buffers in the main process; a batch leaves when a bucket holds local_b
-     records, so every batch has one static shape.
+Global steps s = 0, 1, 2, ... follow a global batch plan (lidit_jax.data.batch_plan): per epoch a
+seeded permutation of the records, cut per aspect-ratio bucket into global batches of one bucket,
+in a seeded order. Every JAX process computes the same plan; process p of P loads rows
+[p * local_b, (p + 1) * local_b) of each global batch, so all processes put the same bucket
+(the same static [H, W]) into the same step and together cover each global batch exactly.
+  -> load (Grain; worker processes when data.num_workers > 0): read, decode, validate, resize to
+     cover the bucket + center crop, caption dropout (deterministic in (seed, epoch, record)),
+     optional `record_transform(record_id)` (e.g. cached text states or latents)
+  -> batch: local_b rows stacked in the main process, uint8 -> float32 [-1, 1] there (4x less
+     inter-process traffic than sending floats).
 Bad records (undecodable/truncated/tiny/enormous image, empty or non-UTF-8 caption, missing
-field) reach the batcher as skip markers: skipped, counted in `counters()`, the first few logged
-with shard and index.
+field) never stop training: the row takes the next good record of the same global batch
+instead (deterministic, so every process and every resumed run agrees), the bad record is
+counted in `counters()` and the first few are logged with shard and index. With several
+buckets, records whose image header is unreadable are left out of the plan up front.
 
 Batches (host-local; local_b = global_batch_size // process_count):
-  image           float32 [local_b, H, W, 3] in [-1, 1]  (H, W: the batch's bucket)
+  image           float32 [local_b, H, W, 3] in [-1, 1]  (H, W: the step's bucket)
   caption         object [local_b] of str ("" when dropped)
   caption_dropped bool [local_b]
   record_id       int64 [local_b]  (global index into the source)
   + the fields `record_transform(record_id)` returns, stacked.
 
-Iterator state (`get_state()` / `set_state()`) is a small JSON-able dict: the number of positions
-consumed, the (epoch, record) pairs waiting in bucket buffers, and the counters. A restored
-iterator reloads those records and yields exactly the batches an uninterrupted one would, with
-any number of workers.
+Iterator state (`get_state()` / `set_state()`) is a small JSON-able dict whose position is one
+integer, the global step, the same on every process: a checkpoint written by the primary host
+resumes every process (and another process count) on exactly the batches an uninterrupted run
+would have produced, with any number of workers.
 """
 import grain
 import jax
@@ -30,9 +34,9 @@ import numpy as np
 from absl import logging
 from jax.sharding import NamedSharding, PartitionSpec
 
-from lidit_jax.data import images, records, shapes
+from lidit_jax.data import batch_plan, images, records, shapes
 
-STATE_VERSION = 1
+STATE_VERSION = 2
 _LOGGED_SKIPS = 5
 
 
@@ -78,42 +82,55 @@ def parse_record(raw):
 
 # ---- Per-record work (runs in Grain workers) --------------------------------------------------
 class RecordLoader:
-    """(position, record id) -> training example dict, or a skip marker for a bad record."""
+    """Local position k -> training example of row k % local_b of this process's share of global
+    step k // local_b (see the module docstring)."""
 
-    def __init__(self, source, buckets, seed, caption_dropout, record_transform=None):
-        self.source, self.buckets, self.seed = source, buckets, seed
-        self.caption_dropout, self.record_transform = caption_dropout, record_transform
+    def __init__(self, source, plan, buckets, *, process_index, local_batch_size, seed,
+                 caption_dropout, record_transform=None):
+        self.source, self.plan, self.buckets = source, plan, buckets
+        self.process_index, self.local_batch_size = process_index, local_batch_size
+        self.seed, self.caption_dropout = seed, caption_dropout
+        self.record_transform = record_transform
 
     def caption_dropped(self, epoch, record_id):
         rng = np.random.default_rng([self.seed, epoch, record_id, 0xD20])
         return bool(rng.random() < self.caption_dropout)
 
-    def __call__(self, item):
-        epoch, record_id = item
-        try:
-            image, caption = parse_record(self.source[record_id])
-        except images.BadRecord as error:
-            locate = getattr(self.source, "locate", None)
-            where = locate(record_id) if locate else (repr(self.source), record_id)
-            return {"skipped": str(error), "record_id": record_id, "where": where}
-        bucket = images.nearest_bucket(*image.shape[:2], self.buckets)
-        image = images.resize_center_crop(image, *self.buckets[bucket])
+    def _where(self, record_id):
+        locate = getattr(self.source, "locate", None)
+        return locate(record_id) if locate else (repr(self.source), record_id)
+
+    def __call__(self, position):
+        step, local_row = divmod(int(position), self.local_batch_size)
+        epoch, batch = self.plan.batch(step)
+        row = self.process_index * self.local_batch_size + local_row
+        skipped = []
+        # The row's record, else the next good one of the same global batch (cyclically).
+        for record_id in (int(batch[(row + k) % len(batch)]) for k in range(len(batch))):
+            try:
+                image, caption = parse_record(self.source[record_id])
+                break
+            except images.BadRecord as error:
+                # Only the row's own record counts: substitutes are other rows' records.
+                if not skipped:
+                    skipped.append((record_id, self._where(record_id), str(error)))
+        else:
+            raise RuntimeError(f"every record of global step {step} (epoch {epoch}) is bad, e.g. "
+                               f"{skipped[0]}; check the data set with lidit_jax.data.convert")
+        height, width = self.buckets[images.nearest_bucket(*image.shape[:2], self.buckets)]
         dropped = self.caption_dropped(epoch, record_id)
-        example = {"image": images.to_model_range(image), "caption": "" if dropped else caption,
-                   "caption_dropped": dropped, "record_id": np.int64(record_id),
-                   "bucket": bucket, "epoch": epoch}
+        example = {"image": images.resize_center_crop(image, height, width),
+                   "caption": "" if dropped else caption, "caption_dropped": dropped,
+                   "record_id": np.int64(record_id), "skipped": skipped}
         if self.record_transform is not None:
             example.update(self.record_transform(record_id))
         return example
 
 
-def _with_epoch(num_records):
-    return lambda position, record_id: (position // num_records, int(record_id))
-
-
 def _stack(examples):
     batch = {key: np.stack([e[key] for e in examples]) for key in examples[0]
-             if key not in ("caption", "bucket", "epoch")}
+             if key not in ("caption", "skipped")}
+    batch["image"] = images.to_model_range(batch["image"])
     batch["caption"] = np.array([e["caption"] for e in examples], dtype=object)
     batch["caption_dropped"] = batch["caption_dropped"].astype(bool)
     return batch
@@ -123,67 +140,56 @@ def _stack(examples):
 class TrainIterator:
     """Endless iterator of host-local batches with get_state/set_state and counters()."""
 
-    def __init__(self, source, *, local_batch_size, buckets, seed, caption_dropout,
+    def __init__(self, source, *, global_batch_size, buckets, seed, caption_dropout,
                  process_index, process_count, num_workers, record_transform=None):
         if len(source) == 0:
             raise ValueError(f"data source {source!r} holds no records")
-        self.source = source
-        self.local_batch_size = local_batch_size
-        self.buckets = buckets
-        self.process_index, self.process_count = process_index, process_count
+        self.local_batch_size = global_batch_size // process_count
         self.num_workers = num_workers
-        self.loader = RecordLoader(source, buckets, seed, caption_dropout, record_transform)
-        # Positions of this process in the endless shuffled sequence, as (epoch, record id).
-        self._positions = (grain.MapDataset.range(len(source)).shuffle(seed=seed).repeat()
-                           .map_with_index(_with_epoch(len(source)))
-                           [process_index::process_count])
+        plan = batch_plan.make_plan(source, buckets, global_batch_size, seed)
+        # Left out of the plan (several buckets and an unreadable image header): the same count
+        # on every process, reported with the skipped ones.
+        self._unreadable = int((plan.bucket_of_record == batch_plan.UNREADABLE).sum())
+        self.loader = RecordLoader(source, plan, buckets, process_index=process_index,
+                                   local_batch_size=self.local_batch_size, seed=seed,
+                                   caption_dropout=caption_dropout,
+                                   record_transform=record_transform)
+        # The process index and count are not part of the identity: the position is global.
         self._identity = {"version": STATE_VERSION, "seed": seed, "num_records": len(source),
-                          "process_index": process_index, "process_count": process_count,
-                          "local_batch_size": local_batch_size,
+                          "global_batch_size": global_batch_size,
                           "buckets": [list(b) for b in buckets]}
         self._iterator = None
-        self._start(consumed=0, pending={}, counters={"records": 0, "skipped": 0})
+        self._start(step=0, counters={"records": 0, "skipped": 0})
 
-    def _start(self, consumed, pending, counters):
+    def _start(self, step, counters):
         self.close()
-        dataset = self._positions[consumed:].map(self.loader).to_iter_dataset(
+        first = step * self.local_batch_size
+        dataset = grain.MapDataset.range(first, 2**62).map(self.loader).to_iter_dataset(
             grain.ReadOptions(num_threads=2, prefetch_buffer_size=2 * self.local_batch_size))
         if self.num_workers > 0:
             dataset = dataset.mp_prefetch(
                 grain.MultiprocessingOptions(num_workers=self.num_workers))
         self._iterator = iter(dataset)
-        self._consumed = consumed
+        self._step = step
         self._counters = dict(counters)
-        # Bucket buffers: the examples, and their (epoch, record id) for the state.
-        self._pending = {int(b): [self.loader(tuple(item)) for item in items]
-                         for b, items in pending.items()}
 
     def __iter__(self):
         return self
 
     def __next__(self):
-        while True:
-            example = next(self._iterator)
-            self._consumed += 1
-            if "skipped" in example:
+        examples = [next(self._iterator) for _ in range(self.local_batch_size)]
+        for example in examples:
+            for record_id, where, reason in example["skipped"]:
                 self._counters["skipped"] += 1
                 if self._counters["skipped"] <= _LOGGED_SKIPS:
-                    logging.warning("skipping bad record %d (%s): %s", example["record_id"],
-                                    example["where"], example["skipped"])
-                continue
-            self._counters["records"] += 1
-            buffer = self._pending.setdefault(example["bucket"], [])
-            buffer.append(example)
-            if len(buffer) == self.local_batch_size:
-                del self._pending[example["bucket"]]
-                return _stack(buffer)
+                    logging.warning("skipping bad record %d (%s): %s", record_id, where, reason)
+        self._counters["records"] += len(examples)
+        self._step += 1
+        return _stack(examples)
 
     def get_state(self):
-        """JSON-able position: consumed positions, buffered (epoch, record id)s, counters."""
-        pending = {str(b): [[int(e["epoch"]), int(e["record_id"])] for e in examples]
-                   for b, examples in self._pending.items()}
-        return dict(self._identity, consumed=self._consumed, pending=pending,
-                    counters=dict(self._counters))
+        """JSON-able position: the global step (same on every process) and the counters."""
+        return dict(self._identity, step=self._step, counters=dict(self._counters))
 
     def set_state(self, state):
         """Continues from a get_state() dict of an iterator with the same data settings."""
@@ -191,12 +197,14 @@ class TrainIterator:
         if different:
             raise ValueError("data iterator state was saved with other settings "
                              f"(saved, current): {different}; resume with the same data config, "
-                             "seed, batch size and process count")
-        self._start(state["consumed"], state["pending"], state["counters"])
+                             "seed and global batch size")
+        self._start(state["step"], state["counters"])
 
     def counters(self):
-        """{'records': usable records read, 'skipped': bad records skipped} in this process."""
-        return dict(self._counters)
+        """{'records': rows yielded, 'skipped': bad records met} by this process (restored from
+        the checkpointed state, which the primary process wrote), and 'unreadable': records of
+        the whole source left out of the plan."""
+        return dict(self._counters, unreadable=self._unreadable)
 
     def close(self):
         if self._iterator is not None and hasattr(self._iterator, "close"):
@@ -220,7 +228,7 @@ def make_train_iterator(data_config, *, global_batch_size, seed=None, process_in
                          f"{process_count} processes")
     seed = data_config.shuffle_seed if seed is None else seed
     return TrainIterator(
-        make_source(data_config), local_batch_size=global_batch_size // process_count,
+        make_source(data_config), global_batch_size=global_batch_size,
         buckets=images.parse_buckets(data_config.buckets, data_config.image_size),
         seed=int(seed) % 2**32, caption_dropout=float(data_config.caption_dropout),
         process_index=process_index, process_count=process_count,
