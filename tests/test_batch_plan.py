@@ -47,5 +47,9 @@ def test_record_sizes_from_headers(tmp_path):
     records.write_records(str(tmp_path), 4, entry, records_per_shard=4)
     sizes = batch_plan.record_sizes(records.ArrayRecordSource(str(tmp_path)))
     assert sizes.tolist() == [[10, 20], [11, 20], [0, 0], [13, 20]]
+    cached = np.load(tmp_path / "image_sizes.npy")  # Reused by the next run.
+    np.testing.assert_array_equal(cached, sizes)
+    np.save(tmp_path / "image_sizes.npy", cached + 1)
+    assert batch_plan.record_sizes(records.ArrayRecordSource(str(tmp_path)))[0].tolist() == [11, 21]
     shapes_sizes = batch_plan.record_sizes(shapes.ShapesSource(5, image_size=48))
     assert shapes_sizes.tolist() == [[48, 48]] * 5

@@ -11,10 +11,13 @@ loads rows [p * local_b, (p + 1) * local_b) of it. The position of the whole str
 integer (the global step), identical on every process.
 
 Per-record sizes come from the source without decoding: the shapes source is all square; other
-sources are scanned once (image headers only) when there is more than one bucket. Records whose
-header cannot be read get bucket -1 and are left out of every epoch.
+sources are scanned (image headers only) when there is more than one bucket. For a record set
+folder the scan is saved as `image_sizes.npy` beside the shards (if the folder is writable) and
+reused while the record count matches. Records whose header cannot be read get bucket -1 and are
+left out of every epoch.
 """
 import io
+import os
 
 import numpy as np
 from absl import logging
@@ -56,9 +59,22 @@ def record_sizes(source):
     """int32 [len(source), 2] (height, width) of every record; (0, 0) where unreadable."""
     if isinstance(source, shapes.ShapesSource):
         return np.full((len(source), 2), source.image_size, np.int32)
+    directory = getattr(source, "directory", None)
+    cache = os.path.join(directory, "image_sizes.npy") if directory else None
+    if cache and os.path.exists(cache):
+        sizes = np.load(cache)
+        if sizes.shape == (len(source), 2):
+            return sizes
     logging.info("reading the image headers of %d records of %r for aspect-ratio buckets",
                  len(source), source)
-    return np.array([header_size(source[i]) for i in range(len(source))], np.int32).reshape(-1, 2)
+    sizes = np.array([header_size(source[i]) for i in range(len(source))], np.int32)
+    sizes = sizes.reshape(-1, 2)
+    if cache and os.access(directory, os.W_OK):
+        # Every process may write it: write aside, then rename (atomic).
+        temporary = f"{cache}.{os.getpid()}.tmp.npy"
+        np.save(temporary, sizes)
+        os.replace(temporary, cache)
+    return sizes
 
 
 class BatchPlan:
