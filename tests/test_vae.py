@@ -9,8 +9,10 @@ import ml_collections
 import numpy as np
 import pytest
 import torch
+from flax import nnx
 from safetensors.torch import load_file, save_file
 
+from configs.common import DEFAULT_SHARDING_RULES
 from lidit_jax.diffusion import vae as vae_lib
 
 diffusers = pytest.importorskip("diffusers")
@@ -211,3 +213,12 @@ def test_image_space_from_folder(small_folder):
         vae_lib.make_image_space(_vae_config(small_folder, latent_channels=16, downsample=2))
     with pytest.raises(ValueError, match="vae.downsample=8.*set vae.downsample=2"):
         vae_lib.make_image_space(_vae_config(small_folder, latent_channels=4, downsample=8))
+
+
+def test_parameters_carry_logical_axes(small_folder):
+    """Every parameter is annotated with logical axes the sharding rules know."""
+    known = {name for name, _ in DEFAULT_SHARDING_RULES}
+    vae = vae_lib.load_vae(small_folder)
+    for path, variable in nnx.state(nnx.merge(vae._graphdef, vae._state)).flat_state():
+        axes = variable.get_metadata().get("out_sharding")
+        assert axes is not None and len(axes) == variable.ndim and set(axes) <= known, path

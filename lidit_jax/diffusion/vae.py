@@ -168,7 +168,8 @@ class VAE:
         self.scaling_factor = config.scaling_factor
         self.shift_factor = config.shift_factor
         self.tile_size = tile_size
-        graphdef, self._state = nnx.split(model)
+        self._graphdef, self._state = nnx.split(model)
+        graphdef = self._graphdef
         # jax.jit caches one executable per input shape; the model is bound once here.
         self._moments = jax.jit(lambda state, x: nnx.merge(graphdef, state).moments(x))
         self._decode = jax.jit(lambda state, z: nnx.merge(graphdef, state).decode(z))
