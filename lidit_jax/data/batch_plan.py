@@ -31,7 +31,7 @@ UNREADABLE = -1
 def assign_buckets(sizes, buckets):
     """sizes int [n, 2] (height, width; 0 = unreadable) -> bucket index int32 [n] (-1 unreadable).
 
-    The nearest bucket in log aspect ratio (as images.nearest_bucket, vectorised).
+    The nearest bucket in log aspect ratio: a square image goes to the squarest bucket.
     """
     sizes = np.asarray(sizes, np.float64).reshape(-1, 2)
     readable = sizes.min(axis=1) > 0

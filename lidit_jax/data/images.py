@@ -1,9 +1,8 @@
-"""Image decoding, validation, aspect-ratio buckets, resize and center crop.
+"""Image decoding, validation, bucket list parsing, resize and center crop.
 
 Bad inputs raise BadRecord with the reason; the pipeline skips and counts them.
 """
 import io
-import math
 import warnings
 
 import numpy as np
@@ -31,13 +30,6 @@ def parse_buckets(spec, image_size):
             raise ValueError(f"data.buckets entry {item!r} must have positive sides")
         buckets.append((height, width))
     return buckets
-
-
-def nearest_bucket(height, width, buckets):
-    """Index of the bucket whose aspect ratio is nearest (in log space) to height / width."""
-    ratio = math.log(height / width)
-    distances = [abs(math.log(h / w) - ratio) for h, w in buckets]
-    return distances.index(min(distances))
 
 
 def decode(image_bytes):

@@ -117,7 +117,8 @@ class RecordLoader:
         else:
             raise RuntimeError(f"every record of global step {step} (epoch {epoch}) is bad, e.g. "
                                f"{skipped[0]}; check the data set with lidit_jax.data.convert")
-        height, width = self.buckets[images.nearest_bucket(*image.shape[:2], self.buckets)]
+        # The plan's bucket (from the header), so a batch has one shape even if a header lied.
+        height, width = self.buckets[self.plan.bucket_of_record[record_id]]
         dropped = self.caption_dropped(epoch, record_id)
         example = {"image": images.resize_center_crop(image, height, width),
                    "caption": "" if dropped else caption, "caption_dropped": dropped,
