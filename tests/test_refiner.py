@@ -92,29 +92,40 @@ def test_padding_never_changes_real_tokens(padding_side):
     np.testing.assert_allclose(padded_pooled, pooled, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("fusion,widths", [("single", [48]), ("collaborative", [48, 32])])
-def test_zero_init_gates_give_the_input_projection(fusion, widths):
-    """At init every refiner block is the identity, so each output token is the input
-    projection of its (normed) state, and the prompt tokens come out in order."""
+@pytest.mark.parametrize("fusion,widths,overrides,perturb", [
+    ("single", [48], {}, False),
+    ("collaborative", [48, 32], {}, False),
+    # Depth 0 (the no-refiner ablation) is the projection whatever the parameters.
+    ("concat", [48, 32], dict(depth=0, input_norm=False), True),
+])
+def test_refiner_starts_as_the_input_projection(fusion, widths, overrides, perturb):
+    """At init (zero gates) every refiner block is the identity, so each output token is the
+    input projection of its (normed) state, and the prompt tokens come out in order."""
     lengths = [7] * len(widths)
-    model = refiner.TextConditioner(text_config(fusion), widths, WIDTH, rngs=nnx.Rngs(0))
+    model = refiner.TextConditioner(text_config(fusion, **overrides), widths, WIDTH,
+                                    rngs=nnx.Rngs(0))
+    if perturb:
+        randomize(model, 13)
     states, masks, prompt_masks, t_emb = inputs(6, widths, lengths, [7, 5], [2, 1], [6, 5])
     tokens, mask, _ = apply(model, states, masks, prompt_masks, t_emb)
     for k, token_refiner in enumerate(model.refiners):
-        projected = token_refiner.input_proj(token_refiner.input_norm(states[k]))
+        normed = (states[k] if token_refiner.input_norm is None
+                  else token_refiner.input_norm(states[k]))
+        projected = token_refiner.input_proj(normed)
         expected = [projected[0, 2:6], projected[1, 1:5]]
         for i in range(2):
             np.testing.assert_allclose(branch(tokens, lengths, k)[i, :4], expected[i], atol=1e-5)
             np.testing.assert_array_equal(branch(mask, lengths, k)[i], np.arange(7) < 4)
 
 
-@pytest.mark.parametrize("fusion,widths", [("single", [48]), ("concat", [48, 32]),
-                                           ("collaborative", [48, 32]),
-                                           ("collaborative", [48, 32, 40])])
-def test_shapes_masks_and_degenerate_rows(fusion, widths):
-    """Rows: a normal prompt; an empty prompt (keeps its last real token); no real token."""
+@pytest.mark.parametrize("fusion,widths,depth", [("single", [48], 2), ("concat", [48, 32], 1),
+                                                 ("collaborative", [48, 32], 0),
+                                                 ("collaborative", [48, 32, 40], 1)])
+def test_shapes_masks_and_degenerate_rows(fusion, widths, depth):
+    """Rows: a normal prompt; an empty prompt (keeps its last real token); no real token.
+    Gradients are checked on the 3-LLM case only (it holds every path; each compile costs)."""
     lengths = [6, 5, 4][:len(widths)]
-    model = randomize(refiner.TextConditioner(text_config(fusion), widths, WIDTH,
+    model = randomize(refiner.TextConditioner(text_config(fusion, depth=depth), widths, WIDTH,
                                               dtype=jnp.bfloat16, rngs=nnx.Rngs(0)), 7)
     states, masks, prompt_masks, t_emb = inputs(8, widths, lengths, [4, 3, 0], [1, 2, 0],
                                                 [3, 2, 0], dtype=jnp.bfloat16)
@@ -127,6 +138,8 @@ def test_shapes_masks_and_degenerate_rows(fusion, widths):
         np.testing.assert_array_equal(branch(mask, lengths, k),
                                       np.arange(n)[None, :] < np.array([[2], [1], [1]]))
         np.testing.assert_array_equal(branch(tokens, lengths, k)[~branch(mask, lengths, k)], 0.0)
+    if len(widths) < 3:
+        return
 
     def loss(module):
         out, out_mask, out_pooled = module(states, masks, prompt_masks, t_emb)

@@ -7,7 +7,9 @@ Per LLM k, with frozen states s_k [batch, len_k, width_k] and its attention mask
   x_k      = depth x [x += g_attn(c_k) * SelfAttn(LN(x)),  x += g_ffn(c_k) * FFN(LN(x))]
              (bidirectional, padding-masked; gates zero-initialised, so each block starts as the
              identity; text.refiner.gating=False: plain residuals; causal=True: the ablation)
-Collaborative fusion (K >= 2), with c = t_emb + mean_k pooled_k:
+Collaborative fusion (K >= 2: with one LLM there is no other branch to attend to, so K = 1
+must use fusion 'single'; collaborative is rejected, not silently skipped), with
+c = t_emb + mean_k pooled_k:
   x_k      = collaborative.depth x [x += gate * CrossAttn(query = mod(LN(x_k)),
                                                   key/value = the other branches' tokens),
                                     x += gate * FFN(mod(LN(x_k)))]   (adaLN shift/scale/gate)
