@@ -50,20 +50,30 @@ def branch(tokens, lengths, k):
     return tokens[:, start:start + lengths[k]]
 
 
-@pytest.mark.parametrize("causal,gating", [(False, True), (False, False), (True, False)])
+@pytest.mark.parametrize("causal,gating", [(False, True), (False, False), (True, True),
+                                           (True, False)])
 def test_refiner_is_bidirectional_unless_causal(causal, gating):
-    # gating=False for the causal case: with gates, the pooled condition c_k (which sees every
-    # token) would legitimately carry the last token's change to the first token.
+    """Changing the last prompt token (position 7) changes the refined first prompt token
+    (position 2), unless the causal mask is kept. c is held fixed: with gates, the pooled
+    condition (which sees every token) would legitimately carry the change to every token."""
     model = randomize(refiner.TextConditioner(text_config(causal=causal, gating=gating), [48],
                                               WIDTH, rngs=nnx.Rngs(0)), 1)
+    token_refiner = model.refiners[0]
     states, masks, prompt_masks, t_emb = inputs(2, [48], [8], [8], [2], [8])
-    changed = [states[0].at[:, 7].add(1.0)]
-    first = apply(model, states, masks, prompt_masks, t_emb)[0][:, 0]
-    first_changed = apply(model, changed, masks, prompt_masks, t_emb)[0][:, 0]
+    changed = states[0].at[:, 7].add(1.0)
+    c = t_emb + token_refiner.pooled(states[0], masks[0])
+    first = apply(token_refiner, states[0], masks[0], c)[:, 2]
+    first_changed = apply(token_refiner, changed, masks[0], c)[:, 2]
     if causal:
         np.testing.assert_allclose(first_changed, first, atol=1e-6)
-    else:
-        assert float(jnp.max(jnp.abs(first_changed - first))) > 1e-3
+        return
+    assert float(jnp.max(jnp.abs(first_changed - first))) > 1e-3
+    # End to end: the DiT's first text token is that refined first prompt token.
+    tokens = apply(model, states, masks, prompt_masks, t_emb)[0]
+    np.testing.assert_allclose(tokens[:, 0], apply(token_refiner, states[0], masks[0], c)[:, 2],
+                               rtol=1e-5, atol=1e-5)
+    tokens_changed = apply(model, [changed], masks, prompt_masks, t_emb)[0]
+    assert float(jnp.max(jnp.abs(tokens_changed[:, 0] - tokens[:, 0]))) > 1e-3
 
 
 @pytest.mark.parametrize("padding_side", ["right", "left"])
