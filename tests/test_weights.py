@@ -139,8 +139,8 @@ def test_unsupported_architecture(tmp_path):
     (tmp_path / "config.json").write_text('{"model_type": "bert"}')
     with pytest.raises(ValueError, match=r"config\.json: model_type 'bert'.*supported.*llama"):
         load_llm(tmp_path)
-    path = write_gguf(tmp_path / "gpt2.gguf", "gpt2", {"token_embd.weight": np.zeros((4, 8),
-                                                                                     np.float32)}, {})
+    embedding = {"token_embd.weight": np.zeros((4, 8), np.float32)}
+    path = write_gguf(tmp_path / "gpt2.gguf", "gpt2", embedding, {})
     with pytest.raises(ValueError, match=r"gpt2\.gguf: general\.architecture 'gpt2'.*gemma3"):
         load_llm(path)
 

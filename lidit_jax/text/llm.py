@@ -27,7 +27,7 @@ import numpy as np
 from flax import nnx
 
 from lidit_jax.nn.attention import dot_product_attention
-from lidit_jax.parallel.sharding import constrain
+from lidit_jax.parallel.sharding import axis_rules, constrain
 
 FAMILIES = ("llama", "qwen2", "gemma3")
 # Hugging Face config.json model_type -> family.
@@ -181,12 +181,16 @@ class LLMConfig:
 
 
 def rope_inv_freq(config, layer_type):
-    """Inverse frequencies [head_dim / 2] (float32) of one layer type, as transformers builds them."""
-    sliding = layer_type == "sliding_attention"
-    theta = config.local_rope_theta if sliding and config.local_rope_theta else config.rope_theta
+    """Inverse frequencies [head_dim / 2] (float32) of a layer type, as transformers builds them.
+
+    Gemma's sliding layers have their own base and no scaling; Mistral's / Qwen2's sliding
+    layers share the global rope.
+    """
+    local = layer_type == "sliding_attention" and config.local_rope_theta is not None
+    theta = config.local_rope_theta if local else config.rope_theta
     dim = config.head_dim
     inv_freq = 1.0 / (np.float32(theta) ** (np.arange(0, dim, 2).astype(np.float32) / dim))
-    if sliding:
+    if local:
         return inv_freq.astype(np.float32)
     if config.rope_freq_factors is not None:
         inv_freq = inv_freq / np.asarray(config.rope_freq_factors, np.float32)
@@ -414,7 +418,7 @@ class LLM:
     def _run(self, fn, *args):
         if self.mesh is None:
             return _jitted[fn](self._graphdef, self._state, *args)
-        from lidit_jax.parallel.sharding import axis_rules
+        # The activation constraints inside need the mesh and the rules table in context.
         with jax.set_mesh(self.mesh), axis_rules(self.rules):
             return _jitted[fn](self._graphdef, self._state, *args)
 
@@ -431,5 +435,6 @@ class LLM:
         return self._run(_logits, jnp.asarray(input_ids), jnp.asarray(attention_mask))
 
     def final_norm(self, states):
-        """The LLM's final norm applied to states [..., embed] (jitted)."""
-        return self._run(_final_norm, states)
+        """The LLM's final norm applied to states [..., embed] (jitted; also callable inside
+        the caller's jit: it sets no mesh context, as it has no sharding constraints)."""
+        return _jitted[_final_norm](self._graphdef, self._state, states)
