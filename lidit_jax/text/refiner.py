@@ -15,7 +15,8 @@ c = t_emb + mean_k pooled_k:
                                     x += gate * FFN(mod(LN(x_k)))]   (adaLN shift/scale/gate)
 Then each branch keeps only its prompt tokens (text.drop_instruction; instruction and template
 tokens shaped the refinement but are not attended to by the DiT), gathered to the front of its
-len_k slots with a mask, and the branches are concatenated on the token axis:
+len_k (= text.max_length) slots with a mask, and the branches are concatenated on the
+token axis:
   tokens [batch, sum_k len_k, embed], token_mask [batch, sum_k len_k], pooled = mean_k pooled_k.
 
 Empty prompts (caption dropout, the unconditional half of classifier-free guidance) select no
@@ -102,6 +103,8 @@ class RefinerAttention(nnx.Module):
         q = self.q_norm(split(self.query(x)))
         k = self.k_norm(split(self.key(source)))
         v = split(self.value(source))
+        # Default (XLA) kernel: text sequences are short (text.max_length) and masked
+        # arbitrarily, where fused kernels gain little.
         out = dot_product_attention(q, k, v, key_mask=key_mask, causal=causal)
         return self.out(out.reshape(*x.shape[:2], -1))
 
