@@ -193,4 +193,7 @@ def get_config(arg=None):
     c.logging.progress_bar = True
     c.logging.profile_start = -1  # Step to start a jax.profiler trace; -1: off.
     c.logging.profile_steps = 5
+    # Append each step's consumed record ids to WORKDIR/record_ids.jsonl (process 0's share):
+    # shows exactly which data a run saw, e.g. that a resumed run repeats nothing.
+    c.logging.record_ids = False
     return c

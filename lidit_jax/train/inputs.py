@@ -72,6 +72,7 @@ class TrainInputs:
 
     def next_batch(self):
         local = next(self.dataset)
+        self.last_record_ids = np.asarray(local["record_id"])
         if self.cached is not None:
             per_llm = [reader.lookup(local["record_id"], local["caption_dropped"])
                        for reader in self.cached]

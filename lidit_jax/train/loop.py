@@ -113,6 +113,8 @@ def run(config, workdir):
             timer.data_ready()
             state, step_metrics = train_step(state, batch)
             step += 1
+            if config.logging.record_ids:
+                writer.write_record_ids(step, inputs.last_record_ids)
             if step % config.train.log_every == 0 or step == config.train.steps:
                 step_metrics = jax.device_get(step_metrics)
                 timer.step_done()

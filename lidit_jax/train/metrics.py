@@ -61,6 +61,7 @@ class MetricsWriter:
 
     def __init__(self, workdir, use_tensorboard=True):
         self.active = jax.process_index() == 0
+        self.workdir = workdir
         self.jsonl_path = os.path.join(workdir, "metrics.jsonl")
         self.tensorboard = None
         if self.active:
@@ -80,6 +81,12 @@ class MetricsWriter:
                 self.tensorboard.add_scalar(key, value, int(step))
         with open(self.jsonl_path, "a") as f:
             f.write(json.dumps(record) + "\n")
+
+    def write_record_ids(self, step, record_ids):
+        if self.active:
+            with open(os.path.join(self.workdir, "record_ids.jsonl"), "a") as f:
+                f.write(json.dumps({"step": int(step), "record_ids": [int(i) for i in record_ids]})
+                        + "\n")
 
     def write_image(self, step, tag, image_uint8):
         if self.active and self.tensorboard is not None:

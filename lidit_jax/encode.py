@@ -1,0 +1,43 @@
+"""`--mode=encode`: run the frozen encoders once over the data set, so training never does.
+
+  python -m lidit_jax.main --config=configs/demo_shapes.py --workdir=DIR --mode=encode
+Fills `text.cache_dir` (one cache per LLM of `text.encoders`, plus the empty prompt) from the
+captions of `config.data`. Resumable: run it again after a kill and it continues with the first
+incomplete shard. On several hosts each process encodes its own shards (shard k goes to process
+k mod process_count). The last line printed is `text_cache=<dir> records=<int> written=<int>`.
+"""
+import os
+
+import jax
+import tqdm
+from absl import logging
+
+from lidit_jax import configuration
+from lidit_jax.data import pipeline
+from lidit_jax.parallel import mesh as mesh_lib
+from lidit_jax.text import cache as text_cache
+from lidit_jax.text.encoder import PromptEncoder
+
+NEEDS_WORKDIR = True
+ENCODE_BATCH_SIZE = 64
+
+
+def run(config, workdir):
+    mesh_lib.initialize_distributed()
+    if not config.text.cache_dir:
+        raise SystemExit("error: nothing to encode: set text.cache_dir (and run --mode=encode "
+                         "before training) or train with online text encoding")
+    source = pipeline.make_source(config.data)
+    num_records = len(source)
+    root = text_cache.cache_root(config, workdir)
+    for name in configuration.encoder_names(config):
+        encoder = PromptEncoder(name, config.text.llms[name], config.text)
+        logging.info("encoding %d captions with %s (layer %d) into %s", num_records,
+                     encoder.llm.name, encoder.layer, root)
+        with tqdm.tqdm(total=num_records, desc=f"encode {name}",
+                       disable=jax.process_index() != 0) as progress:
+            written = text_cache.write_text_cache(
+                encoder, config, workdir, source.caption, num_records,
+                batch_size=ENCODE_BATCH_SIZE, process_index=jax.process_index(),
+                process_count=jax.process_count(), progress=progress.update)
+        print(f"text_cache={os.path.join(root, name)} records={num_records} written={written}")
