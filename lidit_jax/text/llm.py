@@ -227,6 +227,12 @@ def rms_norm(x, weight, eps, offset):
     return weight * normed.astype(x.dtype)
 
 
+def dense(spec, x, w):
+    """einsum accumulated in float32, result in x's dtype (bf16 sums over 1-2k terms otherwise
+    lose the precision transformers keeps: its CPU / GPU matmuls accumulate in float32)."""
+    return jnp.einsum(spec, x, w, preferred_element_type=jnp.float32).astype(x.dtype)
+
+
 def apply_rope(x, cos, sin):
     """x [batch, len, heads, head_dim] rotated by cos/sin [len, head_dim] (rotate-half layout)."""
     half = x.shape[-1] // 2
@@ -309,23 +315,26 @@ class DecoderLM(nnx.Module):
             rope = (jnp.cos(angles).astype(self.dtype), jnp.sin(angles).astype(self.dtype))
             x = self._decoder_layer(params, x, key_mask, rope,
                                     window if c.has_sliding_layers else None)
-            return x, x
+            return x, x.astype(self.dtype)
 
-        _, stacked = jax.lax.scan(layer, x, (weights, inv_freq, windows))
-        final = rms_norm(stacked[-1], self.final_norm[...], c.rms_norm_eps, c.norm_offset)
-        return x, stacked, final
+        # The residual stream is carried in float32 whatever the weights' dtype: bf16 LLMs grow
+        # "massive activations" (~2e4 in SmolLM2) whose bf16 rounding otherwise reaches 20% of
+        # the state; matmuls still run in the weights' dtype. A no-op for float32 models.
+        last, stacked = jax.lax.scan(layer, x.astype(jnp.float32), (weights, inv_freq, windows))
+        final = rms_norm(last, self.final_norm[...], c.rms_norm_eps, c.norm_offset)
+        return x, stacked, final.astype(self.dtype)
 
     def _decoder_layer(self, p, x, key_mask, rope, window):
         """One pre-norm block (Gemma: sandwich norms) on x [batch, len, embed]."""
         c = self.config
 
         def norm(h, name):
-            return rms_norm(h, p[name], c.rms_norm_eps, c.norm_offset)
+            return rms_norm(h, p[name], c.rms_norm_eps, c.norm_offset).astype(self.dtype)
 
         h = norm(x, "attn_norm")
-        q = jnp.einsum("ble,ehd->blhd", h, p["q"])
-        k = jnp.einsum("ble,ehd->blhd", h, p["k"])
-        v = jnp.einsum("ble,ehd->blhd", h, p["v"])
+        q = dense("ble,ehd->blhd", h, p["q"])
+        k = dense("ble,ehd->blhd", h, p["k"])
+        v = dense("ble,ehd->blhd", h, p["v"])
         if c.qkv_bias:
             q, k, v = q + p["q_bias"], k + p["k_bias"], v + p["v_bias"]
         if c.is_gemma:
@@ -335,7 +344,7 @@ class DecoderLM(nnx.Module):
         k = constrain(k, ("batch", "length", "kv_heads", "head_dim"))
         attended = dot_product_attention(q, k, v, key_mask=key_mask, causal=True,
                                          sliding_window=window, scale=c.scale)
-        h = jnp.einsum("blhd,hde->ble", attended, p["o"])
+        h = dense("blhd,hde->ble", attended, p["o"])
         if c.o_bias:
             h = h + p["o_bias"]
         if c.is_gemma:
@@ -343,8 +352,9 @@ class DecoderLM(nnx.Module):
         x = constrain(x + h, ("batch", "length", "embed"))
 
         h = norm(x, "mlp_norm")
-        gate = ACTIVATIONS[c.activation](h @ p["gate"])
-        h = constrain(gate * (h @ p["up"]), ("batch", "length", "mlp")) @ p["down"]
+        gate = ACTIVATIONS[c.activation](dense("ble,ef->blf", h, p["gate"]))
+        h = constrain(gate * dense("ble,ef->blf", h, p["up"]), ("batch", "length", "mlp"))
+        h = dense("blf,fe->ble", h, p["down"])
         if c.is_gemma:
             h = norm(h, "mlp_post_norm")
         return constrain(x + h, ("batch", "length", "embed"))
@@ -352,7 +362,7 @@ class DecoderLM(nnx.Module):
     def logits(self, final):
         """final hidden state [batch, len, embed] -> logits [batch, len, vocab]."""
         head = self.embed[...].T if self.lm_head is None else self.lm_head[...]
-        logits = constrain(final @ head, ("batch", "length", "vocab"))
+        logits = constrain(dense("ble,ev->blv", final, head), ("batch", "length", "vocab"))
         cap = self.config.final_logit_softcapping
         return logits if cap is None else jnp.tanh(logits / cap) * cap
 
