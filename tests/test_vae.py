@@ -222,3 +222,27 @@ def test_parameters_carry_logical_axes(small_folder):
     for path, variable in nnx.state(nnx.merge(vae._graphdef, vae._state)).flat_state():
         axes = variable.get_metadata().get("out_sharding")
         assert axes is not None and len(axes) == variable.ndim and set(axes) <= known, path
+
+
+# ---- Strictness added by the second issue-6 helper --------------------------------------------
+def test_unused_tensors_are_an_error(small_folder, tmp_path):
+    """quant_conv weights with use_quant_conv false: refusing beats dropping them silently."""
+    folder = _copy(small_folder, tmp_path, config_edit=lambda c: c.update(use_quant_conv=False))
+    with pytest.raises(ValueError, match=r"safetensors: 2 tensors not used.*quant_conv.bias"):
+        vae_lib.load_vae(folder)
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("norm_num_groups", 3, "norm_num_groups 3 does not divide"),
+    ("latents_mean", [0.0] * 4, "latents_mean is set"),
+])
+def test_config_values_refused_with_the_key(small_folder, tmp_path, key, value, message):
+    folder = _copy(small_folder, tmp_path, config_edit=lambda c: c.update({key: value}))
+    with pytest.raises(ValueError, match=f"config.json: {message}"):
+        vae_lib.load_vae(folder)
+
+
+def test_encode_needs_multiples_of_downsample(small_folder):
+    vae = vae_lib.load_vae(small_folder)
+    with pytest.raises(ValueError, match=r"VAE.encode: height and width \(7, 8\).* 2"):
+        vae.encode(np.zeros((1, 7, 8, 3), np.float32))

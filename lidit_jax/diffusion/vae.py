@@ -17,7 +17,6 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import logging
 from flax import nnx
 from safetensors import safe_open
 
@@ -68,6 +67,15 @@ class VAEConfig:
                 if name != supported:
                     raise ValueError(f"{path}: {key} entry {name!r} is not supported (only "
                                      f"{supported})")
+        if any(width % raw["norm_num_groups"] for width in raw["block_out_channels"]):
+            raise ValueError(f"{path}: norm_num_groups {raw['norm_num_groups']} does not divide "
+                             f"every block_out_channels {raw['block_out_channels']}")
+        # Per-channel latent statistics (Playground-v2.5-style) would need another scale(); refuse
+        # rather than mis-scale the latents silently.
+        for key in ("latents_mean", "latents_std"):
+            if raw.get(key) is not None:
+                raise ValueError(f"{path}: {key} is set; per-channel latent scaling is not "
+                                 "supported (only scaling_factor and shift_factor)")
         if raw.get("act_fn", "silu") != "silu":
             raise ValueError(f"{path}: act_fn {raw['act_fn']!r} is not supported (only 'silu')")
         optional = {k: raw[k] for k in ("use_quant_conv", "use_post_quant_conv",
@@ -151,8 +159,11 @@ def load_vae(path, dtype=jnp.float32, tile_size=0):
             variable.set_value(_to_ours(name, tensor, variable.shape, weights_file).astype(dtype))
     unused = sorted(keys - used)
     if unused:
-        logging.warning("%s: %d tensors not used by the AutoencoderKL config, e.g. %s",
-                        weights_file, len(unused), unused[:5])
+        # Extra tensors mean config.json does not describe the file (e.g. use_quant_conv false
+        # with quant_conv weights present); ignoring them would give wrong latents silently.
+        raise ValueError(f"{weights_file}: {len(unused)} tensors not used by the config.json "
+                         f"AutoencoderKL, e.g. {unused[:5]} (check use_quant_conv, "
+                         "use_post_quant_conv, layers_per_block, block_out_channels)")
     model = nnx.merge(graphdef, state)
     return VAE(model, cfg, file_fingerprint([config_file, weights_file]), tile_size=tile_size)
 
@@ -174,21 +185,25 @@ class VAE:
         self._moments = jax.jit(lambda state, x: nnx.merge(graphdef, state).moments(x))
         self._decode = jax.jit(lambda state, z: nnx.merge(graphdef, state).decode(z))
 
-    def _check(self, x, what, channels):
+    def _check(self, x, what, channels, multiple=1):
         if x.ndim != 4 or x.shape[-1] != channels:
             raise ValueError(f"VAE.{what} expects [batch, height, width, {channels}], got "
                              f"{tuple(x.shape)}")
+        # Stride-2 convs round odd sizes up, so decode would not give the input size back.
+        if x.shape[1] % multiple or x.shape[2] % multiple:
+            raise ValueError(f"VAE.{what}: height and width {tuple(x.shape[1:3])} must be "
+                             f"multiples of the downsampling {multiple}")
 
     def encode(self, images):
         """[batch, H, W, 3] in [-1, 1] -> posterior mean [batch, H/f, W/f, channels], unscaled."""
         images = jnp.asarray(images)
-        self._check(images, "encode", self.config.in_channels)
+        self._check(images, "encode", self.config.in_channels, self.downsample)
         return self._moments(self._state, images)[0]
 
     def sample(self, images, key):
         """A posterior sample mean + std * N(0, 1) for `images`; same shapes as `encode`."""
         images = jnp.asarray(images)
-        self._check(images, "sample", self.config.in_channels)
+        self._check(images, "sample", self.config.in_channels, self.downsample)
         mean, logvar = self._moments(self._state, images)
         return mean + jnp.exp(0.5 * logvar) * jax.random.normal(key, mean.shape, mean.dtype)
 
