@@ -1,0 +1,253 @@
+"""End to end through `python -m lidit_jax.main`: encode, train, kill -9 / SIGTERM, resume, sample.
+
+Every run is a child process on one CPU device. The tiny runs use a random 2-layer Llama (width
+32) with SmolLM2's tokenizer as the frozen text encoder, so encoding costs milliseconds; one text
+cache (absolute `text.cache_dir`) serves all their workdirs. One test trains the demo config
+itself with the real SmolLM2 GGUF.
+"""
+import glob
+import json
+import math
+import os
+import random
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+from PIL import Image
+
+pytestmark = pytest.mark.slow
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STEPS = 8
+TIMEOUT = 600  # Seconds for one child; the machine is shared, so generous.
+TINY = (
+    "--config=configs/demo_shapes.py",
+    "--config.model.depth=1", "--config.model.width=32", "--config.model.heads=2",
+    "--config.model.patch_size=8",  # The shapes data has at least 32 px: a 4 x 4 token grid.
+    "--config.text.refiner.depth=1", "--config.text.refiner.heads=2",
+    "--config.text.max_length=48", "--config.data.image_size=32",
+    "--config.data.shapes_num_records=64", "--config.train.batch_size=8",
+    "--config.diffusion.sample_steps=2", "--config.train.samples_per_prompt=1",
+    "--config.logging.progress_bar=False",
+)
+TRAIN = (f"--config.train.steps={STEPS}", "--config.checkpoint.every=2",
+         "--config.logging.record_ids=True", "--config.train.sample_every=1000")
+
+
+def child_env():
+    # One CPU device (not conftest's eight): quicker, and what a user's CPU run looks like.
+    return dict(os.environ, JAX_PLATFORMS="cpu",
+                XLA_FLAGS="--xla_force_host_platform_device_count=1",
+                HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+
+
+def command(workdir, mode, *args):
+    return [sys.executable, "-m", "lidit_jax.main", f"--workdir={workdir}", f"--mode={mode}",
+            *args]
+
+
+def run_main(workdir, mode, *args, check=True):
+    result = subprocess.run(command(workdir, mode, *args), cwd=ROOT, env=child_env(),
+                            capture_output=True, text=True, timeout=TIMEOUT)
+    if check:
+        assert result.returncode == 0, (
+            f"--mode={mode} exited {result.returncode}:\n{result.stdout[-3000:]}\n"
+            f"{result.stderr[-6000:]}")
+    return result
+
+
+def start_main(workdir, mode, *args):
+    """A child in the background; its output goes to WORKDIR.log (a pipe could fill and block)."""
+    os.makedirs(workdir, exist_ok=True)
+    log = open(f"{workdir}.log", "ab")
+    process = subprocess.Popen(command(workdir, mode, *args), cwd=ROOT, env=child_env(),
+                               stdout=log, stderr=subprocess.STDOUT)
+    log.close()
+    return process
+
+
+def read_record_ids(workdir):
+    """[(step, record ids)] in the order record_ids.jsonl was written."""
+    path = os.path.join(workdir, "record_ids.jsonl")
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        lines = [json.loads(line) for line in f if line.endswith("\n")]
+    return [(line["step"], line["record_ids"]) for line in lines]
+
+
+def wait_for_step(process, workdir, step, timeout=TIMEOUT):
+    """Polls record_ids.jsonl until it logs `step` or later; returns the last logged step."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        logged = read_record_ids(workdir)
+        if logged and logged[-1][0] >= step:
+            return logged[-1][0]
+        if process.poll() is not None:
+            with open(f"{workdir}.log", errors="replace") as f:
+                pytest.fail(f"the run exited ({process.returncode}) before step {step}:\n"
+                            f"{f.read()[-6000:]}")
+        time.sleep(0.05)
+    process.kill()
+    pytest.fail(f"no step {step} in {workdir}/record_ids.jsonl after {timeout} s")
+
+
+def restore_state(workdir, step):
+    """The train state saved at `step`, as {key path: numpy array}."""
+    manager = ocp.CheckpointManager(os.path.join(workdir, "checkpoints"),
+                                    item_names=("state", "data", "meta"))
+    try:
+        assert step in manager.all_steps(), (workdir, manager.all_steps())
+        state = manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore()))["state"]
+    finally:
+        manager.close()
+    return {jax.tree_util.keystr(path): np.asarray(leaf)
+            for path, leaf in jax.tree_util.tree_leaves_with_path(state)}
+
+
+@pytest.fixture(scope="module")
+def tiny_llm(tmp_path_factory):
+    """A random Llama (2 layers, width 32) + SmolLM2's tokenizer, as a Hugging Face folder."""
+    import torch
+    import transformers
+
+    from lidit_jax.text import models
+
+    gguf = models.default_model_path("smollm2")
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    config = transformers.LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("tiny_llm")
+    transformers.LlamaForCausalLM(config).save_pretrained(folder, safe_serialization=True)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def tiny_args(tiny_llm, tmp_path_factory):
+    """The tiny config's overrides, with the text cache filled once by --mode=encode."""
+    cache = tmp_path_factory.mktemp("text_cache")
+    args = (*TINY, f"--config.text.llms.smollm2.path={tiny_llm}",
+            f"--config.text.cache_dir={cache}")
+    result = run_main(tmp_path_factory.mktemp("encode"), "encode", *args)
+    assert re.search(r"text_cache=\S+ records=64 written=64", result.stdout), result.stdout
+    return args
+
+
+@pytest.fixture(scope="module")
+def run_a(tiny_args, tmp_path_factory):
+    """Workdir of an uninterrupted tiny run of STEPS steps."""
+    workdir = tmp_path_factory.mktemp("run_a")
+    run_main(workdir, "train", *tiny_args, *TRAIN)
+    return str(workdir)
+
+
+def test_kill_9_and_restart_matches_an_uninterrupted_run(run_a, tiny_args, tmp_path):
+    workdir = str(tmp_path / "run_b")
+    kill_after = random.Random(0).randint(3, 6)
+    process = start_main(workdir, "train", *tiny_args, *TRAIN)
+    killed_at = wait_for_step(process, workdir, kill_after)
+    os.kill(process.pid, signal.SIGKILL)
+    assert process.wait(timeout=60) == -signal.SIGKILL
+    assert killed_at < STEPS, "the run finished before the kill; the test proves nothing"
+
+    result = run_main(workdir, "train", *tiny_args, *TRAIN)
+    resumed = re.search(r"resumed from step (\d+)", result.stderr)
+    assert resumed, "the restarted run started from scratch:\n" + result.stderr[-3000:]
+    assert 2 <= int(resumed.group(1)) <= killed_at
+
+    # Steps re-run after the restart log again; the later line is what the final state saw.
+    seen_b = dict(read_record_ids(workdir))
+    seen_a = dict(read_record_ids(run_a))
+    assert sorted(seen_a) == list(range(1, STEPS + 1))
+    assert seen_b == seen_a
+
+    state_a, state_b = restore_state(run_a, STEPS), restore_state(workdir, STEPS)
+    assert list(state_b) == list(state_a) and len(state_a) > 10
+    for path, leaf in state_a.items():
+        np.testing.assert_array_equal(state_b[path], leaf, err_msg=path)
+
+
+def test_sigterm_saves_the_current_step_and_exits_0(tiny_args, tmp_path):
+    workdir = str(tmp_path / "run")
+    process = start_main(workdir, "train", *tiny_args, "--config.train.steps=1000",
+                         "--config.checkpoint.every=1000", "--config.train.log_every=1",
+                         "--config.train.sample_every=1000", "--config.logging.record_ids=True")
+    wait_for_step(process, workdir, 2)
+    os.kill(process.pid, signal.SIGTERM)
+    assert process.wait(timeout=TIMEOUT) == 0
+    last_step = read_record_ids(workdir)[-1][0]
+    assert 2 <= last_step < 1000
+    steps = ocp.CheckpointManager(os.path.join(workdir, "checkpoints")).all_steps()
+    assert list(steps) == [last_step]
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        logged = [json.loads(line)["step"] for line in f]
+    assert logged == list(range(1, last_step + 1))
+
+
+def test_sample_mode_writes_one_png_per_prompt(run_a, tiny_args, tmp_path):
+    output = tmp_path / "samples"
+    result = run_main(run_a, "sample", *tiny_args, "--prompts=a red circle",
+                      "--prompts=a blue square", f"--output={output}")
+    assert f"samples=2 output={output}" in result.stdout
+    pngs = sorted(glob.glob(str(output / "*.png")))
+    assert len(pngs) == 2
+    for png in pngs:
+        with Image.open(png) as image:
+            assert image.size == (32, 32) and image.mode == "RGB"
+
+
+def test_resume_with_another_text_encoder_is_refused(run_a, tiny_args, tmp_path):
+    workdir = tmp_path / "other_layer"
+    shutil.copytree(os.path.join(run_a, "checkpoints"), workdir / "checkpoints")
+    # Online text encoding (no cache), so the checkpoint's fingerprint check is what refuses.
+    result = run_main(workdir, "train", *tiny_args, f"--config.train.steps={STEPS + 2}",
+                      "--config.text.cache_dir=", "--config.text.llms.smollm2.layer=-2",
+                      check=False)
+    assert result.returncode != 0
+    output = result.stdout + result.stderr
+    assert "different frozen encoders" in output
+    assert '"layer": -3' in output and '"layer": -2' in output
+    assert not os.path.exists(workdir / "checkpoints" / str(STEPS + 2))
+
+
+def test_demo_config_trains_logs_and_samples(tmp_path):
+    """configs/demo_shapes.py as shipped (real SmolLM2 GGUF), with a small data set."""
+    workdir = tmp_path / "demo"
+    args = ("--config=configs/demo_shapes.py", "--config.data.shapes_num_records=64",
+            "--config.train.steps=2", "--config.train.sample_every=2",
+            "--config.train.log_every=1", "--config.checkpoint.every=2",
+            "--config.train.samples_per_prompt=1", "--config.logging.progress_bar=False")
+    run_main(workdir, "encode", *args)
+    assert os.path.exists(workdir / "text_cache" / "smollm2")
+    run_main(workdir, "train", *args)
+
+    assert glob.glob(str(workdir / "tensorboard" / "events.out.tfevents.*"))
+    with open(workdir / "metrics.jsonl") as f:
+        records = [json.loads(line) for line in f]
+    assert [r["step"] for r in records] == [1, 2]
+    for record in records:
+        assert math.isfinite(record["loss"]) and record["images_per_sec"] > 0
+
+    from configs import demo_shapes
+    config = demo_shapes.get_config()
+    pngs = glob.glob(str(workdir / "samples" / "*.png"))
+    assert [os.path.basename(p) for p in pngs] == ["step_0000002.png"]
+    # The grid: samples_per_prompt * 2 columns of the fixed prompts, each cell upscaled 4x.
+    columns = 2
+    rows = math.ceil(len(config.train.sample_prompts) / columns)
+    cell = config.data.image_size * 4
+    with Image.open(pngs[0]) as image:
+        assert image.size == (columns * cell, rows * cell) and image.mode == "RGB"
+        assert np.asarray(image).std() > 0
