@@ -157,9 +157,10 @@ def test_kill_9_and_restart_matches_an_uninterrupted_run(run_a, tiny_args, tmp_p
     workdir = str(tmp_path / "run_b")
     kill_after = random.Random(0).randint(3, 6)
     process = start_main(workdir, "train", *tiny_args, *TRAIN)
-    killed_at = wait_for_step(process, workdir, kill_after)
+    wait_for_step(process, workdir, kill_after)
     os.kill(process.pid, signal.SIGKILL)
     assert process.wait(timeout=60) == -signal.SIGKILL
+    killed_at = read_record_ids(workdir)[-1][0]
     assert killed_at < STEPS, "the run finished before the kill; the test proves nothing"
 
     result = run_main(workdir, "train", *tiny_args, *TRAIN)
@@ -189,8 +190,9 @@ def test_sigterm_saves_the_current_step_and_exits_0(tiny_args, tmp_path):
     assert process.wait(timeout=TIMEOUT) == 0
     last_step = read_record_ids(workdir)[-1][0]
     assert 2 <= last_step < 1000
-    steps = ocp.CheckpointManager(os.path.join(workdir, "checkpoints")).all_steps()
-    assert list(steps) == [last_step]
+    manager = ocp.CheckpointManager(os.path.join(workdir, "checkpoints"))
+    assert list(manager.all_steps()) == [last_step]
+    manager.close()
     with open(os.path.join(workdir, "metrics.jsonl")) as f:
         logged = [json.loads(line)["step"] for line in f]
     assert logged == list(range(1, last_step + 1))
