@@ -140,6 +140,9 @@ def _validate_model(config):
     if config.vae.latent_channels < 1 or config.vae.downsample < 1:
         raise ConfigError(f"vae.latent_channels={config.vae.latent_channels} and vae.downsample="
                           f"{config.vae.downsample} must be >= 1")
+    if config.vae.latent_cache_dir and not config.vae.path:
+        raise ConfigError("vae.latent_cache_dir is set but vae.path is empty: a latent cache "
+                          "needs a VAE (clear vae.latent_cache_dir for pixel space)")
     multiple = config.model.patch_size * config.vae.downsample
     sizes = [f"{config.data.image_size}x{config.data.image_size}"]
     sizes += [b.strip() for b in config.data.buckets.split(",") if b.strip()]

@@ -2,9 +2,11 @@
 
   python -m lidit_jax.main --config=configs/demo_shapes.py --workdir=DIR --mode=encode
 Fills `text.cache_dir` (one cache per LLM of `text.encoders`, plus the empty prompt) from the
-captions of `config.data`. Resumable: run it again after a kill and it continues with the first
-incomplete shard. On several hosts each process encodes its own shards (shard k goes to process
-k mod process_count). The last line printed is `text_cache=<dir> records=<int> written=<int>`.
+captions of `config.data`, and, when `vae.latent_cache_dir` is set, the latent cache from its
+images (`lidit_jax/diffusion/latent_cache.py`). Resumable: run it again after a kill and it
+continues with the first incomplete shard. On several hosts each process encodes its own shards
+(shard k goes to process k mod process_count). Prints one line per cache:
+`text_cache=<dir> records=<int> written=<int>` and `latent_cache=<dir> records=<int> written=<int>`.
 """
 import os
 
@@ -13,7 +15,9 @@ import tqdm
 from absl import logging
 
 from lidit_jax import configuration
-from lidit_jax.data import pipeline
+from lidit_jax.data import array_cache, pipeline
+from lidit_jax.diffusion import latent_cache
+from lidit_jax.diffusion.vae import make_image_space
 from lidit_jax.parallel import mesh as mesh_lib
 from lidit_jax.text import cache as text_cache
 from lidit_jax.text.encoder import PromptEncoder
@@ -24,20 +28,42 @@ ENCODE_BATCH_SIZE = 64
 
 def run(config, workdir):
     mesh_lib.initialize_distributed()
-    if not config.text.cache_dir:
-        raise SystemExit("error: nothing to encode: set text.cache_dir (and run --mode=encode "
-                         "before training) or train with online text encoding")
+    if not config.text.cache_dir and not config.vae.latent_cache_dir:
+        raise SystemExit("error: nothing to encode: set text.cache_dir and/or "
+                         "vae.latent_cache_dir (or train with online encoding)")
     source = pipeline.make_source(config.data)
+    if config.text.cache_dir:
+        _encode_text(config, workdir, source)
+    if config.vae.latent_cache_dir:
+        _encode_latents(config, workdir, source)
+
+
+def _progress(total, desc):
+    return tqdm.tqdm(total=total, desc=desc, disable=jax.process_index() != 0)
+
+
+def _encode_text(config, workdir, source):
     num_records = len(source)
     root = text_cache.cache_root(config, workdir)
     for name in configuration.encoder_names(config):
         encoder = PromptEncoder(name, config.text.llms[name], config.text)
         logging.info("encoding %d captions with %s (layer %d) into %s", num_records,
                      encoder.llm.name, encoder.layer, root)
-        with tqdm.tqdm(total=num_records, desc=f"encode {name}",
-                       disable=jax.process_index() != 0) as progress:
+        with _progress(num_records, f"encode {name}") as progress:
             written = text_cache.write_text_cache(
                 encoder, config, workdir, source.caption, num_records,
                 batch_size=ENCODE_BATCH_SIZE, process_index=jax.process_index(),
                 process_count=jax.process_count(), progress=progress.update)
         print(f"text_cache={os.path.join(root, name)} records={num_records} written={written}")
+
+
+def _encode_latents(config, workdir, source):
+    vae = make_image_space(config.vae)  # A VAE: validation refused a cache for pixel space.
+    directory = array_cache.resolve(config.vae.latent_cache_dir, workdir)
+    logging.info("encoding %d images with the VAE into %s", len(source), directory)
+    with _progress(len(source), "encode latents") as progress:
+        written = latent_cache.write_latent_cache(
+            vae, config, workdir, source, batch_size=ENCODE_BATCH_SIZE,
+            process_index=jax.process_index(), process_count=jax.process_count(),
+            progress=progress.update)
+    print(f"latent_cache={directory} records={len(source)} written={written}")

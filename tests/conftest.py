@@ -17,3 +17,26 @@ flags.FLAGS.mark_as_parsed()
 import jax  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")  # fp32 parity tests on CPU.
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_llm(tmp_path_factory):
+    """A random Llama (2 layers, width 32) + SmolLM2's tokenizer, as a Hugging Face folder:
+    a real tokenizer and template at a cost of milliseconds per encoded batch."""
+    import torch
+    import transformers
+
+    from lidit_jax.text import models
+
+    gguf = models.default_model_path("smollm2")
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    config = transformers.LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("tiny_llm")
+    transformers.LlamaForCausalLM(config).save_pretrained(folder, safe_serialization=True)
+    tokenizer.save_pretrained(folder)
+    return folder

@@ -1,8 +1,8 @@
 """End to end through `python -m lidit_jax.main`: encode, train, kill -9 / SIGTERM, resume, sample.
 
-Every run is a child process on one CPU device. The tiny runs use a random 2-layer Llama (width
-32) with SmolLM2's tokenizer as the frozen text encoder, so encoding costs milliseconds; one text
-cache (absolute `text.cache_dir`) serves all their workdirs. One test trains the demo config
+Every run is a child process on one CPU device. The tiny runs use conftest's `tiny_llm` (a
+random 2-layer Llama with SmolLM2's tokenizer) as the frozen text encoder, so encoding costs
+milliseconds; one text cache (absolute `text.cache_dir`) serves all their workdirs. One test trains the demo config
 itself with the real SmolLM2 GGUF.
 """
 import glob
@@ -112,26 +112,6 @@ def restore_state(workdir, step):
         manager.close()
     return {jax.tree_util.keystr(path): np.asarray(leaf)
             for path, leaf in jax.tree_util.tree_leaves_with_path(state)}
-
-
-@pytest.fixture(scope="module")
-def tiny_llm(tmp_path_factory):
-    """A random Llama (2 layers, width 32) + SmolLM2's tokenizer, as a Hugging Face folder."""
-    import torch
-    import transformers
-
-    from lidit_jax.text import models
-
-    gguf = models.default_model_path("smollm2")
-    tokenizer = transformers.AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    config = transformers.LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True)
-    torch.manual_seed(0)
-    folder = tmp_path_factory.mktemp("tiny_llm")
-    transformers.LlamaForCausalLM(config).save_pretrained(folder, safe_serialization=True)
-    tokenizer.save_pretrained(folder)
-    return folder
 
 
 @pytest.fixture(scope="module")

@@ -29,6 +29,11 @@ class CacheMismatch(ValueError):
     """The cache was made with settings other than the config's."""
 
 
+def resolve(path, workdir):
+    """A cache directory from the config: absolute, or relative to the workdir."""
+    return path if os.path.isabs(path) else os.path.join(workdir, path)
+
+
 def _dtype(name):
     return np.dtype(_DTYPES.get(name, name))
 

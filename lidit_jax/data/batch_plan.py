@@ -117,12 +117,17 @@ class BatchPlan:
         return epoch, self.epoch(epoch)[index]
 
 
-def make_plan(source, buckets, global_batch_size, seed):
-    """BatchPlan over `source` for buckets [(H, W), ...]; scans sizes only for > 1 bucket."""
+def record_buckets(source, buckets):
+    """int32 [len(source)]: each record's bucket index into buckets [(H, W), ...], -1 where the
+    image header is unreadable; scans sizes only for > 1 bucket."""
     if len(buckets) == 1:
-        bucket_of_record = np.zeros(len(source), np.int32)
-    else:
-        bucket_of_record = assign_buckets(record_sizes(source), buckets)
+        return np.zeros(len(source), np.int32)
+    return assign_buckets(record_sizes(source), buckets)
+
+
+def make_plan(source, buckets, global_batch_size, seed):
+    """BatchPlan over `source` for buckets [(H, W), ...]."""
+    bucket_of_record = record_buckets(source, buckets)
     unreadable = int((bucket_of_record == UNREADABLE).sum())
     if unreadable:
         logging.warning("%d of %d records have unreadable images and are left out", unreadable,

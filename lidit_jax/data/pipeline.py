@@ -7,7 +7,8 @@ in a seeded order. Every JAX process computes the same plan; process p of P load
 (the same static [H, W]) into the same step and together cover each global batch exactly.
   -> load (Grain; worker processes when data.num_workers > 0): read, decode, validate, resize to
      cover the bucket + center crop, caption dropout (deterministic in (seed, epoch, record)),
-     optional `record_transform(record_id)` (e.g. cached text states or latents)
+     optional `record_transform(record_id)` (extra per-record fields); with a latent cache
+     (`latents=`) the cached latent replaces decode + resize: no image is decoded in training
   -> batch: local_b rows stacked in the main process, uint8 -> float32 [-1, 1] there (4x less
      inter-process traffic than sending floats).
 Bad records (undecodable/truncated/tiny/enormous image, empty or non-UTF-8 caption, missing
@@ -18,6 +19,7 @@ buckets, records whose image header is unreadable are left out of the plan up fr
 
 Batches (host-local; local_b = global_batch_size // process_count):
   image           float32 [local_b, H, W, 3] in [-1, 1]  (H, W: the step's bucket)
+    or latent     float32 [local_b, H/f, W/f, c]  (with `latents=`: unscaled VAE means)
   caption         object [local_b] of str ("" when dropped)
   caption_dropped bool [local_b]
   record_id       int64 [local_b]  (global index into the source)
@@ -64,6 +66,15 @@ def make_source(data_config):
     raise ValueError(f"data.source={kind!r}; choose shapes, arrayrecord or tfds")
 
 
+def source_identity(data_config, num_records):
+    """What identifies the records a cache was made from (compared by the text/latent caches)."""
+    identity = {"source": data_config.source, "path": data_config.path,
+                "num_records": int(num_records)}
+    if data_config.source == "shapes":  # Generated: the seed picks the records.
+        identity["shapes_seed"] = int(data_config.shuffle_seed)
+    return identity
+
+
 def parse_record(raw):
     """A source's raw record -> (uint8 image [H, W, 3], caption str); raises images.BadRecord."""
     try:
@@ -86,15 +97,24 @@ class RecordLoader:
     step k // local_b (see the module docstring)."""
 
     def __init__(self, source, plan, buckets, *, process_index, local_batch_size, seed,
-                 caption_dropout, record_transform=None):
+                 caption_dropout, record_transform=None, latents=None):
         self.source, self.plan, self.buckets = source, plan, buckets
         self.process_index, self.local_batch_size = process_index, local_batch_size
         self.seed, self.caption_dropout = seed, caption_dropout
         self.record_transform = record_transform
+        self.latents = latents
 
     def caption_dropped(self, epoch, record_id):
         rng = np.random.default_rng([self.seed, epoch, record_id, 0xD20])
         return bool(rng.random() < self.caption_dropout)
+
+    def _load(self, record_id, bucket):
+        """-> ({"image": uint8 [H, W, 3]} or {"latent": float32 [h, w, c]}, caption str)."""
+        if self.latents is not None:  # No image decoding: the VAE ran at encode time.
+            return ({"latent": self.latents(record_id)},
+                    images.check_caption(self.source.caption(record_id)))
+        image, caption = parse_record(self.source[record_id])
+        return {"image": images.resize_center_crop(image, *self.buckets[bucket])}, caption
 
     def _where(self, record_id):
         locate = getattr(self.source, "locate", None)
@@ -107,8 +127,9 @@ class RecordLoader:
         skipped = []
         # The row's record, else the next good one of the same global batch (cyclically).
         for record_id in (int(batch[(row + k) % len(batch)]) for k in range(len(batch))):
+            # The plan's bucket (from the header), so a batch has one shape even if a header lied.
             try:
-                image, caption = parse_record(self.source[record_id])
+                image_or_latent, caption = self._load(record_id, self.plan.bucket_of_record[record_id])
                 break
             except images.BadRecord as error:
                 # Only the row's own record counts: substitutes are other rows' records.
@@ -117,12 +138,9 @@ class RecordLoader:
         else:
             raise RuntimeError(f"every record of global step {step} (epoch {epoch}) is bad, e.g. "
                                f"{skipped[0]}; check the data set with lidit_jax.data.convert")
-        # The plan's bucket (from the header), so a batch has one shape even if a header lied.
-        height, width = self.buckets[self.plan.bucket_of_record[record_id]]
         dropped = self.caption_dropped(epoch, record_id)
-        example = {"image": images.resize_center_crop(image, height, width),
-                   "caption": "" if dropped else caption, "caption_dropped": dropped,
-                   "record_id": np.int64(record_id), "skipped": skipped}
+        example = dict(image_or_latent, caption="" if dropped else caption, caption_dropped=dropped,
+                       record_id=np.int64(record_id), skipped=skipped)
         if self.record_transform is not None:
             example.update(self.record_transform(record_id))
         return example
@@ -131,7 +149,8 @@ class RecordLoader:
 def _stack(examples):
     batch = {key: np.stack([e[key] for e in examples]) for key in examples[0]
              if key not in ("caption", "skipped")}
-    batch["image"] = images.to_model_range(batch["image"])
+    if "image" in batch:
+        batch["image"] = images.to_model_range(batch["image"])
     batch["caption"] = np.array([e["caption"] for e in examples], dtype=object)
     batch["caption_dropped"] = batch["caption_dropped"].astype(bool)
     return batch
@@ -142,7 +161,7 @@ class TrainIterator:
     """Endless iterator of host-local batches with get_state/set_state and counters()."""
 
     def __init__(self, source, *, global_batch_size, buckets, seed, caption_dropout,
-                 process_index, process_count, num_workers, record_transform=None):
+                 process_index, process_count, num_workers, record_transform=None, latents=None):
         if len(source) == 0:
             raise ValueError(f"data source {source!r} holds no records")
         self.local_batch_size = global_batch_size // process_count
@@ -154,7 +173,7 @@ class TrainIterator:
         self.loader = RecordLoader(source, plan, buckets, process_index=process_index,
                                    local_batch_size=self.local_batch_size, seed=seed,
                                    caption_dropout=caption_dropout,
-                                   record_transform=record_transform)
+                                   record_transform=record_transform, latents=latents)
         # The process index and count are not part of the identity: the position is global.
         self._identity = {"version": STATE_VERSION, "seed": seed, "num_records": len(source),
                           "global_batch_size": global_batch_size,
@@ -214,13 +233,16 @@ class TrainIterator:
 
 
 def make_train_iterator(data_config, *, global_batch_size, seed=None, process_index=None,
-                        process_count=None, record_transform=None):
+                        process_count=None, record_transform=None, latents=None):
     """The training batches of this JAX process (see the module docstring for the batch dict).
 
     seed: shuffle and caption-dropout seed (default data.shuffle_seed).
     process_index / process_count: default jax.process_index() / jax.process_count().
     record_transform: record id -> dict of extra numpy fields (e.g. cached text states);
       runs in the loader (Grain workers when data.num_workers > 0), so it must pickle.
+    latents: record id -> float32 latent [h, w, c] (`diffusion.latent_cache.CachedLatents`);
+      when given, batches hold "latent" [local_b, h, w, c] instead of "image" and no image is
+      decoded.
     """
     process_index = jax.process_index() if process_index is None else process_index
     process_count = jax.process_count() if process_count is None else process_count
@@ -233,7 +255,8 @@ def make_train_iterator(data_config, *, global_batch_size, seed=None, process_in
         buckets=images.parse_buckets(data_config.buckets, data_config.image_size),
         seed=int(seed) % 2**32, caption_dropout=float(data_config.caption_dropout),
         process_index=process_index, process_count=process_count,
-        num_workers=int(data_config.num_workers), record_transform=record_transform)
+        num_workers=int(data_config.num_workers), record_transform=record_transform,
+        latents=latents)
 
 
 def to_global_batch(local_batch, mesh, batch_axes=("data", "fsdp")):

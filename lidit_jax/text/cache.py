@@ -13,20 +13,18 @@ import os
 
 import numpy as np
 
-from lidit_jax.data import array_cache
+from lidit_jax.data import array_cache, pipeline
 from lidit_jax.text.encoder import pad_entry, trim_entry
 
 
 def cache_root(config, workdir):
-    path = config.text.cache_dir
-    return path if os.path.isabs(path) else os.path.join(workdir, path)
+    return array_cache.resolve(config.text.cache_dir, workdir)
 
 
 def expected_metadata(encoder, config, num_records):
     """What a cache for this encoder, template and data set must record."""
     return dict(encoder.metadata(), max_length=config.text.max_length,
-                data={"source": config.data.source, "path": config.data.path,
-                      "num_records": int(num_records)})
+                data=pipeline.source_identity(config.data, num_records))
 
 
 def _encode_to_entries(encoder, captions):

@@ -1,7 +1,7 @@
 """What the train step eats: global batches of images (or latents) and LLM text states.
 
 `TrainInputs` owns the input pipeline, the frozen text encoders (or their cache) and the image
-space (pixels or a VAE), and turns each host-local batch into global arrays sharded along the
+space (pixels or a VAE, or the VAE's latent cache), and turns each host-local batch into global arrays sharded along the
 `batch` logical axis:
   {"x0": [batch, H, W, C] float32 (scaled latents or pixels in [-1, 1]),
    "text": {"states": [[batch, L, width_k] bf16], "masks": [[batch, L] bool],
@@ -14,7 +14,8 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 from lidit_jax import configuration
-from lidit_jax.data import pipeline
+from lidit_jax.data import array_cache, pipeline
+from lidit_jax.diffusion import latent_cache
 from lidit_jax.diffusion.vae import make_image_space
 from lidit_jax.parallel import sharding
 from lidit_jax.text import cache as text_cache
@@ -45,9 +46,16 @@ class TrainInputs:
                     encoder, config, reader.metadata["num_records"])
                 reader.cache.check(expected)
                 self.cached.append(reader)
+        latents = None
+        if config.vae.latent_cache_dir:
+            source_size = len(pipeline.make_source(config.data))
+            latents = latent_cache.CachedLatents(
+                array_cache.resolve(config.vae.latent_cache_dir, workdir),
+                expected=latent_cache.expected_metadata(self.image_space, config.data,
+                                                        source_size))
         self.dataset = pipeline.make_train_iterator(config.data,
                                                     global_batch_size=config.train.batch_size,
-                                                    seed=config.seed)
+                                                    seed=config.seed, latents=latents)
         self._batch_spec = sharding.logical_to_mesh_spec(("batch",), config.mesh.rules)
 
     # ---- Identity of the frozen encoders (checkpoints refuse to resume with others) ----------
@@ -79,7 +87,8 @@ class TrainInputs:
         else:
             per_llm = [jax.device_get(encoder.encode(list(local["caption"])))
                        for encoder in self.encoders]
-        x0 = np.asarray(self.image_space.scale(self.image_space.encode(local["image"])))
+        latents = local["latent"] if "latent" in local else self.image_space.encode(local["image"])
+        x0 = np.asarray(self.image_space.scale(latents))
         return jax.tree.map(self._global, {"x0": x0, "text": as_text_inputs(per_llm)})
 
     def encode_prompts(self, prompts):

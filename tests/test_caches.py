@@ -1,0 +1,233 @@
+"""Text-state and latent caches: what training reads from them equals online encoding; a cache
+made with other settings is refused naming the field; --mode=encode fills both."""
+import io
+import re
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from configs import common
+from lidit_jax import encode
+from lidit_jax.data import array_cache, pipeline, records
+from lidit_jax.diffusion import latent_cache
+from lidit_jax.diffusion.vae import load_vae
+from lidit_jax.text import cache as text_cache
+from lidit_jax.text.encoder import PromptEncoder
+
+NUM_CAPTIONS = 40
+# Latent tests: two aspect-ratio buckets and records of three sizes; two unreadable images.
+_SIZES = [(16, 32), (32, 16), (24, 20)]
+_BAD = (5, 17)
+NUM_IMAGES = 48
+
+
+# ---- Text-state cache -------------------------------------------------------------------------
+def _text_config(tiny_llm, cache_dir, **text):
+    config = common.get_config()
+    config.text.llms.smollm2.path = str(tiny_llm)
+    config.text.max_length = 72  # The chat template and instruction take 56 tokens.
+    config.text.cache_dir = str(cache_dir)
+    config.text.update(text)
+    config.data.shapes_num_records = NUM_CAPTIONS
+    return config
+
+
+@pytest.fixture(scope="module")
+def text_cache_dir(tiny_llm, tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("text")
+    config = _text_config(tiny_llm, workdir / "cache")
+    encoder = PromptEncoder("smollm2", config.text.llms.smollm2, config.text)
+    source = pipeline.make_source(config.data)
+    written = text_cache.write_text_cache(encoder, config, str(workdir), source.caption,
+                                          NUM_CAPTIONS, batch_size=16)
+    assert written == NUM_CAPTIONS
+    return workdir / "cache"
+
+
+def test_text_cache_round_trip_equals_online_encoding(tiny_llm, text_cache_dir):
+    config = _text_config(tiny_llm, text_cache_dir)
+    encoder = PromptEncoder("smollm2", config.text.llms.smollm2, config.text)
+    source = pipeline.make_source(config.data)
+    reader = text_cache.CachedTextStates(
+        str(text_cache_dir / "smollm2"), config.text.max_length,
+        expected=text_cache.expected_metadata(encoder, config, NUM_CAPTIONS))
+    rng = np.random.default_rng(0)
+    ids = rng.permutation(NUM_CAPTIONS)[:12]
+    use_empty = np.arange(12) % 5 == 0  # Dropped captions read the cached empty prompt.
+    cached = reader.lookup(ids, use_empty)
+    online = {k: np.asarray(v) for k, v in encoder.encode(
+        ["" if empty else source.caption(int(i)) for i, empty in zip(ids, use_empty)]).items()}
+    np.testing.assert_array_equal(cached["mask"], online["mask"])
+    np.testing.assert_array_equal(cached["prompt_mask"], online["prompt_mask"])
+    assert cached["prompt_mask"].any(axis=1)[~use_empty].all()
+    mask = online["mask"]
+    real_cached = cached["states"][mask].astype(np.float32)
+    real_online = online["states"][mask].astype(np.float32)
+    # Both are the same bf16 layer output; encoding batches of other sizes may move the float32
+    # sums by an ulp, which can flip one bf16 rounding (2^-8 relative).
+    np.testing.assert_allclose(real_cached, real_online, rtol=2 ** -7, atol=1e-3)
+    assert np.abs(real_cached - real_online).mean() < 1e-4
+    assert not cached["states"][~mask].any()  # Padding is zeros, never another row's tokens.
+
+
+@pytest.mark.parametrize("change,field", [
+    (dict(layer=-2), "layer"),
+    (dict(final_norm=True), "final_norm"),
+    (dict(instruction="Describe the picture:"), "template"),
+    (dict(max_length=64), "max_length"),
+])
+def test_text_cache_with_other_settings_is_refused(tiny_llm, text_cache_dir, change, field):
+    llm_keys = {"layer", "final_norm"}
+    config = _text_config(tiny_llm, text_cache_dir,
+                          **{k: v for k, v in change.items() if k not in llm_keys})
+    config.text.llms.smollm2.update({k: v for k, v in change.items() if k in llm_keys})
+    encoder = PromptEncoder("smollm2", config.text.llms.smollm2, config.text)
+    with pytest.raises(array_cache.CacheMismatch, match=rf"\b{field}: cache has"):
+        text_cache.CachedTextStates(str(text_cache_dir / "smollm2"), config.text.max_length,
+                                    expected=text_cache.expected_metadata(encoder, config,
+                                                                          NUM_CAPTIONS))
+
+
+def test_text_cache_of_other_shapes_data_is_refused(tiny_llm, text_cache_dir):
+    config = _text_config(tiny_llm, text_cache_dir)
+    config.data.shuffle_seed = 1  # Other generated records, so other captions.
+    encoder = PromptEncoder("smollm2", config.text.llms.smollm2, config.text)
+    with pytest.raises(array_cache.CacheMismatch, match="shapes_seed"):
+        text_cache.CachedTextStates(str(text_cache_dir / "smollm2"), config.text.max_length,
+                                    expected=text_cache.expected_metadata(encoder, config,
+                                                                          NUM_CAPTIONS))
+
+
+# ---- Latent cache -----------------------------------------------------------------------------
+def _png(index):
+    height, width = _SIZES[index % 3]
+    pixels = np.random.default_rng(index).integers(0, 256, (height, width, 3), np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    data = buffer.getvalue()
+    return data[:len(data) // 3] if index in _BAD else data  # Truncated: undecodable.
+
+
+@pytest.fixture(scope="module")
+def record_dir(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("records"))
+    records.write_records(out, NUM_IMAGES, lambda i: records.encode_record(_png(i), f"image {i}"),
+                          records_per_shard=20)
+    return out
+
+
+@pytest.fixture(scope="module")
+def vae_dir(tmp_path_factory):
+    """A random 4-channel diffusers VAE with 2x downsampling (two blocks)."""
+    import diffusers
+    import torch
+
+    torch.manual_seed(0)
+    model = diffusers.AutoencoderKL(
+        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+        block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4, latent_channels=4,
+        scaling_factor=0.5, shift_factor=0.1)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(0.05 * torch.randn_like(parameter))
+    folder = str(tmp_path_factory.mktemp("vae"))
+    model.save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
+def _latent_config(record_dir, vae_dir, **data):
+    config = common.get_config()
+    config.data.update(dict(dict(source="arrayrecord", path=record_dir, image_size=16,
+                                 buckets="16x32,32x16", caption_dropout=0.0), **data))
+    config.vae.update(path=vae_dir, latent_channels=4, downsample=2, latent_cache_dir="latents")
+    config.text.cache_dir = ""
+    return config
+
+
+@pytest.fixture(scope="module")
+def latent_workdir(record_dir, vae_dir, tmp_path_factory):
+    """A workdir whose latent cache --mode=encode filled (the encode mode itself, in process)."""
+    workdir = str(tmp_path_factory.mktemp("latent_run"))
+    encode.run(_latent_config(record_dir, vae_dir), workdir)
+    return workdir
+
+
+def test_encode_mode_reports_the_latent_cache(record_dir, vae_dir, latent_workdir, capsys):
+    encode.run(_latent_config(record_dir, vae_dir), latent_workdir)  # Complete: writes nothing.
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert re.fullmatch(rf"latent_cache=\S+/latents records={NUM_IMAGES} written=0", line), line
+
+
+def test_batches_from_the_latent_cache_equal_online_encoding(record_dir, vae_dir, latent_workdir):
+    config = _latent_config(record_dir, vae_dir)
+    vae = load_vae(vae_dir)
+    latents = latent_cache.CachedLatents(
+        array_cache.resolve(config.vae.latent_cache_dir, latent_workdir),
+        expected=latent_cache.expected_metadata(vae, config.data, NUM_IMAGES))
+    make = lambda **kw: pipeline.make_train_iterator(  # noqa: E731
+        config.data, global_batch_size=8, seed=3, process_index=0, process_count=1, **kw)
+    online, cached = make(), make(latents=latents)
+    shapes = set()
+    for _ in range(6):  # > one epoch: both buckets, and the bad records met.
+        a, b = next(online), next(cached)
+        assert "image" not in b  # Nothing decoded in training.
+        np.testing.assert_array_equal(a["record_id"], b["record_id"])
+        np.testing.assert_array_equal(a["caption"], b["caption"])
+        reference = np.asarray(vae.encode(a["image"]))
+        assert b["latent"].shape == reference.shape and b["latent"].dtype == np.float32
+        # bf16 storage: 2^-9 relative rounding.
+        np.testing.assert_allclose(b["latent"], reference, rtol=2 ** -8, atol=1e-6)
+        shapes.add(b["latent"].shape[1:3])
+    assert shapes == {(8, 16), (16, 8)}
+    assert online.counters()["skipped"] == cached.counters()["skipped"] > 0
+
+
+@pytest.mark.parametrize("change,field", [
+    (dict(buckets="16x32"), "preprocessing"),
+    (dict(image_size=32, buckets=""), "preprocessing"),
+])
+def test_latent_cache_with_other_preprocessing_is_refused(record_dir, vae_dir, latent_workdir,
+                                                          change, field):
+    config = _latent_config(record_dir, vae_dir, **change)
+    with pytest.raises(array_cache.CacheMismatch, match=rf"\b{field}: cache has"):
+        latent_cache.CachedLatents(
+            array_cache.resolve(config.vae.latent_cache_dir, latent_workdir),
+            expected=latent_cache.expected_metadata(load_vae(vae_dir), config.data, NUM_IMAGES))
+
+
+def test_latent_cache_of_another_vae_is_refused(record_dir, vae_dir, latent_workdir, tmp_path):
+    import shutil
+
+    other = str(tmp_path / "vae")
+    shutil.copytree(vae_dir, other)
+    with open(f"{other}/config.json", "a") as f:
+        f.write("\n")  # Same weights, other file bytes: another fingerprint.
+    config = _latent_config(record_dir, other)
+    with pytest.raises(array_cache.CacheMismatch, match=r"\bvae: cache has"):
+        latent_cache.CachedLatents(
+            array_cache.resolve(config.vae.latent_cache_dir, latent_workdir),
+            expected=latent_cache.expected_metadata(load_vae(other), config.data, NUM_IMAGES))
+
+
+def test_train_inputs_read_scaled_latents_from_the_cache(record_dir, vae_dir, latent_workdir,
+                                                         tiny_llm):
+    from lidit_jax.train.inputs import TrainInputs
+    from train_helpers import make_mesh
+
+    config = _latent_config(record_dir, vae_dir)
+    config.text.llms.smollm2.path = str(tiny_llm)
+    config.train.batch_size = 8
+    inputs = TrainInputs(config, latent_workdir, make_mesh(1, 1, 1))
+    batch = inputs.next_batch()
+    online = pipeline.make_train_iterator(config.data, global_batch_size=8, seed=config.seed,
+                                          process_index=0, process_count=1)
+    reference = next(online)
+    np.testing.assert_array_equal(inputs.last_record_ids, reference["record_id"])
+    vae = load_vae(vae_dir)
+    # x0 is scaled (shift and scale); the bf16 rounding is relative to the unscaled latent.
+    np.testing.assert_allclose(np.asarray(vae.unscale(batch["x0"])),
+                               np.asarray(vae.encode(reference["image"])), rtol=2 ** -8,
+                               atol=1e-6)
+    assert inputs.fingerprints()["image_space"] == vae.fingerprint
+    inputs.close()
