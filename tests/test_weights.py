@@ -6,7 +6,8 @@ import pytest
 import safetensors.numpy
 import torch
 
-from lidit_jax.text import load_llm, models, weights
+from lidit_jax.fingerprint import file_fingerprint
+from lidit_jax.text import load_llm, models
 from test_llm import build_tiny, random_batch
 
 LAYER_NAMES = {  # Hugging Face name inside a layer -> llama.cpp name inside blk.{i}.
@@ -204,11 +205,11 @@ def test_fingerprint_is_stable_and_sees_changed_weights(tmp_path):
     tensors["model.norm.weight"] = tensors["model.norm.weight"] * 1.01
     safetensors.numpy.save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
     assert load_llm(folder).fingerprint != first
-    big = tmp_path / "big.bin"  # Sampled windows past 4 MiB still see a change in one window.
-    big.write_bytes(bytes(8 << 20))
-    sampled = weights.fingerprint([big])
-    big.write_bytes(bytes(1 << 16) + b"x" + bytes((8 << 20) - (1 << 16) - 1))
-    assert weights.fingerprint([big]) != sampled
+    big = tmp_path / "big.bin"  # A one-byte change past the first 16 MiB chunk is seen.
+    big.write_bytes(bytes(20 << 20))
+    sampled = file_fingerprint([big])
+    big.write_bytes(bytes(17 << 20) + b"x" + bytes((3 << 20) - 1))
+    assert file_fingerprint([big]) != sampled
 
 
 def test_resolve_model_path(tmp_path):

@@ -10,7 +10,6 @@ the SD 1.x/2.x/SDXL layout (4 channels, quant convs, scaling_factor) and the SD3
 (16 channels, no quant convs, scaling_factor and shift_factor).
 """
 import dataclasses
-import hashlib
 import json
 import os
 
@@ -20,6 +19,7 @@ import numpy as np
 from flax import nnx
 from safetensors import safe_open
 
+from lidit_jax.fingerprint import file_fingerprint
 from lidit_jax.diffusion.vae_layers import AutoencoderKL
 
 CONFIG_FILE = "config.json"
@@ -120,16 +120,6 @@ def _read_tensor(handle, keys, name, weights_file):
             # Legacy files sometimes store these linears as 1x1 convs [out, in, 1, 1].
             return (tensor[:, :, 0, 0] if tensor.ndim == 4 else tensor), legacy
     raise ValueError(f"{weights_file}: missing tensor {name!r}")
-
-
-def file_fingerprint(paths, chunk_bytes=1 << 22):
-    """sha256 over the files' bytes, streamed (weights can be GBs)."""
-    digest = hashlib.sha256()
-    for path in paths:
-        with open(path, "rb") as f:
-            while chunk := f.read(chunk_bytes):
-                digest.update(chunk)
-    return digest.hexdigest()
 
 
 def load_vae(path, dtype=jnp.float32, tile_size=0):

@@ -147,7 +147,7 @@ def check_not_replicated(abstract_state, shardings, mesh, min_size):
     if offenders:
         raise ValueError(
             "parameters replicated on every device (add or fix their logical axes in "
-            f"mesh.rules, pick mesh sizes that divide them, or set mesh.check_replicated=False): "
+            "mesh.rules, pick mesh sizes that divide them, or set mesh.check_replicated=False): "
             + "; ".join(offenders[:10]))
 
 

@@ -1,3 +1,5 @@
 """Frozen LLM text encoders: `load_llm(path)` -> `LLM` (other text modules: import by path)."""
 from lidit_jax.text.llm import LLM, LLMConfig
 from lidit_jax.text.weights import load_llm
+
+__all__ = ["load_llm", "LLM", "LLMConfig"]

@@ -396,7 +396,7 @@ class LLM:
     """A loaded frozen LLM: config, tokenizer, jitted forward passes, identity of its weights.
 
     `name` is "<family>:<file or folder name>" (e.g. "llama:SmolLM2-135M-Instruct.Q4_1.gguf");
-    `fingerprint` the sha256 of the weight files (`weights.fingerprint`, computed on first use);
+    `fingerprint` the sha256 of the weight files (`lidit_jax.fingerprint`, computed on first use);
     both are recorded by the text-state cache and checkpoints.
     """
 

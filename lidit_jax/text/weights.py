@@ -10,7 +10,6 @@ maps); each parameter (one name, all layers stacked) is converted, placed on the
 NamedSharding its logical axes get from the rules table, and dropped from host memory before the
 next, so the host never holds more than one parameter of the model.
 """
-import hashlib
 import json
 import pathlib
 
@@ -19,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from lidit_jax.fingerprint import file_fingerprint
 from lidit_jax.parallel import sharding
 from lidit_jax.text.llm import LLM, DecoderLM, LLMConfig
 
@@ -342,20 +342,6 @@ def open_source(path):
                             "*.safetensors) or a .gguf file")
 
 
-def fingerprint(files, chunk_bytes=1 << 24):
-    """sha256 over the names, sizes and full bytes of the weight files, read in 16 MiB chunks.
-
-    Any re-quantization, fine-tune or truncation changes it; the host holds one chunk at a time.
-    """
-    digest = hashlib.sha256()
-    for path in files:
-        digest.update(f"{path.name}:{path.stat().st_size};".encode())
-        with open(path, "rb") as f:
-            while chunk := f.read(chunk_bytes):
-                digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _read_parameter(source, path, hf_name, hf_shape, convert, target_shape, np_dtype, config):
     """One variable as a host array in its final layout and dtype (layers stacked)."""
     layer_ids = range(config.num_layers) if path[0] == "layers" else [None]
@@ -414,7 +400,7 @@ def load_llm(path, dtype=jnp.float32, mesh=None, rules=None):
                                    is_leaf=lambda x: isinstance(x, nnx.Variable))
     model = nnx.merge(graphdef, state)
     return LLM(model, name=f"{config.family}:{config.name}",
-               fingerprint_fn=lambda: fingerprint(source.fingerprint_files),
+               fingerprint_fn=lambda: file_fingerprint(source.fingerprint_files),
                tokenizer_fn=source.tokenizer, mesh=mesh, rules=rules)
 
 

@@ -9,7 +9,6 @@ import os
 import signal
 
 import jax
-import numpy as np
 import tqdm
 from absl import logging
 from flax import nnx
