@@ -8,6 +8,7 @@ only when chosen, so `--mode=describe` never loads data or training code.
 """
 import importlib
 import importlib.util
+import logging as std_logging
 import sys
 
 from absl import app, flags, logging
@@ -70,6 +71,14 @@ def _unknown_override_message(argv):
     return None
 
 
+class _OrbaxInfoFilter(std_logging.Filter):
+    """Orbax logs its whole options dataclass at INFO whenever a manager starts or saves; keep
+    its warnings and errors, drop the rest from the console."""
+
+    def filter(self, record):
+        return record.levelno >= std_logging.WARNING or "/orbax/" not in record.pathname
+
+
 def main(argv):
     if len(argv) > 1:
         sys.exit(f"error: unexpected arguments {argv[1:]}")
@@ -85,6 +94,7 @@ def main(argv):
     module = importlib.import_module(MODES[_MODE.value])
     if getattr(module, "NEEDS_WORKDIR", True) and not _WORKDIR.value:
         sys.exit(f"error: --mode={_MODE.value} needs --workdir=DIR")
+    logging.get_absl_handler().addFilter(_OrbaxInfoFilter())
     logging.info("mode %s, workdir %s", _MODE.value, _WORKDIR.value)
     module.run(config, _WORKDIR.value)
 

@@ -11,6 +11,7 @@ import os
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 
 from lidit_jax import configuration
@@ -90,6 +91,12 @@ class TrainInputs:
         latents = local["latent"] if "latent" in local else self.image_space.encode(local["image"])
         x0 = np.asarray(self.image_space.scale(latents))
         return jax.tree.map(self._global, {"x0": x0, "text": as_text_inputs(per_llm)})
+
+    def global_record_ids(self):
+        """Record ids of the last global batch, in batch order (all processes' rows)."""
+        if jax.process_count() == 1:
+            return self.last_record_ids
+        return np.asarray(multihost_utils.process_allgather(self.last_record_ids, tiled=True))
 
     def encode_prompts(self, prompts):
         """Fixed prompts -> replicated text inputs (the LLMs run online for these)."""

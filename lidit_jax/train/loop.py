@@ -9,9 +9,11 @@ import os
 import signal
 
 import jax
+import numpy as np
 import tqdm
 from absl import logging
 from flax import nnx
+from jax.experimental import multihost_utils
 
 from lidit_jax.diffusion.dit import LIDiT
 from lidit_jax.diffusion.flops import train_step_flops
@@ -34,15 +36,24 @@ class NonFiniteLoss(RuntimeError):
 
 
 class _Preemption:
-    """Turns SIGTERM into a flag the loop checks between steps."""
+    """Turns SIGTERM into a flag the loop checks between steps.
+
+    With several processes the signal reaches each at a different step, so `requested()` asks
+    all of them (a tiny all-gather per step): every process stops, and saves, at the same step.
+    """
 
     def __init__(self):
-        self.requested = False
+        self._signalled = False
         signal.signal(signal.SIGTERM, self._handle)
 
     def _handle(self, signum, frame):
         del signum, frame
-        self.requested = True
+        self._signalled = True
+
+    def requested(self):
+        if jax.process_count() == 1:
+            return self._signalled
+        return bool(multihost_utils.process_allgather(np.array(self._signalled)).any())
 
 
 def run(config, workdir):
@@ -105,42 +116,46 @@ def run(config, workdir):
     progress = tqdm.tqdm(total=config.train.steps, initial=start_step, dynamic_ncols=True,
                          disable=not config.logging.progress_bar or jax.process_index() != 0)
     step = start_step
-    with jax.set_mesh(mesh), sharding.axis_rules(rules):
-        while step < config.train.steps and not preemption.requested:
-            _maybe_profile(config, step, workdir)
-            batch = inputs.next_batch()
-            timer.data_ready()
-            state, step_metrics = train_step(state, batch)
-            step += 1
-            if config.logging.record_ids:
-                writer.write_record_ids(step, inputs.last_record_ids)
-            if step % config.train.log_every == 0 or step == config.train.steps:
-                step_metrics = jax.device_get(step_metrics)
-                timer.step_done()
-                scalars = {k: v for k, v in step_metrics.items() if k != "finite"}
-                scalars.update(timer.summary(config.train.batch_size, flops_per_step))
-                scalars.update(inputs.counters())
-                writer.write_scalars(step, scalars)
-                progress.set_postfix(loss=f"{scalars['loss']:.4f}",
-                                     img_s=f"{scalars['images_per_sec']:.1f}")
-            else:
-                timer.step_done()
-            if config.train.nan_policy == "stop" and not bool(step_metrics["finite"]):
-                # The step left the state untouched; stop before anything else is saved.
-                raise NonFiniteLoss(f"non-finite loss or gradient at step {step}; the last "
-                                    f"checkpoint in {checkpointer.directory} is clean")
-            progress.update(1)
-            if step % config.train.sample_every == 0 or step == config.train.steps:
-                sampler.write(step, state.ema_params, writer, os.path.join(workdir, "samples"))
-            if step % config.checkpoint.every == 0 or step == config.train.steps:
-                checkpointer.save(step, state, inputs.get_state(), _meta(config, inputs))
-    if preemption.requested and step < config.train.steps:
-        logging.warning("SIGTERM: saving step %d and exiting", step)
-        checkpointer.save(step, state, inputs.get_state(), _meta(config, inputs), force=True)
-    checkpointer.close()
-    writer.close()
-    progress.close()
-    inputs.close()
+    try:
+        with jax.set_mesh(mesh), sharding.axis_rules(rules):
+            while step < config.train.steps and not preemption.requested():
+                _maybe_profile(config, step, workdir)
+                batch = inputs.next_batch()
+                timer.data_ready()
+                state, step_metrics = train_step(state, batch)
+                step += 1
+                if config.logging.record_ids:
+                    writer.write_record_ids(step, inputs.global_record_ids())
+                if step % config.train.log_every == 0 or step == config.train.steps:
+                    step_metrics = jax.device_get(step_metrics)
+                    timer.step_done()
+                    scalars = {k: v for k, v in step_metrics.items() if k != "finite"}
+                    scalars.update(timer.summary(config.train.batch_size, flops_per_step))
+                    scalars.update(inputs.counters())
+                    writer.write_scalars(step, scalars)
+                    progress.set_postfix(loss=f"{scalars['loss']:.4f}",
+                                         img_s=f"{scalars['images_per_sec']:.1f}")
+                else:
+                    timer.step_done()
+                if config.train.nan_policy == "stop" and not bool(step_metrics["finite"]):
+                    # The step left the state untouched; stop before anything else is saved.
+                    raise NonFiniteLoss(f"non-finite loss or gradient at step {step}; the last "
+                                        f"checkpoint in {checkpointer.directory} is clean")
+                progress.update(1)
+                if step % config.train.sample_every == 0 or step == config.train.steps:
+                    sampler.write(step, state.ema_params, writer,
+                                  os.path.join(workdir, "samples"))
+                if step % config.checkpoint.every == 0 or step == config.train.steps:
+                    checkpointer.save(step, state, inputs.get_state(), _meta(config, inputs))
+        if step < config.train.steps:  # Stopped early: preemption.
+            logging.warning("SIGTERM: saving step %d and exiting", step)
+            checkpointer.save(step, state, inputs.get_state(), _meta(config, inputs), force=True)
+    finally:
+        # Also on an exception: an async save in flight completes before the process ends.
+        checkpointer.close()
+        writer.close()
+        progress.close()
+        inputs.close()
 
 
 def _meta(config, inputs):

@@ -4,7 +4,6 @@ import os
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
@@ -30,8 +29,7 @@ def measure_cpu_peak_flops(size=1024, repeats=5):
     """FLOP/s of a float32 matmul on one CPU device (the best of a few), measured once."""
     global _measured_cpu_peak
     if _measured_cpu_peak is None:
-        device = jax.devices("cpu")[0]
-        a = jax.device_put(jnp.ones((size, size), jnp.float32), device)
+        a = jax.device_put(np.ones((size, size), np.float32), jax.local_devices(backend="cpu")[0])
         matmul = jax.jit(lambda x: x @ x)
         matmul(a).block_until_ready()
         best = float("inf")
@@ -122,9 +120,14 @@ def save_png(path, image_uint8, upscale=1):
 
 
 class StepTimer:
-    """Splits wall time per step into waiting for data and running the step."""
+    """Splits wall time per step into waiting for data and running the step.
+
+    Create it outside any mesh context: on CPU it measures the peak FLOP/s (for MFU) on one
+    local device right away.
+    """
 
     def __init__(self):
+        self.peak_flops = peak_flops_per_device()
         self.data_seconds = 0.0
         self.compute_seconds = 0.0
         self.steps = 0
@@ -153,9 +156,8 @@ class StepTimer:
         if flops_per_step:
             per_device = flops_per_step * self.steps / total / jax.device_count()
             out["tflops_per_device"] = per_device / 1e12
-            peak = peak_flops_per_device()
-            if peak:
-                out["mfu"] = per_device / peak
+            if self.peak_flops:
+                out["mfu"] = per_device / self.peak_flops
         self.data_seconds = self.compute_seconds = 0.0
         self.steps = 0
         return out

@@ -4,13 +4,18 @@ import os
 import jax
 import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
 
 from lidit_jax.diffusion import samplers
 from lidit_jax.train import metrics as metrics_lib
 
 
 def make_generate(graphdef, objective, shape, diffusion_config):
-    """jitted (params, key, cond, uncond) -> samples [shape], CFG with the empty prompt."""
+    """(params, key, cond, uncond) -> host numpy samples [shape], CFG with the empty prompt.
+
+    The sampler is one jitted program over the run's mesh; its result is gathered from every
+    process, so each one holds all samples.
+    """
 
     @jax.jit
     def generate(params, key, cond, uncond):
@@ -20,7 +25,11 @@ def make_generate(graphdef, objective, shape, diffusion_config):
                                guidance_scale=diffusion_config.guidance_scale, cond=cond,
                                uncond=uncond)
 
-    return generate
+    def generate_on_host(params, key, cond, uncond):
+        samples = generate(params, key, cond, uncond)
+        return np.asarray(multihost_utils.process_allgather(samples, tiled=True))
+
+    return generate_on_host
 
 
 class FixedPromptSampler:

@@ -57,8 +57,13 @@ def make_train_step(graphdef, config, objective):
             grads, losses = grad_fn(state.params, micro)
             return jax.tree.map(jnp.add, grads_sum, grads), losses
 
-        zeros = jax.tree.map(jnp.zeros_like, state.params)
-        grads, losses = jax.lax.scan(accumulate, zeros, _split_microbatches(inputs, num_micro))
+        if num_micro == 1:
+            # No length-1 scan: XLA:CPU runs loop bodies without its usual threading (3.4x
+            # slower on the demo); on TPU and GPU the two compile to the same program.
+            grads, losses = grad_fn(state.params, inputs)
+        else:
+            zeros = jax.tree.map(jnp.zeros_like, state.params)
+            grads, losses = jax.lax.scan(accumulate, zeros, _split_microbatches(inputs, num_micro))
         grads = jax.tree.map(lambda g: g / global_batch, grads)
         losses = losses.reshape(global_batch)
         loss = jnp.mean(losses)
