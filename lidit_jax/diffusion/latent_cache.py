@@ -5,8 +5,8 @@ directory. Record i holds {"latent": bf16 [h, w, channels]}: the VAE posterior m
 of image i preprocessed exactly as training would (resize to cover its aspect-ratio bucket,
 center crop, [-1, 1]), so h, w = bucket / vae downsample. A record whose image cannot be read
 holds an empty latent [0, 0, channels]; training skips it as it skips a bad image. bf16 halves
-the disk (a 256 px SD3 latent is 32 KiB) at a rounding of 2^-9 relative, far below the VAE's own
-reconstruction error.
+the disk (a 256 px SD3 latent is 32 KiB) at a rounding of at most 2^-8 (0.4 %) relative, far
+below the VAE's own reconstruction error.
 
 metadata.json records the VAE weights fingerprint, the preprocessing (image size, buckets,
 resize method) and the data set; a config that differs in any of these is refused with the
