@@ -22,6 +22,7 @@ MODES = {
     "encode": "lidit_jax.encode",
     "describe": "lidit_jax.describe",
     "compile": "lidit_jax.aot",
+    "export": "lidit_jax.export",
 }
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/lidit_1b.py.",
@@ -31,7 +32,8 @@ _MODE = flags.DEFINE_string("mode", "train", f"One of {sorted(MODES)}.")
 # --mode=sample options; unset ones take the config's values.
 flags.DEFINE_multi_string("prompts", None, "sample: a prompt (repeat the flag for more).")
 flags.DEFINE_string("prompt_file", None, "sample: a file with one prompt per line.")
-flags.DEFINE_string("output", None, "sample: output folder (default WORKDIR/samples/cli).")
+flags.DEFINE_string("output", None, "sample: output folder (default WORKDIR/samples/cli); "
+                    "export: output file (default WORKDIR/export/lidit_ema_step<N>.safetensors).")
 flags.DEFINE_string("sampler", None, "sample: ddim | dpm++2m | euler | heun.")
 flags.DEFINE_integer("sample_steps", None, "sample: number of sampler steps.")
 flags.DEFINE_float("guidance_scale", None, "sample: classifier-free guidance scale.")

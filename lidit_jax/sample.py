@@ -12,20 +12,15 @@ import re
 
 import jax
 import numpy as np
-from absl import flags, logging
-from flax import nnx
+from absl import flags
 
-from lidit_jax import configuration
-from lidit_jax.diffusion.dit import LIDiT
 from lidit_jax.diffusion.objectives import make_objective
-from lidit_jax.diffusion.vae import make_image_space
+from lidit_jax.inference import load_trained_run
 from lidit_jax.parallel import mesh as mesh_lib
 from lidit_jax.parallel import sharding
-from lidit_jax.text.encoder import PromptEncoder, as_text_inputs
-from lidit_jax.train import checkpoint as checkpoint_lib
-from lidit_jax.train.sampling import make_generate
-from lidit_jax.train.state import abstract_train_state
+from lidit_jax.text.encoder import as_text_inputs
 from lidit_jax.train.metrics import save_png
+from lidit_jax.train.sampling import make_generate
 
 NEEDS_WORKDIR = True
 FLAGS = flags.FLAGS
@@ -60,35 +55,22 @@ def run(config, workdir):
             diffusion.guidance_scale = FLAGS.guidance_scale
     height, width = parse_size(FLAGS.size, config.data.image_size)
     mesh = mesh_lib.build_mesh(config.mesh)
-    image_space = make_image_space(config.vae)
+    trained = load_trained_run(config, workdir, mesh)
+    image_space = trained.image_space
     multiple = config.model.patch_size * image_space.downsample
     if height % multiple or width % multiple:
         raise SystemExit(f"error: --size={height}x{width} must be a multiple of {multiple}")
 
-    encoders = [PromptEncoder(name, config.text.llms[name], config.text)
-                for name in configuration.encoder_names(config)]
-    widths = [e.width for e in encoders]
-    constructor = lambda: LIDiT(config, widths, image_space.channels,  # noqa: E731
-                                rngs=nnx.Rngs(config.seed))
-    graphdef, abstract = abstract_train_state(constructor, config, mesh)
-    fingerprints = {e.name: e.metadata() for e in encoders}
-    fingerprints["image_space"] = image_space.fingerprint
-    restored = checkpoint_lib.Checkpointer(workdir, config.checkpoint).restore_latest(
-        abstract, fingerprints, allow_mismatch=config.text.allow_fingerprint_mismatch)
-    if restored is None:
-        raise SystemExit(f"error: no checkpoint in {workdir}/checkpoints; train first")
-    step, state, _, _ = restored
-    logging.info("sampling from the EMA weights of step %d", step)
-
     output = FLAGS.output or os.path.join(workdir, "samples", "cli")
     os.makedirs(output, exist_ok=True)
     repeated = [p for p in prompts for _ in range(FLAGS.num_per_prompt)]
-    encode = lambda texts: as_text_inputs([jax.device_get(e.encode(texts)) for e in encoders])  # noqa: E731
+    encode = lambda texts: as_text_inputs(  # noqa: E731
+        [jax.device_get(e.encode(texts)) for e in trained.encoders])
     shape = (len(repeated), height // image_space.downsample, width // image_space.downsample,
              image_space.channels)
-    generate = make_generate(graphdef, make_objective(diffusion), shape, diffusion)
+    generate = make_generate(trained.graphdef, make_objective(diffusion), shape, diffusion)
     with jax.set_mesh(mesh), sharding.axis_rules(config.mesh.rules):
-        latents = generate(state.ema_params, jax.random.key(FLAGS.seed), encode(repeated),
+        latents = generate(trained.ema_params, jax.random.key(FLAGS.seed), encode(repeated),
                            encode([""]))
     images = np.asarray(image_space.decode(image_space.unscale(latents)))
     pixels = np.clip((images + 1.0) * 127.5 + 0.5, 0, 255).astype(np.uint8)

@@ -281,3 +281,42 @@ def test_two_processes_train_like_one(run_a, tiny_args, tmp_path):
     for path, leaf in state_a.items():
         # Sums over 4 devices round differently from one; 8 Adam steps keep that near fp32 eps.
         np.testing.assert_allclose(state_two[path], leaf, rtol=1e-4, atol=1e-5, err_msg=path)
+
+
+def test_export_writes_the_ema_weights_and_loads_back(run_a, tiny_args, tmp_path):
+    import ml_collections
+    from flax import nnx
+    from safetensors.numpy import load_file
+
+    from lidit_jax.diffusion.dit import LIDiT
+    from lidit_jax.export import load_exported
+
+    output = tmp_path / "ema.safetensors"
+    result = run_main(run_a, "export", *tiny_args, f"--output={output}")
+    match = re.search(rf"export={re.escape(str(output))} params=(\d+)", result.stdout)
+    assert match, result.stdout
+    exported = load_file(str(output))
+    assert int(match.group(1)) == sum(t.size for t in exported.values())
+    # restore_state's names look like "['ema_params']['backbone']...['kernel']['value']".
+    ema = {}
+    for path, leaf in restore_state(run_a, STEPS).items():
+        keys = re.findall(r"\['?([^'\]]+)'?\]", path)
+        if keys[0] == "ema_params":
+            ema[".".join(keys[1:-1])] = leaf
+    assert sorted(exported) == sorted(ema) and len(ema) > 10
+    for name, tensor in exported.items():
+        np.testing.assert_array_equal(tensor, ema[name], err_msg=name)
+
+    # Back into a model built from the run's config.json: the same weights, and the metadata.
+    with open(os.path.join(run_a, "config.json")) as f:
+        config = ml_collections.ConfigDict(json.load(f))
+    model = LIDiT(config, [32], 3, rngs=nnx.Rngs(1))  # tiny_llm's width 32.
+    metadata = load_exported(str(output), model)
+    assert int(metadata["step"]) == STEPS and "smollm2" in json.loads(metadata["fingerprints"])
+    _, params = nnx.split(model, nnx.Param)
+    for key_path, variable in nnx.to_flat_state(params):
+        name = ".".join(str(k) for k in key_path)
+        np.testing.assert_array_equal(np.asarray(variable.get_value()), exported[name], name)
+    config.model.depth = 2  # Another architecture: refused, naming what does not fit.
+    with pytest.raises(ValueError, match="shape"):
+        load_exported(str(output), LIDiT(config, [32], 3, rngs=nnx.Rngs(1)))

@@ -1,0 +1,45 @@
+"""A trained run, ready for inference: its EMA weights, frozen encoders and image space.
+
+Used by `--mode=sample` and `--mode=export`; the checkpoint's encoder fingerprints are checked
+against the config's, as a training resume does.
+"""
+import dataclasses
+
+from absl import logging
+from flax import nnx
+
+from lidit_jax import configuration
+from lidit_jax.diffusion.dit import LIDiT
+from lidit_jax.diffusion.vae import make_image_space
+from lidit_jax.text.encoder import PromptEncoder
+from lidit_jax.train import checkpoint as checkpoint_lib
+from lidit_jax.train.state import abstract_train_state
+
+
+@dataclasses.dataclass
+class TrainedRun:
+    step: int
+    graphdef: nnx.GraphDef
+    ema_params: nnx.State  # Sharded over the mesh given to `load_trained_run`.
+    encoders: list
+    image_space: object
+
+
+def load_trained_run(config, workdir, mesh):
+    """The newest checkpoint of WORKDIR; SystemExit with a clear message when there is none."""
+    encoders = [PromptEncoder(name, config.text.llms[name], config.text)
+                for name in configuration.encoder_names(config)]
+    image_space = make_image_space(config.vae)
+    widths = [e.width for e in encoders]
+    constructor = lambda: LIDiT(config, widths, image_space.channels,  # noqa: E731
+                                rngs=nnx.Rngs(config.seed))
+    graphdef, abstract = abstract_train_state(constructor, config, mesh)
+    fingerprints = {e.name: e.metadata() for e in encoders}
+    fingerprints["image_space"] = image_space.fingerprint
+    restored = checkpoint_lib.Checkpointer(workdir, config.checkpoint).restore_latest(
+        abstract, fingerprints, allow_mismatch=config.text.allow_fingerprint_mismatch)
+    if restored is None:
+        raise SystemExit(f"error: no checkpoint in {workdir}/checkpoints; train first")
+    step, state, _, _ = restored
+    logging.info("using the EMA weights of step %d", step)
+    return TrainedRun(step, graphdef, state.ema_params, encoders, image_space)
