@@ -133,8 +133,10 @@ def run(config, workdir):
                     scalars.update(timer.summary(config.train.batch_size, flops_per_step))
                     scalars.update(inputs.counters())
                     writer.write_scalars(step, scalars)
-                    progress.set_postfix(loss=f"{scalars['loss']:.4f}",
-                                         img_s=f"{scalars['images_per_sec']:.1f}")
+                    progress.set_postfix(
+                        loss=f"{scalars['loss']:.4f}", img_s=f"{scalars['images_per_sec']:.1f}",
+                        tflops=f"{scalars.get('tflops_per_device', 0.0):.3f}",
+                        mfu=f"{scalars.get('mfu', 0.0):.1%}")
                 else:
                     timer.step_done()
                 if config.train.nan_policy == "stop" and not bool(step_metrics["finite"]):
