@@ -89,14 +89,19 @@ def test_text_cache_with_other_settings_is_refused(tiny_llm, text_cache_dir, cha
                                                                           NUM_CAPTIONS))
 
 
-def test_text_cache_of_other_shapes_data_is_refused(tiny_llm, text_cache_dir):
+@pytest.mark.parametrize("change,needle", [
+    (dict(shuffle_seed=1), "shapes_seed"),  # Other generated records, so other captions.
+    (dict(shapes_num_records=NUM_CAPTIONS + 8), "num_records"),
+])
+def test_text_cache_of_other_data_is_refused(tiny_llm, text_cache_dir, change, needle):
     config = _text_config(tiny_llm, text_cache_dir)
-    config.data.shuffle_seed = 1  # Other generated records, so other captions.
+    config.data.update(change)
     encoder = PromptEncoder("smollm2", config.text.llms.smollm2, config.text)
-    with pytest.raises(array_cache.CacheMismatch, match="shapes_seed"):
+    num_records = len(pipeline.make_source(config.data))  # As training counts them.
+    with pytest.raises(array_cache.CacheMismatch, match=needle):
         text_cache.CachedTextStates(str(text_cache_dir / "smollm2"), config.text.max_length,
                                     expected=text_cache.expected_metadata(encoder, config,
-                                                                          NUM_CAPTIONS))
+                                                                          num_records))
 
 
 # ---- Latent cache -----------------------------------------------------------------------------

@@ -1,8 +1,8 @@
 """What the train step eats: global batches of images (or latents) and LLM text states.
 
 `TrainInputs` owns the input pipeline, the frozen text encoders (or their cache) and the image
-space (pixels or a VAE, or the VAE's latent cache), and turns each host-local batch into global arrays sharded along the
-`batch` logical axis:
+space (pixels, a VAE, or the VAE's latent cache), and turns each host-local batch into global
+arrays sharded along the `batch` logical axis:
   {"x0": [batch, H, W, C] float32 (scaled latents or pixels in [-1, 1]),
    "text": {"states": [[batch, L, width_k] bf16], "masks": [[batch, L] bool],
             "prompt_masks": [[batch, L] bool]}}
@@ -36,24 +36,21 @@ class TrainInputs:
         self.encoders = [PromptEncoder(name, config.text.llms[name], config.text, mesh=None)
                          for name in names]
         self.llm_widths = [encoder.width for encoder in self.encoders]
+        # The caches must have been made from these records (their count is compared too).
+        num_records = len(pipeline.make_source(config.data))
         self.cached = None
         if config.text.cache_dir:
             root = text_cache.cache_root(config, workdir)
-            self.cached = []
-            for encoder in self.encoders:
-                reader = text_cache.CachedTextStates(os.path.join(root, encoder.name),
-                                                     config.text.max_length)
-                expected = text_cache.expected_metadata(
-                    encoder, config, reader.metadata["num_records"])
-                reader.cache.check(expected)
-                self.cached.append(reader)
+            self.cached = [text_cache.CachedTextStates(
+                os.path.join(root, encoder.name), config.text.max_length,
+                expected=text_cache.expected_metadata(encoder, config, num_records))
+                for encoder in self.encoders]
         latents = None
         if config.vae.latent_cache_dir:
-            source_size = len(pipeline.make_source(config.data))
             latents = latent_cache.CachedLatents(
                 array_cache.resolve(config.vae.latent_cache_dir, workdir),
                 expected=latent_cache.expected_metadata(self.image_space, config.data,
-                                                        source_size))
+                                                        num_records))
         self.dataset = pipeline.make_train_iterator(config.data,
                                                     global_batch_size=config.train.batch_size,
                                                     seed=config.seed, latents=latents)
