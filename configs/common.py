@@ -103,7 +103,7 @@ def get_config(arg=None):
     c.vae.latent_channels = 3
     c.vae.downsample = 1
     c.vae.latent_cache_dir = ""
-    c.vae.tile_size = 512  # Decode tile (pixels) for large images; 0: never tile.
+    c.vae.tile_size = 512  # Larger images decode tile by tile (same result); 0: never tile.
 
     # ---- Diffusion ----------------------------------------------------------------------------
     c.diffusion = ml_collections.ConfigDict()

@@ -15,16 +15,15 @@ import os
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 from safetensors import safe_open
 
 from lidit_jax.fingerprint import file_fingerprint
 from lidit_jax.diffusion.vae_layers import AutoencoderKL
+from lidit_jax.diffusion.vae_tiling import tiled_decode
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"
-TILE_OVERLAP_FACTOR = 0.25  # diffusers' AutoencoderKL.tile_overlap_factor.
 _REQUIRED_KEYS = ("in_channels", "out_channels", "latent_channels", "block_out_channels",
                   "layers_per_block", "norm_num_groups", "down_block_types", "up_block_types",
                   "scaling_factor")
@@ -126,7 +125,8 @@ def load_vae(path, dtype=jnp.float32, tile_size=0):
     """A diffusers AutoencoderKL folder -> `VAE` computing in `dtype` (GroupNorm in float32).
 
     `tile_size` (pixels) is the default for `VAE.decode`: latents larger than
-    tile_size / downsample on either side are decoded in overlapping tiles; 0 never tiles.
+    tile_size / downsample on either side are decoded tile by tile (`vae_tiling`, same result as
+    decoding whole); 0 never tiles.
     """
     config_file = os.path.join(path, CONFIG_FILE)
     weights_file = os.path.join(path, WEIGHTS_FILE)
@@ -200,38 +200,17 @@ class VAE:
     def decode(self, latents, tile_size=None):
         """Unscaled latents [batch, h, w, channels] -> images [batch, h*f, w*f, 3] float32.
 
-        tile_size: pixels per decoder tile; None uses this VAE's default, 0 never tiles.
+        tile_size: pixels per decoder tile; None uses this VAE's default, 0 never tiles. The
+          tiled decode (`vae_tiling`) gives the same images with device memory for one tile.
         """
         latents = jnp.asarray(latents)
         self._check(latents, "decode", self.channels)
         tile_size = self.tile_size if tile_size is None else tile_size
-        tile_latent = tile_size // self.downsample
+        tile_latent = max(tile_size // self.downsample, 1)
         if tile_size and max(latents.shape[1:3]) > tile_latent:
-            return self._tiled_decode(latents, tile_size)
+            return jnp.asarray(tiled_decode(nnx.merge(self._graphdef, self._state), latents,
+                                            tile_latent))
         return self._decode(self._state, latents)
-
-    def _tiled_decode(self, latents, tile_size):
-        """diffusers' AutoencoderKL.tiled_decode: tiles of tile_size/f latents every
-        (1 - 0.25) of that, each decoded alone; neighbours blend linearly over a quarter tile.
-        Blending mutates the tiles in place in diffusers' order, which later blends then see."""
-        tile_latent = tile_size // self.downsample
-        stride = int(tile_latent * (1 - TILE_OVERLAP_FACTOR))
-        blend = int(tile_size * TILE_OVERLAP_FACTOR)
-        keep = tile_size - blend
-        height, width = latents.shape[1:3]
-        rows = [[np.array(self._decode(self._state, latents[:, i:i + tile_latent,
-                                                            j:j + tile_latent]))
-                 for j in range(0, width, stride)]
-                for i in range(0, height, stride)]
-        out_rows = []
-        for i, row in enumerate(rows):
-            for j, tile in enumerate(row):
-                if i > 0:
-                    _blend(rows[i - 1][j], tile, blend, axis=1)
-                if j > 0:
-                    _blend(row[j - 1], tile, blend, axis=2)
-            out_rows.append(np.concatenate([t[:, :keep, :keep] for t in row], axis=2))
-        return jnp.asarray(np.concatenate(out_rows, axis=1))
 
     def scale(self, latents):
         """VAE latents -> the diffusion model's space: (z - shift_factor) * scaling_factor."""
@@ -240,21 +219,6 @@ class VAE:
     def unscale(self, x):
         """Inverse of `scale`."""
         return x / self.scaling_factor + self.shift_factor
-
-
-def _blend(previous, tile, extent, axis):
-    """Cross-fade `tile`'s first `extent` rows (axis 1) or columns (axis 2) from `previous`'s
-    last ones, in place: weight of `tile` rises linearly 0, 1/extent, ..."""
-    extent = min(previous.shape[axis], tile.shape[axis], extent)
-    shape = [1] * tile.ndim
-    shape[axis] = extent
-    weight = (np.arange(extent, dtype=np.float32) / extent).reshape(shape)
-    head = [slice(None)] * tile.ndim
-    tail = [slice(None)] * tile.ndim
-    head[axis] = slice(0, extent)
-    tail[axis] = slice(previous.shape[axis] - extent, None)
-    head, tail = tuple(head), tuple(tail)
-    tile[head] = previous[tail] * (1 - weight) + tile[head] * weight
 
 
 class PixelSpace:

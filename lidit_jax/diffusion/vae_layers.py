@@ -29,11 +29,13 @@ class Conv2d(nnx.Module):
         self.stride = stride
         self.dtype = dtype
 
-    def __call__(self, x):
-        """[batch, height, width, conv_in] -> [batch, height', width', conv_out]."""
+    def __call__(self, x, padding=None):
+        """[batch, height, width, conv_in] -> [batch, height', width', conv_out]; `padding`
+        overrides the layer's own (the tiled decoder passes "VALID" for tiles with a halo)."""
         y = jax.lax.conv_general_dilated(
             x.astype(self.dtype), self.kernel[...].astype(self.dtype),
-            window_strides=(self.stride, self.stride), padding=self.padding,
+            window_strides=(self.stride, self.stride),
+            padding=self.padding if padding is None else padding,
             dimension_numbers=("NHWC", "HWIO", "NHWC"))
         return y + self.bias[...].astype(self.dtype)
 
@@ -52,14 +54,33 @@ class GroupNorm(nnx.Module):
 
     def __call__(self, x):
         """[batch, ..., channels] -> same shape and dtype."""
-        x32 = x.astype(jnp.float32)
-        grouped = x32.reshape(*x.shape[:-1], self.num_groups, x.shape[-1] // self.num_groups)
+        return self.normalize(x, *self.statistics(x))
+
+    def grouped(self, x):
+        """[batch, ..., channels] -> float32 [batch, ..., groups, channels / groups]."""
+        return x.astype(jnp.float32).reshape(*x.shape[:-1], self.num_groups, -1)
+
+    def statistics(self, x):
+        """[batch, ..., channels] -> (mean, variance), each float32 [batch, groups]."""
+        grouped = self.grouped(x)
         axes = tuple(range(1, x.ndim - 1)) + (x.ndim,)
-        mean = grouped.mean(axis=axes, keepdims=True)
-        var = jnp.square(grouped - mean).mean(axis=axes, keepdims=True)
-        normed = ((grouped - mean) * jax.lax.rsqrt(var + self.eps)).reshape(x.shape)
-        out = normed * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)
+        mean = grouped.mean(axis=axes)
+        var = jnp.square(grouped - _expand(mean, x.ndim)).mean(axis=axes)
+        return mean, var
+
+    def normalize(self, x, mean, var):
+        """Normalise `x` [batch, ..., channels] with given per-group statistics [batch, groups]
+        (the whole image's, when `x` is one tile of it), then scale and shift."""
+        normed = (self.grouped(x) - _expand(mean, x.ndim)) * jax.lax.rsqrt(
+            _expand(var, x.ndim) + self.eps)
+        out = (normed.reshape(x.shape) * self.scale[...].astype(jnp.float32)
+               + self.bias[...].astype(jnp.float32))
         return out.astype(x.dtype)
+
+
+def _expand(stat, ndim):
+    """[batch, groups] -> [batch, 1 (x spatial dims), groups, 1], to broadcast over grouped x."""
+    return stat.reshape(stat.shape[0], *([1] * (ndim - 2)), stat.shape[1], 1)
 
 
 class ResnetBlock2D(nnx.Module):
@@ -100,8 +121,8 @@ class Upsample2D(nnx.Module):
     def __init__(self, channels, *, dtype, param_dtype, rngs):
         self.conv = Conv2d(channels, channels, 3, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
-    def __call__(self, x):
-        return self.conv(jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2))
+    def __call__(self, x, padding=None):
+        return self.conv(jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2), padding)
 
 
 class SpatialAttention(nnx.Module):
@@ -116,11 +137,22 @@ class SpatialAttention(nnx.Module):
         self.to_v = layers.linear(channels, channels, ("conv_in", "conv_out"), **dense)
         self.to_out = layers.linear(channels, channels, ("conv_in", "conv_out"), **dense)
 
-    def __call__(self, x):
-        """[batch, height, width, channels] -> same."""
+    def __call__(self, x, query_chunk=0):
+        """[batch, height, width, channels] -> same. `query_chunk` > 0 attends that many query
+        pixels at a time (each still sees every key): memory for the logits falls from
+        (height * width)^2 to query_chunk * height * width, the result is the same."""
         batch, height, width, channels = x.shape
         h = self.group_norm(x).reshape(batch, height * width, 1, channels)
-        out = dot_product_attention(self.to_q(h), self.to_k(h), self.to_v(h))
+        query, key, value = self.to_q(h), self.to_k(h), self.to_v(h)
+        tokens = height * width
+        if 0 < query_chunk < tokens:
+            chunks = -(-tokens // query_chunk)
+            query = jnp.pad(query, ((0, 0), (0, chunks * query_chunk - tokens), (0, 0), (0, 0)))
+            query = query.reshape(batch, chunks, query_chunk, 1, channels).swapaxes(0, 1)
+            out = jax.lax.map(lambda q: dot_product_attention(q, key, value), query)
+            out = out.swapaxes(0, 1).reshape(batch, chunks * query_chunk, 1, channels)[:, :tokens]
+        else:
+            out = dot_product_attention(query, key, value)
         return x + self.to_out(out).reshape(x.shape).astype(x.dtype)
 
 
@@ -131,10 +163,10 @@ class MidBlock(nnx.Module):
         self.resnets = nnx.List([ResnetBlock2D(channels, channels, **kw) for _ in range(2)])
         self.attentions = nnx.List([SpatialAttention(channels, **kw)] if add_attention else [])
 
-    def __call__(self, x):
+    def __call__(self, x, query_chunk=0):
         x = self.resnets[0](x)
         for attention in self.attentions:
-            x = attention(x)
+            x = attention(x, query_chunk)
         return self.resnets[1](x)
 
 
@@ -220,10 +252,14 @@ class Decoder(nnx.Module):
                                param_dtype=param_dtype, rngs=rngs)
 
     def __call__(self, z):
-        x = self.mid_block(self.conv_in(z))
+        x = self.latent_stage(z)
         for block in self.up_blocks:
             x = block(x)
         return self.conv_out(jax.nn.silu(self.conv_norm_out(x)))
+
+    def latent_stage(self, z, query_chunk=0):
+        """The part at latent resolution: conv_in and the mid block -> [batch, h, w, width]."""
+        return self.mid_block(self.conv_in(z), query_chunk)
 
 
 class AutoencoderKL(nnx.Module):
@@ -250,7 +286,9 @@ class AutoencoderKL(nnx.Module):
 
     def decode(self, latents):
         """[batch, h, w, latent] (unscaled) -> [batch, h*f, w*f, 3] float32."""
+        return self.decoder(self.decoder_input(latents)).astype(jnp.float32)
+
+    def decoder_input(self, latents):
+        """Unscaled latents -> the decoder's input (compute dtype, post_quant_conv applied)."""
         z = latents.astype(self.dtype)
-        if self.post_quant_conv is not None:
-            z = self.post_quant_conv(z)
-        return self.decoder(z).astype(jnp.float32)
+        return z if self.post_quant_conv is None else self.post_quant_conv(z)
