@@ -46,7 +46,7 @@ def _encode_text(config, workdir, source):
     num_records = len(source)
     root = text_cache.cache_root(config, workdir)
     for name in configuration.encoder_names(config):
-        encoder = PromptEncoder(name, config.text.llms[name], config.text)
+        encoder = PromptEncoder.from_config(config, name)
         logging.info("encoding %d captions with %s (layer %d) into %s", num_records,
                      encoder.llm.name, encoder.layer, root)
         with _progress(num_records, f"encode {name}") as progress:

@@ -27,7 +27,7 @@ class TrainedRun:
 
 def load_trained_run(config, workdir, mesh):
     """The newest checkpoint of WORKDIR; SystemExit with a clear message when there is none."""
-    encoders = [PromptEncoder(name, config.text.llms[name], config.text)
+    encoders = [PromptEncoder.from_config(config, name)
                 for name in configuration.encoder_names(config)]
     image_space = make_image_space(config.vae)
     widths = [e.width for e in encoders]

@@ -3,8 +3,10 @@ made with other settings is refused naming the field; --mode=encode fills both."
 import io
 import re
 
+import jax
 import numpy as np
 import pytest
+from flax import nnx
 from PIL import Image
 
 from configs import common
@@ -47,7 +49,11 @@ def text_cache_dir(tiny_llm, tmp_path_factory):
 
 def test_text_cache_round_trip_equals_online_encoding(tiny_llm, text_cache_dir):
     config = _text_config(tiny_llm, text_cache_dir)
-    encoder = PromptEncoder("smollm2", config.text.llms.smollm2, config.text)
+    # Online as training and sampling encode: weights sharded over the 8 local devices (the
+    # cache was written by an unsharded encoder).
+    encoder = PromptEncoder.from_config(config, "smollm2")
+    assert any(not leaf.sharding.is_fully_replicated
+               for leaf in jax.tree.leaves(nnx.state(encoder.llm.model)))
     source = pipeline.make_source(config.data)
     reader = text_cache.CachedTextStates(
         str(text_cache_dir / "smollm2"), config.text.max_length,

@@ -8,7 +8,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from lidit_jax.diffusion.dit import LIDiT
 from lidit_jax.diffusion.objectives import make_objective
 from lidit_jax.parallel import sharding
-from lidit_jax.train.state import create_train_state, shardings_of
+from lidit_jax.train.state import create_train_state, make_optimizer, shardings_of
 from lidit_jax.train.step import jit_train_step, make_train_step
 from train_helpers import LLM_WIDTH, make_mesh, random_batch, tiny_config
 
@@ -69,3 +69,23 @@ def test_non_finite_step_leaves_the_state_untouched():
     assert_trees_close(after.params, before.params, rtol=0, atol=0)
     assert_trees_close(after.ema_params, before.ema_params, rtol=0, atol=0)
     assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(after.opt_state))
+
+
+def test_weight_decay_spares_norms_and_biases_also_when_stacked_by_scan():
+    config = tiny_config(weight_decay=0.1)
+    assert config.model.scan_layers
+    model = LIDiT(config, (LLM_WIDTH,), 3, rngs=nnx.Rngs(0))
+    _, params = nnx.split(model, nnx.Param)
+    # Zero gradients: AdamW's only change is the decay, -lr * weight_decay * p where it applies.
+    optimizer = make_optimizer(config.train)
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    updates, _ = optimizer.update(zeros, optimizer.init(params), params)
+    stacked_vectors = 0
+    for (path, param), (_, update) in zip(params.flat_state(), updates.flat_state()):
+        name, value, change = str(path[-1]), np.asarray(param[...]), np.asarray(update[...])
+        if name == "kernel":
+            np.testing.assert_allclose(change, -1e-3 * 0.1 * value, rtol=1e-5, atol=1e-12)
+        else:
+            assert not change.any(), path
+            stacked_vectors += value.ndim >= 2
+    assert stacked_vectors > 0  # Scanned blocks' biases and norm scales are [depth, width].

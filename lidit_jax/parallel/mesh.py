@@ -61,6 +61,18 @@ def resolve_axis_sizes(sizes, num_devices, what="mesh"):
     return sizes
 
 
+def local_mesh():
+    """All of this process's devices on the `fsdp` axis (`data` and `tensor` of size 1).
+
+    For the frozen prompt encoders: their weights (and batches) shard over the host's chips, so
+    an 8B LLM in bf16 fits eight 16 GiB chips where it would not fit one, while each process
+    still encodes its own captions with no collective across hosts.
+    """
+    devices = np.asarray(jax.local_devices()).reshape(1, -1, 1)
+    return jax.sharding.Mesh(devices, MESH_AXES,
+                             axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES))
+
+
 def build_mesh(mesh_config, devices=None):
     """The ('data', 'fsdp', 'tensor') mesh described by `config.mesh`.
 

@@ -1,8 +1,8 @@
 """Captions -> the refiners' inputs: one frozen LLM plus its prompt template per branch.
 
-`PromptEncoder` runs one LLM online; `TextStates` serves all configured branches, from the
-text-state cache (`--mode=encode`, `text/cache.py`) when `text.cache_dir` is set, else online.
-Either way a batch of captions becomes
+`PromptEncoder` runs one LLM; training reads its states from the text-state cache
+(`--mode=encode`, `text/cache.py`) when `text.cache_dir` is set, else encodes online
+(`train/inputs.py`). Either way a batch of captions becomes
   {"states": [[batch, max_length, width_k] per LLM], "masks": [...], "prompt_masks": [...]}
 with states taken from hidden layer `text.llms.<name>.layer` (optionally through the LLM's
 final norm).
@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lidit_jax import configuration
+from lidit_jax.parallel import mesh as mesh_lib
 from lidit_jax.text.models import resolve_model_path
 from lidit_jax.text.tokenizer import PromptTemplate
 from lidit_jax.text.weights import load_llm
@@ -35,6 +36,12 @@ class PromptEncoder:
                 f"of {self.llm.name}")
         self.template = PromptTemplate.from_config(text_config, self.llm.tokenizer)
         self._select = jax.jit(self._select_layer)
+
+    @classmethod
+    def from_config(cls, config, name):
+        """Encoder `name` of config.text, its weights sharded over this process's devices."""
+        return cls(name, config.text.llms[name], config.text, mesh=mesh_lib.local_mesh(),
+                   rules=config.mesh.rules)
 
     @property
     def width(self):

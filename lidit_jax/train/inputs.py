@@ -33,8 +33,7 @@ class TrainInputs:
         size = config.data.image_size // self.image_space.downsample
         self.image_hw = (size, size)
         names = configuration.encoder_names(config)
-        self.encoders = [PromptEncoder(name, config.text.llms[name], config.text, mesh=None)
-                         for name in names]
+        self.encoders = [PromptEncoder.from_config(config, name) for name in names]
         self.llm_widths = [encoder.width for encoder in self.encoders]
         # The caches must have been made from these records (their count is compared too).
         num_records = len(pipeline.make_source(config.data))

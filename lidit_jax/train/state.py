@@ -37,8 +37,18 @@ def learning_rate_schedule(train_config):
 
 
 def weight_decay_mask(params):
-    """Decay matrices and conv kernels only; spare norms, biases and other vectors."""
-    return jax.tree.map(lambda p: p.ndim >= 2, params)
+    """Decay weight matrices and conv kernels (parameters named `kernel`) only; spare norms,
+    biases and embeddings. By name, not rank: scanned layers stack a bias or a norm scale to
+    [depth, width], which is still not a weight to decay."""
+    return jax.tree_util.tree_map_with_path(lambda path, _: _parameter_name(path) == "kernel",
+                                            params)
+
+
+def _parameter_name(path):
+    """The parameter's own name: the last dict key of its pytree path (nnx.State paths end
+    with the Variable's `.value` attribute after it)."""
+    return next(str(entry.key) for entry in reversed(path)
+                if isinstance(entry, jax.tree_util.DictKey))
 
 
 def make_optimizer(train_config):
