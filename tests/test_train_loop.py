@@ -195,6 +195,48 @@ def test_sample_mode_writes_one_png_per_prompt(run_a, tiny_args, tmp_path):
             assert image.size == (32, 32) and image.mode == "RGB"
 
 
+def test_sample_flags_size_sampler_and_seed(run_a, tiny_args, tmp_path):
+    prompt_file = tmp_path / "prompts.txt"
+    prompt_file.write_text("a red circle on the left\n\na blue square\n")  # Blank lines skipped.
+    flags = (f"--prompt_file={prompt_file}", "--size=32x64", "--sampler=heun",
+             "--sample_steps=2", "--guidance_scale=2", "--seed=3", "--num_per_prompt=2")
+    images = []
+    for name in ("first", "again"):
+        output = tmp_path / name
+        result = run_main(run_a, "sample", *tiny_args, *flags, f"--output={output}")
+        assert f"samples=4 output={output}" in result.stdout
+        pngs = sorted(glob.glob(str(output / "*.png")))
+        assert len(pngs) == 4
+        images.append([np.asarray(Image.open(png)) for png in pngs])
+    assert all(image.shape == (32, 64, 3) for image in images[0])
+    # Same seed, same images; the two images of one prompt get different noise.
+    assert all(np.array_equal(a, b) for a, b in zip(*images))
+    assert not np.array_equal(images[0][0], images[0][1])
+
+
+@pytest.mark.parametrize("policy", ["stop", "skip"])
+def test_non_finite_steps_never_reach_a_checkpoint(run_a, tiny_args, tmp_path, policy):
+    # A learning rate of 1e30 keeps step 1 finite but makes its update overflow the next loss.
+    workdir = tmp_path / policy
+    result = run_main(workdir, "train", *tiny_args, "--config.train.steps=3",
+                      "--config.checkpoint.every=1", "--config.train.learning_rate=1e30",
+                      "--config.train.warmup_steps=0", f"--config.train.nan_policy={policy}",
+                      check=policy == "skip")
+    manager = ocp.CheckpointManager(os.path.join(workdir, "checkpoints"))
+    saved_steps = list(manager.all_steps())
+    manager.close()
+    if policy == "stop":
+        assert result.returncode != 0
+        assert "non-finite loss or gradient at step 2" in result.stdout + result.stderr
+        assert saved_steps == [1]
+    else:
+        assert saved_steps[-1] == 3
+    state = restore_state(str(workdir), saved_steps[-1])
+    assert all(np.isfinite(leaf).all() for leaf in state.values() if leaf.dtype.kind == "f")
+    skipped = next(leaf for path, leaf in state.items() if "skipped_steps" in path)
+    assert int(skipped) == (0 if policy == "stop" else 2)
+
+
 def test_resume_with_another_text_encoder_is_refused(run_a, tiny_args, tmp_path):
     workdir = tmp_path / "other_layer"
     shutil.copytree(os.path.join(run_a, "checkpoints"), workdir / "checkpoints")
