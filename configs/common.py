@@ -75,7 +75,7 @@ def get_config(arg=None):
     c.text.refiner = ml_collections.ConfigDict(
         dict(depth=2, heads=8, mlp_ratio=4.0, causal=False, gating=True, input_norm=True)
     )
-    c.text.fusion = "single"  # collaborative (>= 2 LLMs) | concat | single (1 LLM)
+    c.text.fusion = "single"  # collaborative (any number of LLMs) | concat | single (1 LLM)
     c.text.collaborative = ml_collections.ConfigDict(dict(depth=1, heads=8, mlp_ratio=4.0))
     c.text.drop_instruction = True
     c.text.cache_dir = ""  # Text-state cache (--mode=encode); empty: encode online.
@@ -152,12 +152,14 @@ def get_config(arg=None):
     c.train.log_every = 10
     c.train.sample_every = 500
     c.train.nan_policy = "skip"  # skip | stop
-    # Fixed prompts sampled from the EMA weights every sample_every steps (samples/*.png).
+    # Fixed prompts sampled from the EMA weights every sample_every steps (samples/*.png). In
+    # the shapes data's vocabulary (every caption names a size; five shapes): four shapes, four
+    # colours, three slots, and a two-object scene.
     c.train.sample_prompts = (
         "a large red circle on the left",
-        "a small blue square in the middle",
-        "a green triangle on the right",
-        "a yellow star on the left and a purple circle on the right",
+        "a large blue square in the middle",
+        "a large green triangle on the right",
+        "a large yellow cross on the left and a large purple diamond on the right",
     )
     c.train.samples_per_prompt = 2
     c.train.sample_seed = 0

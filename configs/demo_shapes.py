@@ -53,14 +53,6 @@ def get_config(arg=None):
     c.train.ema_decay = 0.99
     c.train.log_every = 20
     c.train.sample_every = 400
-    # In the data's vocabulary (every caption names a size; five shapes, no stars): one prompt
-    # per shape, colours and slots all different, and a two-object scene.
-    c.train.sample_prompts = (
-        "a large red circle on the left",
-        "a large blue square in the middle",
-        "a large green triangle on the right",
-        "a large yellow cross on the left and a large purple diamond on the right",
-    )
     c.checkpoint.every = 200
     c.checkpoint.keep = 2
     c.mesh.data = -1

@@ -120,9 +120,6 @@ def _validate_text(config):
     if config.text.fusion == "single" and len(names) != 1:
         raise ConfigError(f"text.fusion='single' needs exactly one LLM, text.encoders has {names}; "
                           "use fusion 'concat' or 'collaborative' for several")
-    if config.text.fusion == "collaborative" and len(names) < 2:
-        raise ConfigError("text.fusion='collaborative' fuses several LLMs but text.encoders names "
-                          f"only {names}; add an LLM or set --config.text.fusion=single")
     if config.text.refiner.depth < 0:
         raise ConfigError(f"text.refiner.depth={config.text.refiner.depth} must be >= 0")
     if config.model.width % config.text.refiner.heads:

@@ -28,7 +28,7 @@ def test_paper_numbers():
     ("model.heads", 5, "model.heads"),
     ("train.microbatches", 3, "train.microbatches"),
     ("text.encoders", "smollm2,nope", "text.llms"),
-    ("text.fusion", "collaborative", "text.fusion"),
+    ("text.fusion", "merge", "text.fusion"),
     ("data.buckets", "32x33", "data.buckets"),
     ("train.ema_decay", 1.5, "train.ema_decay"),
     ("model.depth", 0, "model.depth"),

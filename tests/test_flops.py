@@ -5,6 +5,7 @@ built with scan_layers=False (a python loop over blocks) to make XLA see every l
 """
 import jax
 import jax.numpy as jnp
+import pytest
 from flax import nnx
 
 from configs import common
@@ -24,10 +25,12 @@ def xla_flops(fn, *args):
     return cost["flops"]
 
 
-def test_train_step_flops_match_xla():
-    """The whole LIDiT (timestep embedder, token + collaborative refiners, DiT), jit(grad)."""
-    widths, lengths = [48, 40], [12, 10]
-    config = small_config(fusion="collaborative", encoders="smollm2,gemma3")
+@pytest.mark.parametrize("encoders,widths,lengths", [("smollm2,gemma3", [48, 40], [12, 10]),
+                                                     ("smollm2", [48], [12])])
+def test_train_step_flops_match_xla(encoders, widths, lengths):
+    """The whole LIDiT (timestep embedder, token + collaborative refiners, DiT), jit(grad);
+    with one LLM the collaborative blocks have no cross-attention."""
+    config = small_config(fusion="collaborative", encoders=encoders)
     batch, hw, channels = 2, (24, 16), 3
     model = dit.LIDiT(config, widths, channels, rngs=nnx.Rngs(0))
     graphdef, params = nnx.split(model)

@@ -50,7 +50,8 @@ def refiner_forward_flops(text_config, llm_widths, width, text_lengths):
     (2 L_k w_k d) and the pooled text vector's projection (2 w_k d), then `text.refiner.depth`
     blocks of bidirectional self-attention + FFN with 2 gates from c; with collaborative
     fusion, `collaborative.depth` blocks where each branch cross-attends to the other branches'
-    tokens, + FFN, with shift/scale/gate for both (6 vectors from c).
+    tokens, + FFN, with shift/scale/gate for both (6 vectors from c; the FFN's 3 alone when
+    there is one branch).
     """
     d = width
     total_len = sum(text_lengths)
@@ -62,9 +63,11 @@ def refiner_forward_flops(text_config, llm_widths, width, text_lengths):
                      + _ffn_flops(length, d, text_config.refiner.mlp_ratio) + gates)
         flops += text_config.refiner.depth * per_block
         if text_config.fusion == "collaborative":
-            per_block = (_attention_flops(length, total_len - length, d)
-                         + _ffn_flops(length, d, text_config.collaborative.mlp_ratio)
-                         + 2 * d * 6 * d)
+            cross_attention = len(llm_widths) > 1
+            per_block = (_ffn_flops(length, d, text_config.collaborative.mlp_ratio)
+                         + 2 * d * (6 if cross_attention else 3) * d)
+            if cross_attention:
+                per_block += _attention_flops(length, total_len - length, d)
             flops += text_config.collaborative.depth * per_block
     return flops
 

@@ -7,12 +7,12 @@ Per LLM k, with frozen states s_k [batch, len_k, width_k] and its attention mask
   x_k      = depth x [x += g_attn(c_k) * SelfAttn(LN(x)),  x += g_ffn(c_k) * FFN(LN(x))]
              (bidirectional, padding-masked; gates zero-initialised, so each block starts as the
              identity; text.refiner.gating=False: plain residuals; causal=True: the ablation)
-Collaborative fusion (K >= 2: with one LLM there is no other branch to attend to, so K = 1
-must use fusion 'single'; collaborative is rejected, not silently skipped), with
-c = t_emb + mean_k pooled_k:
+Collaborative fusion (K >= 1), with c = t_emb + mean_k pooled_k:
   x_k      = collaborative.depth x [x += gate * CrossAttn(query = mod(LN(x_k)),
                                                   key/value = the other branches' tokens),
                                     x += gate * FFN(mod(LN(x_k)))]   (adaLN shift/scale/gate)
+  With K = 1 there is no other branch to attend to, so each block is its adaLN FFN alone
+  (adding LLMs later changes the blocks, not the fusion setting).
 Then each branch keeps only its prompt tokens (text.drop_instruction; instruction and template
 tokens shaped the refinement but are not attended to by the DiT), gathered to the front of its
 len_k (= text.max_length) slots with a mask, and the branches are concatenated on the
@@ -182,25 +182,31 @@ class TokenRefiner(nnx.Module):
 
 class CollaborativeBranch(nnx.Module):
     """One LLM's branch of a collaborative block: cross-attention to the other branches' tokens
-    and an FFN, both with adaLN shift/scale/gate from c (zero-initialised: identity at start)."""
+    (none when it is the only branch) and an FFN, both with adaLN shift/scale/gate from c
+    (zero-initialised: identity at start)."""
 
-    def __init__(self, width, collaborative_config, *, dtype, param_dtype, rngs):
+    def __init__(self, width, collaborative_config, *, cross_attention, dtype, param_dtype, rngs):
         cc = collaborative_config
         kwargs = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.context_norm = RMSNorm(width, param_dtype=param_dtype)
-        self.attention = RefinerAttention(width, cc.heads, **kwargs)
+        self.context_norm = RMSNorm(width, param_dtype=param_dtype) if cross_attention else None
+        self.attention = RefinerAttention(width, cc.heads, **kwargs) if cross_attention else None
         self.mlp = MLP(width, int(width * cc.mlp_ratio), activation="gelu_tanh", **kwargs)
-        self.modulation = linear(width, 6 * width, ("embed", "modulation"),
+        sublayers = 2 if cross_attention else 1
+        self.modulation = linear(width, 3 * sublayers * width, ("embed", "modulation"),
                                  kernel_init=zeros_init, **kwargs)
 
     def __call__(self, x, context, context_mask, c):
-        """x [batch, len, embed] f32; context [batch, ctx_len, embed] (the other branches);
-        context_mask [batch, ctx_len] (>= 1 True per row); c [batch, embed]."""
-        attn_shift, attn_scale, attn_gate, mlp_shift, mlp_scale, mlp_gate = jnp.split(
-            self.modulation(jax.nn.silu(c)).astype(jnp.float32), 6, axis=-1)
-        h = self.attention(modulate(layer_norm(x), attn_shift, attn_scale), context_mask,
-                           context=self.context_norm(context))
-        x = constrain(x + attn_gate[:, None, :] * h.astype(jnp.float32), TEXT_TOKENS)
+        """x [batch, len, embed] f32; context [batch, ctx_len, embed] (the other branches) and
+        context_mask [batch, ctx_len] (>= 1 True per row), both None without cross-attention;
+        c [batch, embed]."""
+        modulation = jnp.split(self.modulation(jax.nn.silu(c)).astype(jnp.float32),
+                               self.modulation.kernel.shape[-1] // x.shape[-1], axis=-1)
+        if self.attention is not None:
+            attn_shift, attn_scale, attn_gate, *modulation = modulation
+            h = self.attention(modulate(layer_norm(x), attn_shift, attn_scale), context_mask,
+                               context=self.context_norm(context))
+            x = constrain(x + attn_gate[:, None, :] * h.astype(jnp.float32), TEXT_TOKENS)
+        mlp_shift, mlp_scale, mlp_gate = modulation
         h = self.mlp(modulate(layer_norm(x), mlp_shift, mlp_scale))
         return constrain(x + mlp_gate[:, None, :] * h.astype(jnp.float32), TEXT_TOKENS)
 
@@ -210,11 +216,14 @@ class CollaborativeBlock(nnx.Module):
 
     def __init__(self, num_branches, width, collaborative_config, *, dtype, param_dtype, rngs):
         self.branches = nnx.List([
-            CollaborativeBranch(width, collaborative_config, dtype=dtype, param_dtype=param_dtype,
-                                rngs=rngs) for _ in range(num_branches)])
+            CollaborativeBranch(width, collaborative_config, cross_attention=num_branches > 1,
+                                dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+            for _ in range(num_branches)])
 
     def __call__(self, xs, masks, c):
         """xs, masks: K x [batch, len_k, embed] / [batch, len_k] bool; c [batch, embed]."""
+        if len(xs) == 1:
+            return [self.branches[0](xs[0], None, None, c)]
         out = []
         for k, branch in enumerate(self.branches):
             others = [j for j in range(len(xs)) if j != k]
@@ -240,9 +249,6 @@ class TextConditioner(nnx.Module):
         if fusion == "single" and len(llm_widths) != 1:
             raise ValueError(f"text.fusion='single' needs exactly one LLM, got {len(llm_widths)}; "
                              "set text.fusion to 'concat' or 'collaborative'")
-        if fusion == "collaborative" and len(llm_widths) < 2:
-            raise ValueError("text.fusion='collaborative' needs >= 2 LLMs in text.encoders; "
-                             "set text.fusion='single' for one")
         kwargs = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.refiners = nnx.List([TokenRefiner(w, width, text_config.refiner, **kwargs)
                                   for w in llm_widths])
