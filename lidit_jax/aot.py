@@ -34,14 +34,10 @@ HBM_BYTES_PER_CHIP = {
 def topology_devices(topology_name, num_slices=1):
     """The devices of a TPU topology such as 'v5p:4x4x4', described by libtpu (no TPU needed)."""
     from jax.experimental import topologies
-    version, _, shape = topology_name.partition(":")
-    dims = [int(d) for d in shape.split("x")]
-    # One host drives up to 4 chips (2x2 on 2-D topologies, 2x2x1 on 3-D ones).
-    host_bounds = (2, 2, 1) if len(dims) == 3 else (2, 2)
+    # One host drives up to 4 chips, 2 x 2 x 1 (libtpu wants 3 bounds for 2-D topologies too).
     topology = topologies.get_topology_desc(
-        platform="tpu", topology_name=topology_name, chips_per_host_bounds=host_bounds,
+        platform="tpu", topology_name=topology_name, chips_per_host_bounds=(2, 2, 1),
         num_slices=num_slices)
-    del version
     return topology.devices
 
 
@@ -122,6 +118,8 @@ def run(config, workdir):
           f"(arguments {memory['arguments_bytes'] / gib:.2f}, temporaries "
           f"{memory['temp_bytes'] / gib:.2f}) hbm_gib="
           f"{memory['hbm_bytes'] / gib if memory['hbm_bytes'] else float('nan'):.1f}")
+    # libtpu reports a negative optimal_seconds when its cost model has no estimate.
+    seconds = cost.get("optimal_seconds", -1.0)
     print(f"step_flops_per_chip={cost.get('flops', float('nan')):.4g} "
-          f"optimal_seconds={cost.get('optimal_seconds', float('nan')):.4g}")
+          f"optimal_seconds={seconds if seconds >= 0 else float('nan'):.4g}")
     print(f"fits={memory['fits']}")

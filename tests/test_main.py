@@ -1,5 +1,6 @@
 """The entry point's contract: config overrides, bad keys and unknown modes."""
 import os
+import re
 import subprocess
 import sys
 
@@ -48,3 +49,15 @@ def test_describe_ends_with_the_parameter_counts(config, paper_dit_params):
     dit_params, refiner_params = (int(line.split("=")[1]) for line in last_two)
     assert abs(dit_params / paper_dit_params - 1) <= 0.05
     assert refiner_params > 0
+
+
+def test_compile_mode_reports_per_chip_memory_for_a_tpu_topology():
+    # libtpu compiles for a v5e 2x2 slice on this CPU host: real per-chip memory, no TPU.
+    result = run_main("--config=configs/demo_shapes.py", "--mode=compile",
+                      "--config.aot.topology=v5e:2x2", "--config.text.llms.smollm2.width=576",
+                      "--config.mesh.data=2", "--config.mesh.fsdp=2")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "topology=v5e:2x2 slices=1 chips=4 kind=TPU v5 lite" in result.stdout
+    memory = re.search(r"per_chip_memory_gib=([0-9.]+) .* hbm_gib=16\.0", result.stdout)
+    assert memory and 0 < float(memory.group(1)) < 16
+    assert "fits=True" in result.stdout
