@@ -99,11 +99,24 @@ def gguf_fields(model, arch):
     return fields
 
 
-def tiny_gguf(tmp_path, arch, raw_types=None, drop=(), drop_fields=()):
-    """A tiny random HF model of `arch` saved as a folder and as a llama.cpp-style GGUF file."""
+def tiny_gguf(tmp_path, arch, raw_types=None, drop=(), drop_fields=(), quantized=None,
+              as_float32=False):
+    """A tiny random HF model of `arch` saved as a folder and as a llama.cpp-style GGUF file.
+
+    quantized: {tensor name: GGMLQuantizationType} stored in that type (gguf.quants.quantize);
+    with as_float32, stored instead as float32 of the same dequantized values.
+    """
+    tmp_path.mkdir(parents=True, exist_ok=True)
     folder = tmp_path / "hf"
     model = build_tiny(arch, folder)
     tensors = gguf_tensors(model, arch)
+    raw_types = dict(raw_types or {})
+    for name, kind in (quantized or {}).items():
+        raw = gguf.quants.quantize(np.ascontiguousarray(tensors[name], np.float32), kind)
+        if as_float32:
+            tensors[name] = gguf.quants.dequantize(raw, kind).astype(np.float32)
+        else:
+            raw_types[name] = (kind, raw)
     if arch == "llama":  # Llama 3 rope scaling, the way llama.cpp stores it: divisors.
         c = model.config
         dim = c.hidden_size // c.num_attention_heads
@@ -144,6 +157,20 @@ def test_unsupported_architecture(tmp_path):
     path = write_gguf(tmp_path / "gpt2.gguf", "gpt2", embedding, {})
     with pytest.raises(ValueError, match=r"gpt2\.gguf: general\.architecture 'gpt2'.*gemma3"):
         load_llm(path)
+
+
+@pytest.mark.parametrize("kind", ["F16", "BF16", "Q4_0", "Q8_0"])
+def test_quantized_tensors_load_as_their_dequantized_values(kind, tmp_path):
+    """Types the real model files do not hold; attn_q also goes through the undone llama.cpp
+    row permutation, which must act on dequantized rows."""
+    quantized = {name: gguf.GGMLQuantizationType[kind]
+                 for name in ("blk.0.ffn_up.weight", "blk.1.attn_q.weight")}
+    _, stored = tiny_gguf(tmp_path / "quantized", "llama", quantized=quantized)
+    _, reference = tiny_gguf(tmp_path / "float32", "llama", quantized=quantized, as_float32=True)
+    ids, mask = random_batch(seed=5)
+    for a, b in zip(load_llm(stored).hidden_states(ids, mask),
+                    load_llm(reference).hidden_states(ids, mask)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-6)
 
 
 def test_unsupported_quantization(tmp_path):
