@@ -31,7 +31,7 @@ def tiled_decode(model, latents, tile_latent):
     decoder = model.decoder
     graphdef, state = nnx.split(model)
     x, mean, var = _latent_stage(graphdef, state, jnp.asarray(latents), tile_latent ** 2)
-    plane = _Plane(np.asarray(x, np.float32), tile_latent)
+    plane = _Plane.from_image(np.asarray(x, np.float32), tile_latent)
     # Every GroupNorm of a diffusers VAE has config.norm_num_groups groups.
     sweep = functools.partial(_sweep, dtype=model.dtype,
                               groups=decoder.conv_norm_out.num_groups)
@@ -57,19 +57,23 @@ class _Plane:
     tiles, stored with a one-pixel zero border and zeros past the image up to whole tiles, so
     every tile with its halo has the same shape."""
 
-    def __init__(self, image, tile):
-        batch, self.height, self.width, channels = image.shape
-        self.tile = tile
-        self.rows, self.cols = -(-self.height // tile), -(-self.width // tile)
+    def __init__(self, batch, height, width, channels, tile):
+        self.height, self.width, self.tile = height, width, tile
+        self.rows, self.cols = -(-height // tile), -(-width // tile)
         self.data = np.zeros((batch, self.rows * tile + 2, self.cols * tile + 2, channels),
                              np.float32)
-        self.data[:, 1:1 + self.height, 1:1 + self.width] = image
+
+    @classmethod
+    def from_image(cls, image, tile):
+        """A plane holding `image` [batch, height, width, channels]."""
+        plane = cls(*image.shape, tile)
+        plane.data[:, 1:1 + plane.height, 1:1 + plane.width] = image
+        return plane
 
     def like(self, channels, scale=1):
-        """An empty plane on the same grid, `scale` times the resolution."""
-        batch = self.data.shape[0]
-        return _Plane(np.zeros((batch, self.height * scale, self.width * scale, channels),
-                               np.float32), self.tile * scale)
+        """An empty (zero) plane on the same grid, `scale` times the resolution."""
+        return _Plane(self.data.shape[0], self.height * scale, self.width * scale, channels,
+                      self.tile * scale)
 
     def tiles(self):
         return itertools.product(range(self.rows), range(self.cols))
