@@ -75,6 +75,9 @@ def test_text_cache_round_trip_equals_online_encoding(tiny_llm, text_cache_dir):
     np.testing.assert_allclose(real_cached, real_online, rtol=2 ** -7, atol=1e-3)
     assert np.abs(real_cached - real_online).mean() < 1e-4
     assert not cached["states"][~mask].any()  # Padding is zeros, never another row's tokens.
+    # The cache was written from batches cropped to their longest sequence (rounded up to 16).
+    cropped = encoder.encode(["a red circle"], crop_padding=True)["states"]
+    assert cropped.shape[1] % 16 == 0 and cropped.shape[1] < config.text.max_length
 
 
 @pytest.mark.parametrize("change,field", [

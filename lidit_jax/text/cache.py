@@ -28,7 +28,7 @@ def expected_metadata(encoder, config, num_records):
 
 
 def _encode_to_entries(encoder, captions):
-    encoded = encoder.encode(captions)
+    encoded = encoder.encode(captions, crop_padding=True)
     states, masks, prompt_masks = (np.asarray(encoded[k]) for k in ("states", "mask", "prompt_mask"))
     return [trim_entry(s, m, p) for s, m, p in zip(states, masks, prompt_masks)]
 

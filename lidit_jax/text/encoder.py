@@ -18,6 +18,7 @@ from lidit_jax.text.tokenizer import PromptTemplate
 from lidit_jax.text.weights import load_llm
 
 STATE_DTYPE = jnp.bfloat16  # What the cache stores and the denoiser receives.
+CROP_MULTIPLE = 16  # encode(crop_padding=True) pads to a multiple of this many tokens.
 
 
 class PromptEncoder:
@@ -58,9 +59,21 @@ class PromptEncoder:
         return {"llm": self.llm.name, "fingerprint": self.llm.fingerprint, "layer": self.layer,
                 "final_norm": bool(self.apply_final_norm), "template": self.template.description()}
 
-    def encode(self, captions):
-        """list of str -> dict(states [b, L, width] bf16, mask [b, L] bool, prompt_mask [b, L])."""
+    def encode(self, captions, crop_padding=False):
+        """list of str -> dict(states [b, L, width] bf16, mask [b, L] bool, prompt_mask [b, L]).
+
+        L is text.max_length, or with `crop_padding` (right padding only) the batch's longest
+        sequence rounded up to a multiple of CROP_MULTIPLE: what the text cache uses, since it
+        keeps real tokens only. Short captions under a long max_length then skip most of the
+        LLM's work; the rounding bounds the number of shapes to compile.
+        """
         tokens = self.template.encode_batch(list(captions))
+        if crop_padding:
+            if self.template.padding_side != "right":
+                raise ValueError("crop_padding needs text.padding_side=right")
+            longest = int(tokens["attention_mask"].sum(axis=1).max())
+            length = min(-(-longest // CROP_MULTIPLE) * CROP_MULTIPLE, self.template.max_length)
+            tokens = {k: v[:, :length] for k, v in tokens.items() if k != "prompt_span"}
         states = self._select(self.llm.hidden_states(jnp.asarray(tokens["input_ids"]),
                                                      jnp.asarray(tokens["attention_mask"])))
         return {"states": states, "mask": jnp.asarray(tokens["attention_mask"]),
