@@ -14,6 +14,7 @@ import re
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import time
@@ -251,6 +252,19 @@ def test_resume_with_another_text_encoder_is_refused(run_a, tiny_args, tmp_path)
     assert not os.path.exists(workdir / "checkpoints" / str(STEPS + 2))
 
 
+def read_events(path):
+    """The Event protos of a TensorBoard event file (TFRecord framing: length, crc, data, crc)."""
+    from tensorboardX.proto import event_pb2
+    with open(path, "rb") as f:
+        data = f.read()
+    events, offset = [], 0
+    while offset < len(data):
+        (length,) = struct.unpack("<Q", data[offset:offset + 8])
+        events.append(event_pb2.Event.FromString(data[offset + 12:offset + 12 + length]))
+        offset += 12 + length + 4
+    return events
+
+
 def test_demo_config_trains_logs_and_samples(tmp_path):
     """configs/demo_shapes.py as shipped (real SmolLM2 GGUF), with a small data set."""
     workdir = tmp_path / "demo"
@@ -260,9 +274,14 @@ def test_demo_config_trains_logs_and_samples(tmp_path):
             "--config.train.samples_per_prompt=1", "--config.logging.progress_bar=False")
     run_main(workdir, "encode", *args)
     assert os.path.exists(workdir / "text_cache" / "smollm2")
-    run_main(workdir, "train", *args)
+    run_main(workdir, "train", *args, "--config.logging.profile_start=1",
+             "--config.logging.profile_steps=1")
 
-    assert glob.glob(str(workdir / "tensorboard" / "events.out.tfevents.*"))
+    events = glob.glob(str(workdir / "tensorboard" / "events.out.tfevents.*"))
+    tags = {(value.tag, value.HasField("image")) for event in read_events(events[0])
+            for value in event.summary.value}
+    assert ("loss", False) in tags and ("samples", True) in tags, tags
+    assert glob.glob(str(workdir / "profile" / "**" / "*.xplane.pb"), recursive=True)
     with open(workdir / "metrics.jsonl") as f:
         records = [json.loads(line) for line in f]
     assert [r["step"] for r in records] == [1, 2]

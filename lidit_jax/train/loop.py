@@ -113,13 +113,14 @@ def run(config, workdir):
     # ---- Loop -------------------------------------------------------------------------------------
     writer = metrics_lib.MetricsWriter(workdir, config.logging.tensorboard)
     timer = metrics_lib.StepTimer()
+    profile = _ProfileWindow(config, workdir)
     progress = tqdm.tqdm(total=config.train.steps, initial=start_step, dynamic_ncols=True,
                          disable=not config.logging.progress_bar or jax.process_index() != 0)
     step = start_step
     try:
         with jax.set_mesh(mesh), sharding.axis_rules(rules):
             while step < config.train.steps and not preemption.requested():
-                _maybe_profile(config, step, workdir)
+                profile.before_step(step)
                 batch = inputs.next_batch()
                 timer.data_ready()
                 state, step_metrics = train_step(state, batch)
@@ -155,6 +156,7 @@ def run(config, workdir):
     finally:
         # Also on an exception: an async save in flight completes before the process ends.
         checkpointer.close()
+        profile.close()
         writer.close()
         progress.close()
         inputs.close()
@@ -165,11 +167,23 @@ def _meta(config, inputs):
             "fingerprints": inputs.fingerprints()}
 
 
-def _maybe_profile(config, step, workdir):
-    start = config.logging.profile_start
-    if start < 0:
-        return
-    if step == start:
-        jax.profiler.start_trace(os.path.join(workdir, "profile"))
-    elif step == start + config.logging.profile_steps:
-        jax.profiler.stop_trace()
+class _ProfileWindow:
+    """A jax.profiler trace of the steps [logging.profile_start, + logging.profile_steps) into
+    WORKDIR/profile; a run that ends inside the window still writes its trace (`close`)."""
+
+    def __init__(self, config, workdir):
+        self.start, self.steps = config.logging.profile_start, config.logging.profile_steps
+        self.directory = os.path.join(workdir, "profile")
+        self.tracing = False
+
+    def before_step(self, step):
+        if step == self.start:
+            jax.profiler.start_trace(self.directory)
+            self.tracing = True
+        elif self.tracing and step == self.start + self.steps:
+            self.close()
+
+    def close(self):
+        if self.tracing:
+            jax.profiler.stop_trace()
+            self.tracing = False
