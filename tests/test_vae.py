@@ -6,6 +6,7 @@ import shutil
 
 import jax
 import ml_collections
+import diffusers  # The reference: a missing test extra must fail, not skip.
 import numpy as np
 import pytest
 import torch
@@ -14,8 +15,6 @@ from safetensors.torch import load_file, save_file
 
 from configs.common import DEFAULT_SHARDING_RULES
 from lidit_jax.diffusion import vae as vae_lib
-
-diffusers = pytest.importorskip("diffusers")
 
 SD_LAYOUT = dict(block_out_channels=(32, 64), norm_num_groups=8, layers_per_block=1,
                  latent_channels=4)
