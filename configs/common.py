@@ -130,6 +130,8 @@ def get_config(arg=None):
     c.data.num_workers = 0
     c.data.shuffle_seed = 0
     c.data.shapes_num_records = 20000
+    # row: 1-3 objects in the left / middle / right thirds; grid: 1-4 in the quadrants.
+    c.data.shapes_layout = "row"
     # data.source=tfds: feature names (label_key: a ClassLabel used as "a photo of {class}"
     # when there is no caption feature; empty = unused).
     c.data.tfds_image_key = "image"

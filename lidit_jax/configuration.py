@@ -8,6 +8,7 @@ import math
 
 import ml_collections
 
+from lidit_jax.data.shapes import LAYOUTS
 from lidit_jax.parallel.mesh import MESH_AXES, resolve_axis_sizes
 from lidit_jax.parallel.sharding import validate_rules
 
@@ -22,6 +23,7 @@ CHOICES = {
     "diffusion.schedule": ("linear", "scaled_linear", "cosine"),
     "diffusion.sampler": ("ddim", "dpm++2m", "euler", "heun"),
     "data.source": ("shapes", "arrayrecord", "tfds"),
+    "data.shapes_layout": tuple(LAYOUTS),
     "train.lr_schedule": ("constant", "cosine"),
     "train.nan_policy": ("skip", "stop"),
 }

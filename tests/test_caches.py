@@ -100,6 +100,7 @@ def test_text_cache_with_other_settings_is_refused(tiny_llm, text_cache_dir, cha
 
 @pytest.mark.parametrize("change,needle", [
     (dict(shuffle_seed=1), "shapes_seed"),  # Other generated records, so other captions.
+    (dict(shapes_layout="grid"), "shapes_layout"),
     (dict(shapes_num_records=NUM_CAPTIONS + 8), "num_records"),
 ])
 def test_text_cache_of_other_data_is_refused(tiny_llm, text_cache_dir, change, needle):

@@ -30,6 +30,7 @@ def test_paper_numbers():
     ("text.encoders", "smollm2,nope", "text.llms"),
     ("text.fusion", "merge", "text.fusion"),
     ("data.buckets", "32x33", "data.buckets"),
+    ("data.shapes_layout", "ring", "data.shapes_layout"),
     ("train.ema_decay", 1.5, "train.ema_decay"),
     ("model.depth", 0, "model.depth"),
 ])

@@ -8,33 +8,39 @@ import pytest
 from lidit_jax.data import images, records, shapes
 
 
-def test_masks_distinct_per_slot():
+@pytest.mark.parametrize("layout", list(shapes.LAYOUTS))
+def test_masks_distinct_per_slot(layout):
     for image_size in (32, 48, 64):
-        masks = shapes.masks(image_size)
-        for slot in range(3):
+        masks = shapes.masks(image_size, layout)
+        for slot in range(len(shapes.LAYOUTS[layout].slots)):
             flat = masks[slot].reshape(len(shapes.SHAPES) * len(shapes.SIZES), -1)
             assert len({m.tobytes() for m in flat}) == len(flat), (image_size, slot)
             assert flat.sum(1).min() >= 15  # Even small shapes have enough pixels to read.
 
 
-def test_detect_recovers_ground_truth():
-    source = shapes.ShapesSource(3000, seed=7)
-    wrong = [i for i in range(len(source)) if shapes.detect(source[i]["image"])
+@pytest.mark.parametrize("layout", list(shapes.LAYOUTS))
+def test_detect_recovers_ground_truth(layout):
+    source = shapes.ShapesSource(3000, seed=7, layout=layout)
+    wrong = [i for i in range(len(source)) if shapes.detect(source[i]["image"], layout)
              != shapes.expected_detection(source[i]["metadata"])]
     assert not wrong, f"detect() disagrees with the metadata on records {wrong[:10]}"
+    counts = {len(source[i]["metadata"]["objects"]) for i in range(len(source))}
+    assert counts == set(range(1, len(shapes.LAYOUTS[layout].slots) + 1))
 
 
-def test_detect_robust_to_mild_noise_and_float_range():
-    source = shapes.ShapesSource(300, seed=3, image_size=48)
+@pytest.mark.parametrize("layout", list(shapes.LAYOUTS))
+def test_detect_robust_to_mild_noise_and_float_range(layout):
+    source = shapes.ShapesSource(300, seed=3, image_size=48, layout=layout)
     rng = np.random.default_rng(0)
     for i in range(len(source)):
         record = source[i]
         noisy = record["image"].astype(np.float32) / 127.5 - 1 + rng.normal(0, 0.08, (48, 48, 3))
-        assert shapes.detect(noisy) == shapes.expected_detection(record["metadata"]), i
+        assert shapes.detect(noisy, layout) == shapes.expected_detection(record["metadata"]), i
 
 
 def test_detect_empty_image():
     assert shapes.detect(np.full((32, 32, 3), 40, np.uint8)) == [None, None, None]
+    assert shapes.detect(np.full((32, 32, 3), 40, np.uint8), "grid") == [None] * 4
 
 
 def test_records_are_pure_functions_of_seed_and_index():
@@ -48,8 +54,9 @@ def test_records_are_pure_functions_of_seed_and_index():
         a[50]
 
 
-def test_captions_name_every_object_at_its_word_index():
-    source = shapes.ShapesSource(2000, seed=0)
+@pytest.mark.parametrize("layout", list(shapes.LAYOUTS))
+def test_captions_name_every_object_at_its_word_index(layout):
+    source = shapes.ShapesSource(2000, seed=0, layout=layout)
     templates, counts = set(), 0
     for i in range(len(source)):
         record = source[i]
@@ -60,7 +67,7 @@ def test_captions_name_every_object_at_its_word_index():
             assert words[obj["word_index"] - 1] == obj["colour"]
             assert words[obj["word_index"] - 2] == obj["size"]
         templates.add(record["metadata"]["template"])
-        counts += any(w in ("two", "three") for w in words)
+        counts += any(w in ("two", "three", "four") for w in words)
     assert templates == {0, 1, 2} and counts > 50
 
 
@@ -79,9 +86,27 @@ def test_count_and_relation_captions():
                        "and a large blue cross on the right")
 
 
-def test_bad_image_size():
+def test_grid_captions_name_the_quadrants():
+    corners = ("top left", "top right", "bottom left", "bottom right")
+    objects = [{"colour": c, "shape": "circle", "size": "large", "slot": slot}
+               for c, slot in zip(("red", "green", "blue", "white"), corners)]
+    caption, positions = shapes.caption_for(objects, 0, layout="grid")
+    assert caption == ("a large red circle in the top left, a large green circle in the top right, "
+                       "a large blue circle in the bottom left and a large white circle in the "
+                       "bottom right")
+    assert positions == [3, 11, 19, 28]
+    # Relations read left to right, which the grid's slot order is not: the listing instead.
+    assert shapes.caption_for(objects[:2], 2, layout="grid")[0].endswith("in the top right")
+    caption, _ = shapes.caption_for([dict(objects[0], slot=slot) for slot in corners], 1,
+                                    layout="grid")
+    assert caption == "four large red circles"
+
+
+def test_bad_image_size_and_layout():
     with pytest.raises(ValueError, match="image_size"):
         shapes.ShapesSource(10, image_size=16)
+    with pytest.raises(ValueError, match="layout 'ring'"):
+        shapes.ShapesSource(10, layout="ring")
 
 
 def test_cli_writes_records(tmp_path):

@@ -46,13 +46,14 @@ _LOGGED_SKIPS = 5
 def make_source(data_config):
     """data.source -> random-access source: len(), [i] -> raw record, caption(i) -> str.
 
-    shapes: ShapesSource(data.shapes_num_records, seed=data.shuffle_seed, data.image_size);
+    shapes: ShapesSource(data.shapes_num_records, seed=data.shuffle_seed, data.image_size,
+      data.shapes_layout);
     arrayrecord: records.ArrayRecordSource(data.path); tfds: convert.TfdsSource(data.path, keys).
     """
     kind = data_config.source
     if kind == "shapes":
         return shapes.ShapesSource(data_config.shapes_num_records, data_config.shuffle_seed,
-                                   data_config.image_size)
+                                   data_config.image_size, data_config.shapes_layout)
     if kind == "arrayrecord":
         if not data_config.path:
             raise ValueError("data.source=arrayrecord needs data.path (a folder of "
@@ -70,8 +71,9 @@ def source_identity(data_config, num_records):
     """What identifies the records a cache was made from (compared by the text/latent caches)."""
     identity = {"source": data_config.source, "path": data_config.path,
                 "num_records": int(num_records)}
-    if data_config.source == "shapes":  # Generated: the seed picks the records.
+    if data_config.source == "shapes":  # Generated: the seed and layout pick the records.
         identity["shapes_seed"] = int(data_config.shuffle_seed)
+        identity["shapes_layout"] = data_config.shapes_layout
     return identity
 
 

@@ -1,20 +1,22 @@
 """A compositional shapes data set: rendered on the fly, with exact ground truth.
 
 Each image (image_size px square, default 32, 32..64 supported) has a solid dark grey background
-and 1-3 objects, each in its own slot (left / middle / right third). An object has a colour (8), a
-shape (5) and a size (small / large). Captions list the objects in one of several templates
-(slot listing, counts such as "two small yellow triangles", left-of relations); the metadata
+and objects, each in its own slot of a layout: "row" (default) has 1-3 objects in the left /
+middle / right thirds, "grid" 1-4 in the quadrants (top left, top right, bottom left, bottom
+right). An object has a colour (8), a shape (5) and a size (small / large). Captions list the objects in one of several templates
+(slot listing, counts such as "two small yellow triangles", left-of relations in the row layout); the metadata
 records per object its colour, shape, size, slot and the word index of its shape noun in
 `caption.split()`.
 
-Record i is a pure function of (seed, i): `ShapesSource(num_records, seed, image_size)[i]` renders
-it without files (Grain's RandomAccessDataSource protocol). `detect(image)` recovers the objects
+Record i is a pure function of (seed, i): `ShapesSource(num_records, seed, image_size, layout)[i]`
+renders it without files (Grain's RandomAccessDataSource protocol). `detect(image)` recovers the objects
 from pixels (nearest palette colour of the slot's foreground, nearest rendered shape mask by IoU):
 used to check the ground truth and to score generated images.
 
-CLI: python -m lidit_jax.data.shapes --output=DIR --num=N [--seed=S] [--image_size=32]
+CLI: python -m lidit_jax.data.shapes --output=DIR --num=N [--seed=S] [--image_size=32] [--layout=row]
 writes ArrayRecord shards (lidit_jax.data.records format, PNG images).
 """
+import dataclasses
 import functools
 
 import numpy as np
@@ -28,14 +30,44 @@ COLOUR_NAMES = tuple(COLOURS)
 PALETTE = np.array([COLOURS[c] for c in COLOUR_NAMES], np.float32)  # [8, 3]
 SHAPES = ("circle", "square", "triangle", "cross", "diamond")
 SIZES = ("small", "large")
-SLOTS = ("left", "middle", "right")
-_SLOT_PHRASE = {"left": "on the left", "middle": "in the middle", "right": "on the right"}
-_NUMBERS = {2: "two", 3: "three"}
+_NUMBERS = {2: "two", 3: "three", 4: "four"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """Slots on a columns x rows grid of equal cells, in reading order, with caption phrases."""
+    columns: int
+    rows: int
+    slots: tuple
+    phrases: tuple
+
+    def cell(self, slot_index):
+        """(column, row) of a slot."""
+        return slot_index % self.columns, slot_index // self.columns
+
+
+LAYOUTS = {
+    "row": Layout(3, 1, ("left", "middle", "right"),
+                  ("on the left", "in the middle", "on the right")),
+    "grid": Layout(2, 2, ("top left", "top right", "bottom left", "bottom right"),
+                   ("in the top left", "in the top right", "in the bottom left",
+                    "in the bottom right")),
+}
+
+
+def layout_of(name):
+    if name not in LAYOUTS:
+        raise ValueError(f"shapes layout {name!r}; choose one of {tuple(LAYOUTS)}")
+    return LAYOUTS[name]
+
+
 _PREFIXES = ("", "a picture of ", "an image of ", "a drawing with ")
-_RADIUS = {"small": 0.3, "large": 0.45}  # Fraction of the slot width.
+_RADIUS = {"small": 0.3, "large": 0.45}  # Fraction of the cell width.
 _BACKGROUND_LEVELS = (20, 70)  # Grey level range of the background.
 # A pixel is foreground when a channel differs from the background by more than this.
 _FOREGROUND_THRESHOLD = 40.0
+# Background candidates: pixels whose channels differ by less than this (grey, noise allowed).
+_GREY_SPREAD = 48.0
 
 
 def _unit_mask(shape, u, v):
@@ -56,17 +88,19 @@ def _unit_mask(shape, u, v):
 
 
 @functools.lru_cache(maxsize=8)
-def masks(image_size):
-    """Rendered masks: bool [3 slots, 5 shapes, 2 sizes, image_size, image_size]."""
+def masks(image_size, layout="row"):
+    """Rendered masks: bool [slots, 5 shapes, 2 sizes, image_size, image_size]."""
     if not 32 <= image_size <= 64:
         raise ValueError(f"shapes image_size must be in [32, 64], got {image_size}")
-    slot_width = image_size / 3.0
+    grid = layout_of(layout)
+    cell_width, cell_height = image_size / float(grid.columns), image_size / float(grid.rows)
     y, x = np.mgrid[0:image_size, 0:image_size].astype(np.float32) + 0.5
-    out = np.zeros((3, len(SHAPES), len(SIZES), image_size, image_size), bool)
-    for slot in range(3):
-        cx, cy = (slot + 0.5) * slot_width, image_size / 2.0
+    out = np.zeros((len(grid.slots), len(SHAPES), len(SIZES), image_size, image_size), bool)
+    for slot in range(len(grid.slots)):
+        column, row = grid.cell(slot)
+        cx, cy = (column + 0.5) * cell_width, (row + 0.5) * cell_height
         for size_index, size in enumerate(SIZES):
-            radius = _RADIUS[size] * slot_width
+            radius = _RADIUS[size] * cell_width
             for shape_index, shape in enumerate(SHAPES):
                 out[slot, shape_index, size_index] = _unit_mask(
                     shape, (x - cx) / radius, (y - cy) / radius)
@@ -74,10 +108,11 @@ def masks(image_size):
     return out
 
 
-def sample_objects(rng):
+def sample_objects(rng, layout="row"):
     """Random scene: list of dicts (colour, shape, size, slot) in slot order."""
-    count = int(rng.integers(1, 4))
-    slots = sorted(rng.choice(3, size=count, replace=False).tolist())
+    slot_names = layout_of(layout).slots
+    count = int(rng.integers(1, len(slot_names) + 1))
+    slots = sorted(rng.choice(len(slot_names), size=count, replace=False).tolist())
     objects = []
     for slot in slots:
         if objects and rng.random() < 0.3:  # Repeats make count captions ("two red circles").
@@ -86,17 +121,18 @@ def sample_objects(rng):
             obj = {"colour": COLOUR_NAMES[rng.integers(len(COLOUR_NAMES))],
                    "shape": SHAPES[rng.integers(len(SHAPES))],
                    "size": SIZES[rng.integers(len(SIZES))]}
-        obj["slot"] = SLOTS[slot]
+        obj["slot"] = slot_names[slot]
         objects.append(obj)
     return objects
 
 
-def render(objects, background, image_size=32):
+def render(objects, background, image_size=32, layout="row"):
     """Objects (dicts with colour, shape, size, slot) -> uint8 [image_size, image_size, 3]."""
     image = np.full((image_size, image_size, 3), background, np.uint8)
-    all_masks = masks(image_size)
+    all_masks = masks(image_size, layout)
+    slot_names = layout_of(layout).slots
     for obj in objects:
-        mask = all_masks[SLOTS.index(obj["slot"]), SHAPES.index(obj["shape"]),
+        mask = all_masks[slot_names.index(obj["slot"]), SHAPES.index(obj["shape"]),
                          SIZES.index(obj["size"])]
         image[mask] = COLOURS[obj["colour"]]
     return image
@@ -134,15 +170,17 @@ def _join(words, parts):
         part()
 
 
-def caption_for(objects, template, prefix=""):
+def caption_for(objects, template, prefix="", layout="row"):
     """(caption, word indices of each object's shape noun) for objects in slot order.
 
     template 0: slot listing; 1: counts of identical objects; 2: left-of relations (falls back to
-    the slot listing for a single object).
+    the slot listing for a single object, and in the grid layout, whose slot order is not
+    left to right).
     """
+    grid = layout_of(layout)
     words = _Words(prefix)
     positions = [None] * len(objects)
-    if template == 2 and len(objects) > 1:
+    if template == 2 and len(objects) > 1 and grid.rows == 1:
         for k, obj in enumerate(objects):
             if k == 1:
                 words.add("to the left of")
@@ -163,32 +201,33 @@ def caption_for(objects, template, prefix=""):
     else:
         def add_object(k):
             positions[k] = words.noun(objects[k])
-            words.add(_SLOT_PHRASE[objects[k]["slot"]])
+            words.add(grid.phrases[grid.slots.index(objects[k]["slot"])])
         _join(words, [functools.partial(add_object, k) for k in range(len(objects))])
     return words.text(), positions
 
 
-def make_record(index, seed=0, image_size=32):
+def make_record(index, seed=0, image_size=32, layout="row"):
     """Record `index` of the set with `seed`: dict(image uint8 [S, S, 3], caption, metadata)."""
     rng = np.random.default_rng([seed, index])
-    objects = sample_objects(rng)
+    objects = sample_objects(rng, layout)
     background = int(rng.integers(*_BACKGROUND_LEVELS))
     template = int(rng.integers(3))
     prefix = _PREFIXES[rng.integers(len(_PREFIXES))]
-    caption, positions = caption_for(objects, template, prefix)
+    caption, positions = caption_for(objects, template, prefix, layout)
     for obj, position in zip(objects, positions):
         obj["word_index"] = position
-    return {"image": render(objects, background, image_size), "caption": caption,
+    return {"image": render(objects, background, image_size, layout), "caption": caption,
             "metadata": {"objects": objects, "background": background, "template": template,
-                         "shapes_seed": seed, "shapes_index": index}}
+                         "layout": layout, "shapes_seed": seed, "shapes_index": index}}
 
 
 class ShapesSource:
     """Random-access shapes records (len, [i]); no files, record i = f(seed, i)."""
 
-    def __init__(self, num_records, seed=0, image_size=32):
-        masks(image_size)  # Validates image_size early.
+    def __init__(self, num_records, seed=0, image_size=32, layout="row"):
+        masks(image_size, layout)  # Validates image_size and layout early.
         self.num_records, self.seed, self.image_size = int(num_records), int(seed), int(image_size)
+        self.layout = layout
 
     def __len__(self):
         return self.num_records
@@ -196,21 +235,22 @@ class ShapesSource:
     def __getitem__(self, index):
         if not 0 <= index < self.num_records:
             raise IndexError(f"shapes record {index} outside [0, {self.num_records})")
-        return make_record(int(index), self.seed, self.image_size)
+        return make_record(int(index), self.seed, self.image_size, self.layout)
 
     def caption(self, index):
         return self[index]["caption"]
 
     def __repr__(self):
         return (f"ShapesSource(num_records={self.num_records}, seed={self.seed}, "
-                f"image_size={self.image_size})")
+                f"image_size={self.image_size}, layout={self.layout!r})")
 
 
-def detect(image):
-    """Recovers objects from pixels: list of 3 (per slot) (colour, shape, size) or None.
+def detect(image, layout="row"):
+    """Recovers objects from pixels: list (per slot of `layout`) of (colour, shape, size) or None.
 
-    image: [S, S, 3] uint8 in [0, 255] or float in [-1, 1]. The background is the image's median
-    colour; a slot's foreground is where a channel departs from it by more than a threshold. The
+    image: [S, S, 3] uint8 in [0, 255] or float in [-1, 1]. The background is the median of the
+    image's dark grey pixels (no palette colour is dark grey; four large objects can cover most
+    of a grid image, so the median of all pixels would not do); a slot's foreground is where a channel departs from it by more than a threshold. The
     colour is the palette entry nearest the foreground mean, the shape and size those of the
     rendered mask with the highest IoU.
     """
@@ -221,14 +261,19 @@ def detect(image):
     size = image.shape[0]
     if image.shape != (size, size, 3):
         raise ValueError(f"detect expects a square [S, S, 3] image, got {image.shape}")
-    background = np.median(image.reshape(-1, 3), axis=0)
+    grey = ((image.max(-1) - image.min(-1) < _GREY_SPREAD)
+            & (image.mean(-1) < _BACKGROUND_LEVELS[1] + _FOREGROUND_THRESHOLD))
+    background = np.median(image[grey] if grey.any() else image.reshape(-1, 3), axis=0)
     foreground = np.abs(image - background).max(-1) > _FOREGROUND_THRESHOLD
-    all_masks = masks(size)
+    all_masks = masks(size, layout)
+    grid = layout_of(layout)
     results = []
-    bounds = np.round(np.arange(4) * size / 3.0).astype(int)
-    for slot in range(3):
+    x_bounds = np.round(np.arange(grid.columns + 1) * size / grid.columns).astype(int)
+    y_bounds = np.round(np.arange(grid.rows + 1) * size / grid.rows).astype(int)
+    for slot in range(len(grid.slots)):
+        column, row = grid.cell(slot)
         region = np.zeros_like(foreground)
-        region[:, bounds[slot]:bounds[slot + 1]] = True
+        region[y_bounds[row]:y_bounds[row + 1], x_bounds[column]:x_bounds[column + 1]] = True
         found = foreground & region
         # Below a third of the smallest object: nothing there (noise specks).
         if found.sum() < all_masks[slot].sum(axis=(-1, -2)).min() / 3:
@@ -244,17 +289,18 @@ def detect(image):
 
 
 def expected_detection(metadata):
-    """Ground-truth metadata -> the list detect() should return."""
-    out = [None] * 3
+    """Ground-truth metadata -> the list detect(image, metadata["layout"]) should return."""
+    slot_names = layout_of(metadata.get("layout", "row")).slots
+    out = [None] * len(slot_names)
     for obj in metadata["objects"]:
-        out[SLOTS.index(obj["slot"])] = (obj["colour"], obj["shape"], obj["size"])
+        out[slot_names.index(obj["slot"])] = (obj["colour"], obj["shape"], obj["size"])
     return out
 
 
 def main(argv):
     del argv
     from lidit_jax.data import records  # Only the CLI writes files.
-    source = ShapesSource(FLAGS.num, FLAGS.seed, FLAGS.image_size)
+    source = ShapesSource(FLAGS.num, FLAGS.seed, FLAGS.image_size, FLAGS.layout)
 
     def encode(index):
         record = source[index]
@@ -271,6 +317,7 @@ if __name__ == "__main__":
     flags.DEFINE_integer("num", 10000, "number of records")
     flags.DEFINE_integer("seed", 0, "data set seed (record i = f(seed, i))")
     flags.DEFINE_integer("image_size", 32, "image size in pixels, 32..64")
+    flags.DEFINE_enum("layout", "row", list(LAYOUTS), "row: 1-3 objects; grid: 1-4 in quadrants")
     flags.DEFINE_integer("records_per_shard", 10000, "records per ArrayRecord shard")
     FLAGS = flags.FLAGS
     app.run(main)
