@@ -3,18 +3,18 @@
 Each image (image_size px square, default 32, 32..64 supported) has a solid dark grey background
 and objects, each in its own slot of a layout: "row" (default) has 1-3 objects in the left /
 middle / right thirds, "grid" 1-4 in the quadrants (top left, top right, bottom left, bottom
-right). An object has a colour (8), a shape (5) and a size (small / large). Captions list the objects in one of several templates
-(slot listing, counts such as "two small yellow triangles", left-of relations in the row layout); the metadata
-records per object its colour, shape, size, slot and the word index of its shape noun in
-`caption.split()`.
+right). An object has a colour (8), a shape (5) and a size (small / large). Captions list the
+objects in one of several templates (slot listing, counts such as "two small yellow triangles",
+left-of relations in the row layout); the metadata records the layout and per object its colour,
+shape, size, slot and the word index of its shape noun in `caption.split()`.
 
 Record i is a pure function of (seed, i): `ShapesSource(num_records, seed, image_size, layout)[i]`
-renders it without files (Grain's RandomAccessDataSource protocol). `detect(image)` recovers the objects
-from pixels (nearest palette colour of the slot's foreground, nearest rendered shape mask by IoU):
-used to check the ground truth and to score generated images.
+renders it without files (Grain's RandomAccessDataSource protocol). `detect(image, layout)`
+recovers the objects from pixels (nearest palette colour of the slot's foreground, nearest
+rendered shape mask by IoU): used to check the ground truth and to score generated images.
 
-CLI: python -m lidit_jax.data.shapes --output=DIR --num=N [--seed=S] [--image_size=32] [--layout=row]
-writes ArrayRecord shards (lidit_jax.data.records format, PNG images).
+CLI: python -m lidit_jax.data.shapes --output=DIR --num=N [--seed=S] [--image_size=32]
+[--layout=row] writes ArrayRecord shards (lidit_jax.data.records format, PNG images).
 """
 import dataclasses
 import functools
@@ -250,9 +250,9 @@ def detect(image, layout="row"):
 
     image: [S, S, 3] uint8 in [0, 255] or float in [-1, 1]. The background is the median of the
     image's dark grey pixels (no palette colour is dark grey; four large objects can cover most
-    of a grid image, so the median of all pixels would not do); a slot's foreground is where a channel departs from it by more than a threshold. The
-    colour is the palette entry nearest the foreground mean, the shape and size those of the
-    rendered mask with the highest IoU.
+    of a grid image, so the median of all pixels would not do); a slot's foreground is where a
+    channel departs from it by more than a threshold. The colour is the palette entry nearest
+    the foreground mean, the shape and size those of the rendered mask with the highest IoU.
     """
     image = np.asarray(image)
     if image.dtype != np.uint8:
