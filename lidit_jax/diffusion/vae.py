@@ -208,8 +208,7 @@ class VAE:
         tile_size = self.tile_size if tile_size is None else tile_size
         tile_latent = max(tile_size // self.downsample, 1)
         if tile_size and max(latents.shape[1:3]) > tile_latent:
-            return jnp.asarray(tiled_decode(nnx.merge(self._graphdef, self._state), latents,
-                                            tile_latent))
+            return jnp.asarray(tiled_decode(self._graphdef, self._state, latents, tile_latent))
         return self._decode(self._state, latents)
 
     def scale(self, latents):

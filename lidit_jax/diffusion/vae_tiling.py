@@ -22,14 +22,15 @@ import numpy as np
 from flax import nnx
 
 
-def tiled_decode(model, latents, tile_latent):
+def tiled_decode(graphdef, state, latents, tile_latent):
     """Unscaled latents [batch, h, w, latent] -> images [batch, h*f, w*f, 3] float32 (numpy).
 
-    model: an `AutoencoderKL` (vae_layers); tile_latent: tile side in latent pixels (the tile
-    doubles with each upsampling, so output tiles are tile_latent * f pixels).
+    graphdef, state: an `AutoencoderKL` (vae_layers) split by nnx.split; tile_latent: tile side
+    in latent pixels (the tile doubles with each upsampling, so output tiles are
+    tile_latent * f pixels).
     """
+    model = nnx.merge(graphdef, state)
     decoder = model.decoder
-    graphdef, state = nnx.split(model)
     x, mean, var = _latent_stage(graphdef, state, jnp.asarray(latents), tile_latent ** 2)
     plane = _Plane.from_image(np.asarray(x, np.float32), tile_latent)
     # Every GroupNorm of a diffusers VAE has config.norm_num_groups groups.

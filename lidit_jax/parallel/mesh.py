@@ -68,8 +68,12 @@ def local_mesh():
     an 8B LLM in bf16 fits eight 16 GiB chips where it would not fit one, while each process
     still encodes its own captions with no collective across hosts.
     """
-    devices = np.asarray(jax.local_devices()).reshape(1, -1, 1)
-    return jax.sharding.Mesh(devices, MESH_AXES,
+    return _named_mesh(np.asarray(jax.local_devices()).reshape(1, -1, 1))
+
+
+def _named_mesh(device_array):
+    """A ('data', 'fsdp', 'tensor') mesh; axes are Auto so Flax NNX can shard inside jit."""
+    return jax.sharding.Mesh(device_array, MESH_AXES,
                              axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES))
 
 
@@ -78,7 +82,7 @@ def build_mesh(mesh_config, devices=None):
 
     With `dcn_data` or `dcn_fsdp` > 1 (multi-slice), the per-slice sizes come from the ICI part
     and the mesh is built by `create_hybrid_device_mesh`, so slower DCN links carry only the
-    data-parallel and FSDP traffic across slices. Axes are Auto so Flax NNX can shard inside jit.
+    data-parallel and FSDP traffic across slices.
     """
     devices = jax.devices() if devices is None else list(devices)
     dcn = {"data": mesh_config.dcn_data, "fsdp": mesh_config.dcn_fsdp, "tensor": 1}
@@ -98,5 +102,4 @@ def build_mesh(mesh_config, devices=None):
         except (NotImplementedError, AssertionError, ValueError):
             # Topologies mesh_utils has no physical layout for (e.g. CPU): plain order is fine.
             device_array = np.asarray(devices).reshape(ici_shape)
-    return jax.sharding.Mesh(device_array, MESH_AXES,
-                             axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES))
+    return _named_mesh(device_array)
