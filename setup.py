@@ -12,7 +12,9 @@ INSTALL_REQUIRES = [
     "ml-collections>=1.0",
     "absl-py",
     "tensorflow-datasets>=4.9.9",
-    "transformers>=4.50",  # Tokenizers and chat templates (also the PyTorch reference in tests).
+    # Tokenizers and chat templates (also the PyTorch reference in tests). 5.18 brought the
+    # torch-free GGUF tokenizer builders gguf_tokenizer.py uses (parity-tested on 5.24).
+    "transformers>=5.18",
     "tokenizers>=0.21",
     "safetensors>=0.5",
     "gguf>=0.17",  # Reads and dequantizes llama.cpp GGUF weights.

@@ -325,8 +325,9 @@ class GGUFFile:
         return f"{self.path} ({self.gguf_name(name)})"
 
     def tokenizer(self):
-        from transformers import AutoTokenizer
-        return AutoTokenizer.from_pretrained(str(self.path.parent), gguf_file=self.path.name)
+        # Not AutoTokenizer(gguf_file=...): its GGUF reader imports torch (gguf_tokenizer.py).
+        from lidit_jax.text.gguf_tokenizer import gguf_tokenizer
+        return gguf_tokenizer(self.reader)
 
 
 # ---- Loading ------------------------------------------------------------------------------------
