@@ -64,6 +64,9 @@ def get_config(arg=None):
         dict(
             smollm2=llm_config("default:smollm2", width=576),
             gemma3=llm_config("default:gemma3", width=640),
+            # all-MiniLM-L6-v2 (BERT, bidirectional, 6 layers; its last layer, as T5 encoders
+            # are used): the stand-in for the paper's T5 baseline (text.encoders=minilm).
+            minilm=llm_config("default:minilm", layer=-1, dtype="float32", width=384),
         )
     )
     c.text.use_instruction = True

@@ -35,6 +35,10 @@ class PromptEncoder:
             raise configuration.ConfigError(
                 f"text.llms.{name}.layer={self.layer} is outside the {num_states} hidden states "
                 f"of {self.llm.name}")
+        if self.apply_final_norm and not self.llm.config.has_final_norm:
+            raise configuration.ConfigError(
+                f"text.llms.{name}.final_norm=True, but {self.llm.name} has no final norm (its "
+                "last hidden state is already normalised); set it to False")
         self.template = PromptTemplate.from_config(text_config, self.llm.tokenizer)
         self._select = jax.jit(self._select_layer)
 

@@ -77,6 +77,8 @@ class LLMConfig:
     tie_word_embeddings: bool = False
     final_logit_softcapping: float = None
 
+    has_final_norm = True  # hidden_states[-1] is the last layer after the final norm.
+
     def __post_init__(self):
         problems = []
         if self.family not in FAMILIES:

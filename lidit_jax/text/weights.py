@@ -20,6 +20,7 @@ from flax import nnx
 
 from lidit_jax.fingerprint import file_fingerprint
 from lidit_jax.parallel import sharding
+from lidit_jax.text import bert, llm
 from lidit_jax.text.llm import LLM, DecoderLM, LLMConfig
 
 SUPPORTED_GGUF_ARCHITECTURES = ("llama", "qwen2", "gemma3")
@@ -75,6 +76,26 @@ def _parameter_sources(config):
     return sources
 
 
+def config_from_hf(raw, name="model", where="config.json"):
+    """A Hugging Face config.json dict -> the config of the family its model_type names."""
+    model_type = raw.get("model_type")
+    if model_type in bert.SUPPORTED_HF_MODEL_TYPES:
+        return bert.BertConfig.from_hf(raw, name=name, where=where)
+    if model_type in llm.SUPPORTED_HF_MODEL_TYPES:
+        return LLMConfig.from_hf(raw, name=name, where=where)
+    supported = sorted({*llm.SUPPORTED_HF_MODEL_TYPES, *bert.SUPPORTED_HF_MODEL_TYPES})
+    raise ValueError(f"{where}: model_type {model_type!r} (architectures "
+                     f"{raw.get('architectures')}) is not supported; supported model types: "
+                     f"{supported}")
+
+
+def _architecture(config):
+    """config -> (module class, parameter table) of its family."""
+    if isinstance(config, bert.BertConfig):
+        return bert.BertEncoder, bert.parameter_sources(config)
+    return DecoderLM, _parameter_sources(config)
+
+
 # ---- Hugging Face folders -----------------------------------------------------------------------
 
 def _safetensors_header(path):
@@ -111,8 +132,8 @@ class HuggingFaceFolder:
             raise FileNotFoundError(
                 f"{self.folder}: no config.json; an LLM path must be a Hugging Face folder "
                 "(config.json + *.safetensors) or a .gguf file")
-        self.config = LLMConfig.from_hf(json.loads(config_path.read_text()),
-                                        name=self.folder.name, where=str(config_path))
+        self.config = config_from_hf(json.loads(config_path.read_text()),
+                                     name=self.folder.name, where=str(config_path))
         index = self.folder / "model.safetensors.index.json"
         if index.is_file():
             names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
@@ -377,13 +398,13 @@ def load_llm(path, dtype=jnp.float32, mesh=None, rules=None):
         raise ValueError("load_llm: a mesh needs the logical axis rules (config.mesh.rules)")
     source = open_source(path)
     config = source.config
-    abstract = nnx.eval_shape(lambda: DecoderLM(config, dtype))
+    module, sources = _architecture(config)
+    abstract = nnx.eval_shape(lambda: module(config, dtype))
     graphdef, abstract_state = nnx.split(abstract)
     shardings = None
     if mesh is not None:
         sharding.validate_rules(rules, mesh.axis_names)
         shardings = sharding.state_shardings(abstract_state, mesh, rules)
-    sources = _parameter_sources(config)
     np_dtype = np.dtype(dtype)
 
     def fill(key_path, variable):
