@@ -67,6 +67,9 @@ def get_config(arg=None):
             # all-MiniLM-L6-v2 (BERT, bidirectional, 6 layers; its last layer, as T5 encoders
             # are used): the stand-in for the paper's T5 baseline (text.encoders=minilm).
             minilm=llm_config("default:minilm", layer=-1, dtype="float32", width=384),
+            # A T5 encoder (t5 / mt5 / umt5 folder; PixArt, SD3 and FLUX use the last layer of
+            # google/t5-v1_1-xxl's encoder): no offline copy, so set the path to use it.
+            t5=llm_config("", layer=-1, width=4096),
         )
     )
     c.text.use_instruction = True

@@ -29,3 +29,27 @@ def test_demo_trains_with_minilm(tmp_path):
     encode_train_sample(tmp_path / "minilm", "--config.text.encoders=minilm")
     with open(tmp_path / "minilm" / "text_cache" / "minilm" / "metadata.json") as f:
         assert json.load(f)["llm"].startswith("bert:")
+
+
+@pytest.fixture(scope="module")
+def tiny_t5(tmp_path_factory):
+    """A random gated-GELU T5 encoder (2 layers, width 32) with MiniLM's WordPiece tokenizer: the
+    T5 code path end to end without a T5 tokenizer offline."""
+    import torch
+    import transformers
+
+    from lidit_jax.text.models import default_model_path
+
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(default_model_path("minilm")))
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("tiny_t5")
+    transformers.T5EncoderModel(transformers.T5Config(
+        vocab_size=len(tokenizer), d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+        feed_forward_proj="gated-gelu")).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def test_demo_trains_with_a_t5_encoder(tiny_t5, tmp_path):
+    encode_train_sample(tmp_path / "t5", "--config.text.encoders=t5",
+                        f"--config.text.llms.t5.path={tiny_t5}", "--config.text.llms.t5.width=32")

@@ -20,7 +20,7 @@ from flax import nnx
 
 from lidit_jax.fingerprint import file_fingerprint
 from lidit_jax.parallel import sharding
-from lidit_jax.text import bert, llm
+from lidit_jax.text import bert, llm, t5
 from lidit_jax.text.llm import LLM, DecoderLM, LLMConfig
 
 SUPPORTED_GGUF_ARCHITECTURES = ("llama", "qwen2", "gemma3")
@@ -81,9 +81,12 @@ def config_from_hf(raw, name="model", where="config.json"):
     model_type = raw.get("model_type")
     if model_type in bert.SUPPORTED_HF_MODEL_TYPES:
         return bert.BertConfig.from_hf(raw, name=name, where=where)
+    if model_type in t5.SUPPORTED_HF_MODEL_TYPES:
+        return t5.T5Config.from_hf(raw, name=name, where=where)
     if model_type in llm.SUPPORTED_HF_MODEL_TYPES:
         return LLMConfig.from_hf(raw, name=name, where=where)
-    supported = sorted({*llm.SUPPORTED_HF_MODEL_TYPES, *bert.SUPPORTED_HF_MODEL_TYPES})
+    supported = sorted({*llm.SUPPORTED_HF_MODEL_TYPES, *bert.SUPPORTED_HF_MODEL_TYPES,
+                        *t5.SUPPORTED_HF_MODEL_TYPES})
     raise ValueError(f"{where}: model_type {model_type!r} (architectures "
                      f"{raw.get('architectures')}) is not supported; supported model types: "
                      f"{supported}")
@@ -93,7 +96,19 @@ def _architecture(config):
     """config -> (module class, parameter table) of its family."""
     if isinstance(config, bert.BertConfig):
         return bert.BertEncoder, bert.parameter_sources(config)
+    if isinstance(config, t5.T5Config):
+        return t5.T5Encoder, t5.parameter_sources(config)
     return DecoderLM, _parameter_sources(config)
+
+
+# model_type -> (stored prefix, our prefix) pairs: where a checkpoint keeps, under other names,
+# tensors we read. A name stored under our own spelling wins over a renamed one.
+_STORED_PREFIXES = {
+    # T5EncoderModel folders of some published checkpoints keep the shared embedding under the
+    # encoder's name only.
+    **{model_type: (("encoder.embed_tokens.", "shared."),)
+       for model_type in t5.SUPPORTED_HF_MODEL_TYPES},
+}
 
 
 # ---- Hugging Face folders -----------------------------------------------------------------------
@@ -132,8 +147,8 @@ class HuggingFaceFolder:
             raise FileNotFoundError(
                 f"{self.folder}: no config.json; an LLM path must be a Hugging Face folder "
                 "(config.json + *.safetensors) or a .gguf file")
-        self.config = config_from_hf(json.loads(config_path.read_text()),
-                                     name=self.folder.name, where=str(config_path))
+        raw = json.loads(config_path.read_text())
+        self.config = config_from_hf(raw, name=self.folder.name, where=str(config_path))
         index = self.folder / "model.safetensors.index.json"
         if index.is_file():
             names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
@@ -147,6 +162,9 @@ class HuggingFaceFolder:
         for path in self.files:
             for name, entry in _safetensors_header(path).items():
                 self.tensors[name] = (path, *entry)
+        for stored, ours in _STORED_PREFIXES.get(raw.get("model_type"), ()):
+            for name in [n for n in self.tensors if n.startswith(stored)]:
+                self.tensors.setdefault(ours + name[len(stored):], self.tensors[name])
         self._maps = {}
 
     @property
