@@ -53,3 +53,12 @@ def tiny_t5(tmp_path_factory):
 def test_demo_trains_with_a_t5_encoder(tiny_t5, tmp_path):
     encode_train_sample(tmp_path / "t5", "--config.text.encoders=t5",
                         f"--config.text.llms.t5.path={tiny_t5}", "--config.text.llms.t5.width=32")
+
+
+@pytest.mark.parametrize("layer", ["all_norm_avg", "[-1,-3]"])
+def test_demo_trains_with_smollm2_multi_layer_features(layer, tmp_path):
+    encode_train_sample(tmp_path / "run", f"--config.text.llms.smollm2.layer={layer}")
+    with open(tmp_path / "run" / "text_cache" / "smollm2" / "metadata.json") as f:
+        recorded = json.load(f)["layer"]
+    assert recorded == ("all_norm_avg" if layer == "all_norm_avg" else
+                        {"layer": [-1, -3], "layer_combine": "concat"})
