@@ -63,13 +63,16 @@ def _parameter_sources(config):
                 lambda b, heads=heads: b.reshape(heads, d))
     if config.o_bias:
         sources[("layers", "o_bias")] = (layer + "self_attn.o_proj.bias", (e,), None)
+    if config.qk_norm:
+        sources.update({
+            ("layers", "q_norm"): (layer + "self_attn.q_norm.weight", (d,), None),
+            ("layers", "k_norm"): (layer + "self_attn.k_norm.weight", (d,), None),
+        })
     if config.is_gemma:
         sources.update({
             ("layers", "mlp_norm"): (layer + "pre_feedforward_layernorm.weight", (e,), None),
             ("layers", "attn_post_norm"): (layer + "post_attention_layernorm.weight", (e,), None),
             ("layers", "mlp_post_norm"): (layer + "post_feedforward_layernorm.weight", (e,), None),
-            ("layers", "q_norm"): (layer + "self_attn.q_norm.weight", (d,), None),
-            ("layers", "k_norm"): (layer + "self_attn.k_norm.weight", (d,), None),
         })
     else:
         sources[("layers", "mlp_norm")] = (layer + "post_attention_layernorm.weight", (e,), None)
@@ -83,10 +86,10 @@ def config_from_hf(raw, name="model", where="config.json"):
         return bert.BertConfig.from_hf(raw, name=name, where=where)
     if model_type in t5.SUPPORTED_HF_MODEL_TYPES:
         return t5.T5Config.from_hf(raw, name=name, where=where)
-    if model_type in llm.SUPPORTED_HF_MODEL_TYPES:
+    if model_type in (*llm.SUPPORTED_HF_MODEL_TYPES, *llm.MULTIMODAL_HF_MODEL_TYPES):
         return LLMConfig.from_hf(raw, name=name, where=where)
-    supported = sorted({*llm.SUPPORTED_HF_MODEL_TYPES, *bert.SUPPORTED_HF_MODEL_TYPES,
-                        *t5.SUPPORTED_HF_MODEL_TYPES})
+    supported = sorted({*llm.SUPPORTED_HF_MODEL_TYPES, *llm.MULTIMODAL_HF_MODEL_TYPES,
+                        *bert.SUPPORTED_HF_MODEL_TYPES, *t5.SUPPORTED_HF_MODEL_TYPES})
     raise ValueError(f"{where}: model_type {model_type!r} (architectures "
                      f"{raw.get('architectures')}) is not supported; supported model types: "
                      f"{supported}")
@@ -108,6 +111,12 @@ _STORED_PREFIXES = {
     # encoder's name only.
     **{model_type: (("encoder.embed_tokens.", "shared."),)
        for model_type in t5.SUPPORTED_HF_MODEL_TYPES},
+    # Multimodal models: the language tower, as published (language_model.model.*, LLaVA) or
+    # as transformers 5 saves it (model.language_model.*); Qwen2-VL publishes it as model.*.
+    # Vision tower and projector tensors are never read.
+    **{model_type: (("language_model.model.", "model."), ("language_model.lm_head.", "lm_head."),
+                    ("model.language_model.", "model."))
+       for model_type in llm.MULTIMODAL_HF_MODEL_TYPES},
 }
 
 
