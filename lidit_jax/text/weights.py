@@ -4,8 +4,10 @@
                    mesh=mesh, rules=config.mesh.rules)
 
 Both sources serve tensors under their Hugging Face names and conventions ([out, in] kernels,
-Gemma norm weights w): the GGUF reader dequantizes (gguf.quants), undoes llama.cpp's q/k row
-permutation for Llama files and subtracts Gemma's stored 1 + w. Tensors are read lazily (memory
+Gemma norm weights w): the GGUF reader finds each tensor through the gguf package's own name
+table (gguf.get_tensor_name_map, the one llama.cpp's converter writes with), dequantizes every
+type gguf.quants can, undoes llama.cpp's q/k row permutation for Llama files and subtracts
+Gemma's stored 1 + w. Tensors are read lazily (memory
 maps); each parameter (one name, all layers stacked) is converted, placed on the devices with the
 NamedSharding its logical axes get from the rules table, and dropped from host memory before the
 next, so the host never holds more than one parameter of the model.
@@ -23,9 +25,7 @@ from lidit_jax.parallel import sharding
 from lidit_jax.text import bert, llm, t5
 from lidit_jax.text.llm import LLM, DecoderLM, LLMConfig
 
-SUPPORTED_GGUF_ARCHITECTURES = ("llama", "qwen2", "gemma3")
-SUPPORTED_GGUF_TYPES = ("F32", "F16", "BF16", "Q4_0", "Q4_1", "Q4_K", "Q5_0", "Q5_K", "Q6_K",
-                        "Q8_0")
+SUPPORTED_GGUF_ARCHITECTURES = ("llama", "qwen2", "qwen3", "gemma3")
 SAFETENSORS_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16,
                       "BF16": jnp.bfloat16}
 
@@ -203,28 +203,6 @@ class HuggingFaceFolder:
 
 # ---- GGUF files ---------------------------------------------------------------------------------
 
-_GGUF_LAYER_NAMES = {  # HF name inside a layer -> GGUF name inside blk.{i}.
-    "input_layernorm.weight": "attn_norm.weight",
-    "self_attn.q_proj.weight": "attn_q.weight",
-    "self_attn.k_proj.weight": "attn_k.weight",
-    "self_attn.v_proj.weight": "attn_v.weight",
-    "self_attn.q_proj.bias": "attn_q.bias",
-    "self_attn.k_proj.bias": "attn_k.bias",
-    "self_attn.v_proj.bias": "attn_v.bias",
-    "self_attn.o_proj.weight": "attn_output.weight",
-    "self_attn.o_proj.bias": "attn_output.bias",
-    "self_attn.q_norm.weight": "attn_q_norm.weight",
-    "self_attn.k_norm.weight": "attn_k_norm.weight",
-    "mlp.gate_proj.weight": "ffn_gate.weight",
-    "mlp.up_proj.weight": "ffn_up.weight",
-    "mlp.down_proj.weight": "ffn_down.weight",
-    "pre_feedforward_layernorm.weight": "ffn_norm.weight",
-    "post_feedforward_layernorm.weight": "post_ffw_norm.weight",
-}
-_GGUF_GLOBAL_NAMES = {"model.embed_tokens.weight": "token_embd.weight",
-                      "model.norm.weight": "output_norm.weight", "lm_head.weight": "output.weight"}
-
-
 def _gguf_reader(path):
     """gguf.GGUFReader over a plain ndarray view of its memory map.
 
@@ -261,6 +239,9 @@ class GGUFFile:
                              "corrupt: download or assemble it again") from err
         self.tensors = {t.name: t for t in self.reader.tensors}
         self.config = self._config()
+        import gguf
+        arch = next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == self.config.family)
+        self._names = gguf.get_tensor_name_map(arch, self.config.num_layers)
 
     def field(self, key, default=KeyError):
         field = self.reader.fields.get(key)
@@ -336,23 +317,26 @@ class GGUFFile:
         return [self.path]
 
     def gguf_name(self, name):
-        if name in _GGUF_GLOBAL_NAMES:
-            return _GGUF_GLOBAL_NAMES[name]
-        _, _, index, rest = name.split(".", 3)
-        if rest == "post_attention_layernorm.weight":  # Llama: pre-MLP norm; Gemma: post-attn.
-            rest_gguf = "post_attention_norm.weight" if self.config.is_gemma else "ffn_norm.weight"
-        else:
-            rest_gguf = _GGUF_LAYER_NAMES[rest]
-        return f"blk.{index}.{rest_gguf}"
+        """HF tensor name -> its GGUF name, by gguf's table for this architecture (which knows,
+        e.g., that Gemma's post_attention_layernorm is a post-attention norm and Llama's the
+        pre-MLP ffn_norm)."""
+        gguf_name = self._names.get_name(name, try_suffixes=(".weight", ".bias"))
+        if gguf_name is None:
+            raise KeyError(f"{self.path}: gguf's {self.config.family} tensor table has no name "
+                           f"for {name!r}")
+        return gguf_name
 
     def _dequantize(self, gguf_name):
         import gguf
         tensor = self.tensors[gguf_name]
-        kind = tensor.tensor_type.name
-        if kind not in SUPPORTED_GGUF_TYPES:
-            raise ValueError(f"{self.path}: tensor {gguf_name!r} is stored as {kind}; supported "
-                             f"types: {', '.join(SUPPORTED_GGUF_TYPES)}")
-        return np.asarray(gguf.quants.dequantize(tensor.data, tensor.tensor_type), np.float32)
+        try:
+            values = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
+        except NotImplementedError as err:
+            raise ValueError(f"{self.path}: tensor {gguf_name!r} is stored as "
+                             f"{tensor.tensor_type.name}, which the installed gguf package "
+                             f"cannot dequantize ({err}); requantize the file (llama-quantize) "
+                             "or upgrade gguf") from err
+        return np.asarray(values, np.float32)
 
     def read(self, name):
         """The tensor with HF name `name`, dequantized to float32 in HF conventions."""
