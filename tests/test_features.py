@@ -141,3 +141,16 @@ def test_command_line_sets_lists_and_names():
     assert parser.parse("[-1,-3]") == [-1, -3]
     assert parser.parse("all_norm_avg") == "all_norm_avg"
     assert parser.parse("-2") == -2
+
+
+def test_describe_widths_follow_the_choice_and_compile_refuses_attention_pool():
+    from lidit_jax import aot
+    config = common.get_config()
+    config.text.llms.smollm2.layer = [-1, -3]
+    assert aot.llm_widths_from_config(config) == [2 * 576]
+    config.text.llms.smollm2.layer_combine = "mean"
+    assert aot.llm_widths_from_config(config) == [576]
+    config.text.llms.smollm2.layer = "attention_pool"
+    assert aot.llm_widths_from_config(config) == [576]
+    with pytest.raises(configuration.ConfigError, match=r"smollm2\.layer='attention_pool'"):
+        aot.abstract_batch(config, None, [576])

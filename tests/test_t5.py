@@ -102,3 +102,38 @@ def test_sharded_umt5_matches_unsharded(tmp_path):
     ids, mask = random_batch(seed=3, lengths=(12, 5, 8, 3))
     for a, b in zip(sharded.hidden_states(ids, mask), load_llm(tmp_path).hidden_states(ids, mask)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
+
+
+def test_t5_prompt_encoder_finds_the_caption_with_a_sentencepiece_tokenizer(tmp_path):
+    """A T5-style tokenizer (Unigram over Metaspace pieces, '</s>' appended, no chat template),
+    trained here on a few captions: the template's span logic finds the caption's pieces."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    from lidit_jax.text.encoder import PromptEncoder
+    config = common.get_config()
+    captions = ["a red circle left of a blue square", "two green triangles", "a small star"]
+    tokenizer = Tokenizer(models.Unigram())
+    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace()
+    tokenizer.decoder = decoders.Metaspace()
+    tokenizer.train_from_iterator(captions + [config.text.instruction], trainers.UnigramTrainer(
+        vocab_size=120, special_tokens=["<pad>", "</s>", "<unk>"], unk_token="<unk>"))
+    tokenizer.post_processor = processors.TemplateProcessing(single="$A </s>",
+                                                             special_tokens=[("</s>", 1)])
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>",
+                                                eos_token="</s>", unk_token="<unk>")
+    torch.manual_seed(0)
+    transformers.T5EncoderModel(transformers.T5Config(
+        vocab_size=len(fast), d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+        feed_forward_proj="gated-gelu")).save_pretrained(tmp_path)
+    fast.save_pretrained(tmp_path)
+    config.text.llms.t5.update(path=str(tmp_path), dtype="float32")
+    encoder = PromptEncoder("t5", config.text.llms.t5, config.text)
+    tokens = encoder.template.encode_batch([captions[0], ""])
+    kept = tokens["input_ids"][0][tokens["prompt_mask"][0]]
+    assert fast.decode(kept) == captions[0]
+    last = tokens["attention_mask"][0].sum() - 1
+    assert tokens["input_ids"][0][last] == fast.eos_token_id  # '</s>' is template, not caption.
+    assert not tokens["prompt_mask"][1].any()
+    encoded = encoder.encode(captions)
+    assert encoded["states"].shape == (3, config.text.max_length, 32)
+    assert encoder.metadata()["llm"] == f"t5:{tmp_path.name}"
