@@ -1,4 +1,6 @@
-"""Loads a frozen LLM from a Hugging Face folder or a GGUF file into `llm.DecoderLM`.
+"""Loads a frozen text encoder from a Hugging Face folder or a GGUF file into its Flax module:
+`llm.DecoderLM` (LLMs and multimodal language towers), `bert.BertEncoder`, `t5.T5Encoder`,
+chosen by config.json's model_type.
 
     llm = load_llm("default:smollm2" resolved, or "/models/Llama-3.1-8B", dtype=jnp.bfloat16,
                    mesh=mesh, rules=config.mesh.rules)
@@ -7,10 +9,10 @@ Both sources serve tensors under their Hugging Face names and conventions ([out,
 Gemma norm weights w): the GGUF reader finds each tensor through the gguf package's own name
 table (gguf.get_tensor_name_map, the one llama.cpp's converter writes with), dequantizes every
 type gguf.quants can, undoes llama.cpp's q/k row permutation for Llama files and subtracts
-Gemma's stored 1 + w. Tensors are read lazily (memory
-maps); each parameter (one name, all layers stacked) is converted, placed on the devices with the
-NamedSharding its logical axes get from the rules table, and dropped from host memory before the
-next, so the host never holds more than one parameter of the model.
+Gemma's stored 1 + w. Tensors are read lazily (memory maps); each parameter (one name, all
+layers stacked) is converted, placed on the devices with the NamedSharding its logical axes get
+from the rules table, and dropped from host memory before the next, so the host never holds more
+than one parameter of the model.
 """
 import json
 import pathlib
