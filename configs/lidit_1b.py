@@ -1,13 +1,20 @@
 """LI-DiT-1B (arXiv 2406.11831): DiT depth 28, width 1152, 16 heads, patch 2, 256 px latents.
 
-Two frozen LLMs (the paper: LLaMA3-8B and Qwen1.5-7B, instruction-tuned), features from the
-third-to-last layer, token refiners of depth 2 and one collaborative refiner block; a 16-channel
-8x VAE (SD3/FLUX layout); batch 2048, lr 1e-4, 500k steps.
+Two frozen LLMs (the paper: LLaMA3-8B and Qwen1.5-7B, both multimodal instruction-tuned, i.e.
+LLaVA-tuned), features from the third-to-last layer, token refiners of depth 2 and one
+collaborative refiner block; a 16-channel 8x VAE (SD3/FLUX layout); batch 2048, lr 1e-4, 500k
+steps.
+
+Public checkpoints that reproduce the paper's two LLMs (their language towers load as published;
+the vision towers are never read, docs/text_encoders.md):
+  LLaMA3-8B, LLaVA-tuned:  llava-hf/llama3-llava-next-8b-hf (llava_next; LLaMA3-8B-Instruct tower)
+  Qwen1.5-7B, LLaVA-tuned: llava-hf/llava-interleave-qwen-7b-hf (llava; Qwen1.5-7B-Chat tower)
+The text-only instruction-tuned towers (Meta-Llama-3-8B-Instruct, Qwen1.5-7B-Chat) load too.
 
 Launch (one TPU v5p-128 slice, from every worker; see launch/tpu_vm.sh):
   python -m lidit_jax.main --config=configs/lidit_1b.py --workdir=gs://BUCKET/lidit_1b \\
-    --config.text.llms.llama3.path=/models/Meta-Llama-3-8B-Instruct \\
-    --config.text.llms.qwen.path=/models/Qwen1.5-7B-Chat \\
+    --config.text.llms.llama3.path=/models/llama3-llava-next-8b-hf \\
+    --config.text.llms.qwen.path=/models/llava-interleave-qwen-7b-hf \\
     --config.vae.path=/models/flux-vae --config.data.path=/data/pairs
 `configs/lidit_1b.py:offline` swaps in the offline PyPI encoders (SmolLM2-135M + Gemma 3 270M).
 """

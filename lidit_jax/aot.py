@@ -16,6 +16,8 @@ from lidit_jax.diffusion.dit import LIDiT
 from lidit_jax.diffusion.objectives import make_objective
 from lidit_jax.parallel import mesh as mesh_lib
 from lidit_jax.parallel import sharding
+from lidit_jax.text import features
+from lidit_jax.text.features import pools_layers
 from lidit_jax.train.state import abstract_train_state, shardings_of
 from lidit_jax.train.step import jit_train_step, make_train_step
 
@@ -45,17 +47,24 @@ def llm_widths_from_config(config):
     """The configured LLMs' hidden sizes (text.llms.<name>.width), without loading weights."""
     widths = []
     for name in configuration.encoder_names(config):
-        width = config.text.llms[name].width
-        if width <= 0:
+        llm = config.text.llms[name]
+        if llm.width <= 0:
             raise configuration.ConfigError(
                 f"text.llms.{name}.width is 0; set it to the LLM's hidden size to describe or "
                 "compile without loading its weights")
-        widths.append(width)
+        # Several layers concatenated on channels widen the states (text/features.py).
+        choice = features.parse(llm.layer, llm.layer_combine, f"text.llms.{name}")
+        widths.append(features.feature_width(choice, llm.layer_combine, llm.width))
     return widths
 
 
 def abstract_batch(config, mesh, llm_widths):
     """ShapeDtypeStructs of one global training batch (cached text states, latents)."""
+    pooling = [n for n in configuration.encoder_names(config) if pools_layers(config.text, n)]
+    if pooling:
+        raise configuration.ConfigError(
+            f"text.llms.{pooling[0]}.layer='attention_pool': compiling without weights needs "
+            "the encoder's number of hidden states; not supported (use --mode=describe)")
     batch_spec = sharding.logical_to_mesh_spec(("batch",), config.mesh.rules)
     on_batch = lambda shape, dtype: jax.ShapeDtypeStruct(  # noqa: E731
         shape, dtype, sharding=jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(

@@ -11,6 +11,7 @@ import ml_collections
 from lidit_jax.data.shapes import LAYOUTS
 from lidit_jax.parallel.mesh import MESH_AXES, resolve_axis_sizes
 from lidit_jax.parallel.sharding import validate_rules
+from lidit_jax.text import features
 
 CHOICES = {
     "text.fusion": ("collaborative", "concat", "single"),
@@ -119,6 +120,12 @@ def _validate_text(config):
                               f"{sorted(config.text.llms.keys())}")
     if len(set(names)) != len(names):
         raise ConfigError(f"text.encoders={config.text.encoders!r} names an LLM twice")
+    for name in names:
+        llm = config.text.llms[name]
+        try:
+            features.parse(llm.layer, llm.layer_combine, f"text.llms.{name}")
+        except features.LayerChoiceError as e:
+            raise ConfigError(str(e)) from None
     if config.text.fusion == "single" and len(names) != 1:
         raise ConfigError(f"text.fusion='single' needs exactly one LLM, text.encoders has {names}; "
                           "use fusion 'concat' or 'collaborative' for several")

@@ -47,7 +47,50 @@ def _tiny_gemma3():
                                             "rope_theta": 1000000.0}}))
 
 
-TINY_MODELS = {"llama": _tiny_llama, "qwen2": _tiny_qwen2, "gemma3": _tiny_gemma3}
+_TEXT = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+             num_attention_heads=4, num_key_value_heads=2)
+
+
+def _tiny_qwen3():
+    return transformers.Qwen3ForCausalLM(transformers.Qwen3Config(
+        **_TEXT, head_dim=24, tie_word_embeddings=False,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0}))
+
+
+# Multimodal models: a tiny language tower (what we load) beside a tiny vision tower (ignored).
+def _tiny_clip():
+    return transformers.CLIPVisionConfig(hidden_size=32, intermediate_size=48,
+                                         num_hidden_layers=1, num_attention_heads=2,
+                                         image_size=28, patch_size=14)
+
+
+def _tiny_llava():
+    return transformers.LlavaForConditionalGeneration(transformers.LlavaConfig(
+        text_config=transformers.MistralConfig(**_TEXT, sliding_window=None),
+        vision_config=_tiny_clip()))
+
+
+def _tiny_llava_next():
+    return transformers.LlavaNextForConditionalGeneration(transformers.LlavaNextConfig(
+        text_config=transformers.Qwen2Config(**_TEXT), vision_config=_tiny_clip(),
+        image_grid_pinpoints=[[28, 28]]))
+
+
+def _tiny_qwen2_5_vl():
+    # M-RoPE sections of 4 + 2 + 2 frequencies (head_dim 16): rotated by the token index in
+    # all three for text-only input.
+    return transformers.Qwen2_5_VLForConditionalGeneration(transformers.Qwen2_5_VLConfig(
+        text_config=dict(_TEXT, rope_parameters={"rope_type": "default", "rope_theta": 1e6,
+                                                 "mrope_section": [4, 2, 2]}),
+        vision_config=dict(depth=1, hidden_size=32, intermediate_size=48, num_heads=2,
+                           out_hidden_size=64, fullatt_block_indexes=[0])))
+
+
+# name -> (builder, the family of the language tower).
+TINY_MODELS = {"llama": (_tiny_llama, "llama"), "qwen2": (_tiny_qwen2, "qwen2"),
+               "gemma3": (_tiny_gemma3, "gemma3"), "qwen3": (_tiny_qwen3, "qwen3"),
+               "llava": (_tiny_llava, "llama"), "llava_next": (_tiny_llava_next, "qwen2"),
+               "qwen2_5_vl": (_tiny_qwen2_5_vl, "qwen2")}
 
 
 def build_tiny(family, folder, seed=0):
@@ -56,7 +99,7 @@ def build_tiny(family, folder, seed=0):
     Every weight is random (biases and norms too, which the default init leaves 0 or 1).
     """
     torch.manual_seed(seed)
-    model = TINY_MODELS[family]()
+    model = TINY_MODELS[family][0]()
     model.config._attn_implementation = "eager"
     with torch.no_grad():
         for name, param in model.named_parameters():
@@ -92,11 +135,13 @@ def relative_error(ours, reference, mask):
 def test_tiny_model_matches_transformers(family, tmp_path):
     reference = build_tiny(family, tmp_path)
     llm = load_llm(tmp_path)
-    assert llm.config.family == family and llm.name == f"{family}:{tmp_path.name}"
+    tower = TINY_MODELS[family][1]
+    assert llm.config.family == tower and llm.name == f"{tower}:{tmp_path.name}"
     ids, mask = random_batch(seed=1)
     ref_states, ref_logits = torch_outputs(reference, ids, mask)
     ours = llm.hidden_states(ids, mask)
-    assert len(ours) == len(ref_states) == reference.config.num_hidden_layers + 1
+    layers = reference.config.get_text_config().num_hidden_layers
+    assert len(ours) == len(ref_states) == layers + 1
     errors = [relative_error(a, b, mask) for a, b in zip(ours, ref_states)]
     assert max(errors) <= 1e-4, errors
     assert relative_error(llm.logits(ids, mask), ref_logits, mask) <= 1e-4
@@ -180,3 +225,24 @@ def test_smollm2_gguf_matches_transformers():
 @pytest.mark.slow
 def test_gemma3_gguf_matches_transformers():
     check_real_model("gemma3", 1e-3)
+
+
+def test_language_tower_under_either_layout_loads(tmp_path):
+    """LLaVA publishes the tower as language_model.model.*; transformers 5 keeps it in memory as
+    model.language_model.*: both load, and the vision tensors are never read."""
+    from safetensors.numpy import load_file, save_file
+    reference = build_tiny("llava", tmp_path)
+    tensors = load_file(tmp_path / "model.safetensors")
+    renamed = {}
+    for name, array in tensors.items():
+        for old, new in (("language_model.model.", "model.language_model."),
+                         ("language_model.lm_head.", "lm_head.")):
+            if name.startswith(old):
+                name = new + name[len(old):]
+        renamed[name] = array
+    assert any(n.startswith("model.language_model.layers.") for n in renamed)
+    save_file(renamed, tmp_path / "model.safetensors")
+    ids, mask = random_batch(seed=5)
+    ref_states, _ = torch_outputs(reference, ids, mask)
+    ours = load_llm(tmp_path).hidden_states(ids, mask)
+    assert max(relative_error(a, b, mask) for a, b in zip(ours, ref_states)) <= 1e-4

@@ -1,5 +1,8 @@
 """Weight loading: GGUF files written the llama.cpp way load like their Hugging Face folders; bad
-inputs fail naming the file, tensor or field; fingerprints; the offline default models."""
+inputs fail naming the file, tensor or field; fingerprints; the offline default models.
+
+The GGUF files are named by gguf's own table (gguf.get_tensor_name_map, what llama.cpp's
+converter uses), an oracle independent of the loader's code path."""
 import gguf
 import numpy as np
 import pytest
@@ -10,25 +13,6 @@ from lidit_jax.fingerprint import file_fingerprint
 from lidit_jax.text import load_llm, models
 from test_llm import build_tiny, random_batch
 
-LAYER_NAMES = {  # Hugging Face name inside a layer -> llama.cpp name inside blk.{i}.
-    "input_layernorm.weight": "attn_norm.weight",
-    "self_attn.q_proj.weight": "attn_q.weight",
-    "self_attn.k_proj.weight": "attn_k.weight",
-    "self_attn.v_proj.weight": "attn_v.weight",
-    "self_attn.q_proj.bias": "attn_q.bias",
-    "self_attn.k_proj.bias": "attn_k.bias",
-    "self_attn.v_proj.bias": "attn_v.bias",
-    "self_attn.o_proj.weight": "attn_output.weight",
-    "self_attn.q_norm.weight": "attn_q_norm.weight",
-    "self_attn.k_norm.weight": "attn_k_norm.weight",
-    "mlp.gate_proj.weight": "ffn_gate.weight",
-    "mlp.up_proj.weight": "ffn_up.weight",
-    "mlp.down_proj.weight": "ffn_down.weight",
-    "pre_feedforward_layernorm.weight": "ffn_norm.weight",
-    "post_feedforward_layernorm.weight": "post_ffw_norm.weight",
-}
-
-
 def llama_cpp_permute(w, heads):
     """convert_hf_to_gguf.py's q/k row order for Llama files."""
     return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(
@@ -38,31 +22,22 @@ def llama_cpp_permute(w, heads):
 def gguf_tensors(model, arch):
     """HF model -> {llama.cpp name: float32 array} as convert_hf_to_gguf.py would write them."""
     config = model.config
+    names = gguf.get_tensor_name_map(
+        next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == arch), config.num_hidden_layers)
     out = {}
     for name, tensor in model.state_dict().items():
         w = tensor.numpy().astype(np.float32)
-        if name == "lm_head.weight":
-            if config.tie_word_embeddings:
-                continue
-            out["output.weight"] = w
+        if name == "lm_head.weight" and config.tie_word_embeddings:
             continue
-        if name in ("model.embed_tokens.weight", "model.norm.weight"):
-            out[{"model.embed_tokens.weight": "token_embd.weight",
-                 "model.norm.weight": "output_norm.weight"}[name]] = (
-                w + 1 if arch == "gemma3" and "norm" in name else w)
-            continue
-        _, _, index, rest = name.split(".", 3)
-        if rest == "post_attention_layernorm.weight":
-            gguf_name = "post_attention_norm.weight" if arch == "gemma3" else "ffn_norm.weight"
-        else:
-            gguf_name = LAYER_NAMES[rest]
-        if arch == "llama" and rest == "self_attn.q_proj.weight":
+        gguf_name = names.get_name(name, try_suffixes=(".weight", ".bias"))
+        assert gguf_name is not None, name
+        if arch == "llama" and name.endswith("self_attn.q_proj.weight"):
             w = llama_cpp_permute(w, config.num_attention_heads)
-        if arch == "llama" and rest == "self_attn.k_proj.weight":
+        if arch == "llama" and name.endswith("self_attn.k_proj.weight"):
             w = llama_cpp_permute(w, config.num_key_value_heads)
-        if arch == "gemma3" and "norm" in rest:
+        if arch == "gemma3" and "norm" in name:
             w = w + 1
-        out[f"blk.{index}.{gguf_name}"] = w
+        out[gguf_name] = w
     return out
 
 
@@ -91,6 +66,8 @@ def gguf_fields(model, arch):
                   add_embedding_length=c.hidden_size, add_feed_forward_length=c.intermediate_size,
                   add_head_count=c.num_attention_heads, add_head_count_kv=c.num_key_value_heads,
                   add_layer_norm_rms_eps=c.rms_norm_eps)
+    if arch == "qwen3":
+        fields["add_key_length"] = c.head_dim
     if arch == "gemma3":
         fields.update(add_key_length=c.head_dim, add_sliding_window=c.sliding_window,
                       add_rope_freq_base=c.rope_parameters["full_attention"]["rope_theta"])
@@ -127,15 +104,16 @@ def tiny_gguf(tmp_path, arch, raw_types=None, drop=(), drop_fields=(), quantized
     return folder, write_gguf(tmp_path / f"tiny-{arch}.gguf", arch, tensors, fields, raw_types)
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma3"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "gemma3"])
 def test_gguf_loads_like_the_folder(arch, tmp_path, monkeypatch):
     if arch == "gemma3":  # GGUF Gemma files imply 5 local + 1 global layers, head_dim scale.
         import test_llm
-        monkeypatch.setitem(test_llm.TINY_MODELS, "gemma3", lambda: test_llm.transformers.
+        monkeypatch.setitem(test_llm.TINY_MODELS, "gemma3", (lambda: test_llm.transformers.
                             Gemma3ForCausalLM(test_llm.transformers.Gemma3TextConfig(
                                 vocab_size=test_llm.VOCAB, hidden_size=64, intermediate_size=96,
                                 num_hidden_layers=6, num_attention_heads=4, num_key_value_heads=2,
-                                head_dim=16, query_pre_attn_scalar=16, sliding_window=4)))
+                                head_dim=16, query_pre_attn_scalar=16, sliding_window=4)),
+                            "gemma3"))
     folder, path = tiny_gguf(tmp_path, arch)
     from_gguf, from_folder = load_llm(path), load_llm(folder)
     assert from_gguf.config.layer_types == from_folder.config.layer_types
@@ -150,8 +128,8 @@ def test_folder_without_config(tmp_path):
 
 
 def test_unsupported_architecture(tmp_path):
-    (tmp_path / "config.json").write_text('{"model_type": "bert"}')
-    with pytest.raises(ValueError, match=r"config\.json: model_type 'bert'.*supported.*llama"):
+    (tmp_path / "config.json").write_text('{"model_type": "gpt2"}')
+    with pytest.raises(ValueError, match=r"config\.json: model_type 'gpt2'.*supported.*llama"):
         load_llm(tmp_path)
     embedding = {"token_embd.weight": np.zeros((4, 8), np.float32)}
     path = write_gguf(tmp_path / "gpt2.gguf", "gpt2", embedding, {})
@@ -159,12 +137,32 @@ def test_unsupported_architecture(tmp_path):
         load_llm(path)
 
 
-@pytest.mark.parametrize("kind", ["F16", "BF16", "Q4_0", "Q8_0"])
-def test_quantized_tensors_load_as_their_dequantized_values(kind, tmp_path):
-    """Types the real model files do not hold; attn_q also goes through the undone llama.cpp
-    row permutation, which must act on dequantized rows."""
+def _writable(kind):
+    try:
+        gguf.quants.quantize(np.zeros((1, 256), np.float32), kind)
+        return True
+    except NotImplementedError:
+        return False
+
+
+# Every type the installed gguf can write (0.19: F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0,
+# TQ1_0, TQ2_0, MXFP4); the block-wise ones need rows of 256 values (TQ*): ffn_down's rows are
+# the intermediate size.
+WRITABLE_TYPES = [kind.name for kind in gguf.GGMLQuantizationType if _writable(kind)]
+
+
+@pytest.mark.parametrize("kind", WRITABLE_TYPES)
+def test_quantized_tensors_load_as_their_dequantized_values(kind, tmp_path, monkeypatch):
+    """attn_q also goes through the undone llama.cpp row permutation, which must act on
+    dequantized rows."""
+    import test_llm
+    monkeypatch.setitem(test_llm.TINY_MODELS, "llama", (lambda: test_llm.transformers.
+                        LlamaForCausalLM(test_llm.transformers.LlamaConfig(
+                            vocab_size=test_llm.VOCAB, hidden_size=256, intermediate_size=256,
+                            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                            tie_word_embeddings=True)), "llama"))
     quantized = {name: gguf.GGMLQuantizationType[kind]
-                 for name in ("blk.0.ffn_up.weight", "blk.1.attn_q.weight")}
+                 for name in ("blk.0.ffn_down.weight", "blk.1.attn_q.weight")}
     _, stored = tiny_gguf(tmp_path / "quantized", "llama", quantized=quantized)
     _, reference = tiny_gguf(tmp_path / "float32", "llama", quantized=quantized, as_float32=True)
     ids, mask = random_batch(seed=5)
@@ -173,13 +171,14 @@ def test_quantized_tensors_load_as_their_dequantized_values(kind, tmp_path):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-6)
 
 
-def test_unsupported_quantization(tmp_path):
-    # Q5_1 blocks: 32 values in 24 bytes; the loader must refuse before dequantizing.
-    raw = np.zeros((96, 64 // 32 * 24), np.uint8)
+def test_type_gguf_cannot_dequantize_is_refused(tmp_path):
+    # Q8_1 blocks: 32 values in 40 bytes; gguf 0.19 writes none and cannot dequantize them.
+    raw = np.zeros((96, 64 // 32 * 40), np.uint8)
     _, path = tiny_gguf(tmp_path, "llama",
-                        raw_types={"blk.0.ffn_up.weight": (gguf.GGMLQuantizationType.Q5_1, raw)})
+                        raw_types={"blk.0.ffn_up.weight": (gguf.GGMLQuantizationType.Q8_1, raw)})
     with pytest.raises(ValueError, match=r"tiny-llama\.gguf: tensor 'blk\.0\.ffn_up\.weight' is "
-                                         r"stored as Q5_1; supported types: .*Q6_K"):
+                                         r"stored as Q8_1, which the installed gguf package "
+                                         r"cannot dequantize"):
         load_llm(path)
 
 

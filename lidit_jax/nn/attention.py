@@ -18,6 +18,7 @@ def dot_product_attention(
     causal=False,
     sliding_window=None,
     scale=None,
+    bias=None,
     implementation="xla",
 ):
     """Multi-head (or grouped-query) scaled dot-product attention.
@@ -30,6 +31,8 @@ def dot_product_attention(
       causal: query i attends to keys <= i (q_len == kv_len).
       sliding_window: with `causal`, query i also only sees keys > i - sliding_window.
       scale: logits multiplier; default 1/sqrt(head_dim).
+      bias: optional additive logits bias broadcastable to [batch, heads, q_len, kv_len] (T5's
+        relative position bias).
       implementation: one of IMPLEMENTATIONS.
 
     Returns:
@@ -60,6 +63,7 @@ def dot_product_attention(
         query,
         key,
         value,
+        bias=bias,
         mask=mask,
         is_causal=causal,
         scale=scale,

@@ -1,4 +1,5 @@
-"""Frozen LLM text encoders: `load_llm(path)` -> `LLM` (other text modules: import by path)."""
+"""Frozen text encoders (decoder-only LLMs, BERT, T5): `load_llm(path)` -> `LLM` (other text
+modules: import by path)."""
 from lidit_jax.text.llm import LLM, LLMConfig
 from lidit_jax.text.weights import load_llm
 

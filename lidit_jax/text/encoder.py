@@ -4,8 +4,8 @@
 (`--mode=encode`, `text/cache.py`) when `text.cache_dir` is set, else encodes online
 (`train/inputs.py`). Either way a batch of captions becomes
   {"states": [[batch, max_length, width_k] per LLM], "masks": [...], "prompt_masks": [...]}
-with states taken from hidden layer `text.llms.<name>.layer` (optionally through the LLM's
-final norm).
+with states chosen by `text.llms.<name>.layer` (one layer, several, all of them averaged or
+all of them for a learned pool: `text/features.py`), optionally through the LLM's final norm.
 """
 import jax
 import jax.numpy as jnp
@@ -13,6 +13,7 @@ import numpy as np
 
 from lidit_jax import configuration
 from lidit_jax.parallel import mesh as mesh_lib
+from lidit_jax.text import features
 from lidit_jax.text.models import resolve_model_path
 from lidit_jax.text.tokenizer import PromptTemplate
 from lidit_jax.text.weights import load_llm
@@ -26,15 +27,23 @@ class PromptEncoder:
 
     def __init__(self, name, llm_config, text_config, mesh=None, rules=None):
         self.name = name
-        self.layer = llm_config.layer
+        key = f"text.llms.{name}"
+        try:
+            self.layer = features.parse(llm_config.layer, llm_config.layer_combine, key)
+        except features.LayerChoiceError as e:
+            raise configuration.ConfigError(str(e)) from None
+        self.layer_combine = llm_config.layer_combine
         self.apply_final_norm = llm_config.final_norm
-        self.llm = load_llm(resolve_model_path(llm_config.path, key=f"text.llms.{name}.path"),
+        self.llm = load_llm(resolve_model_path(llm_config.path, key=f"{key}.path"),
                             dtype=jnp.dtype(llm_config.dtype), mesh=mesh, rules=rules)
-        num_states = self.llm.config.num_layers + 1
-        if not -num_states <= self.layer < num_states:
+        try:
+            features.check_range(self.layer, self.llm.config.num_layers + 1, key, self.llm.name)
+        except features.LayerChoiceError as e:
+            raise configuration.ConfigError(str(e)) from None
+        if self.apply_final_norm and not self.llm.config.has_final_norm:
             raise configuration.ConfigError(
-                f"text.llms.{name}.layer={self.layer} is outside the {num_states} hidden states "
-                f"of {self.llm.name}")
+                f"text.llms.{name}.final_norm=True, but {self.llm.name} has no final norm (its "
+                "last hidden state is already normalised); set it to False")
         self.template = PromptTemplate.from_config(text_config, self.llm.tokenizer)
         self._select = jax.jit(self._select_layer)
 
@@ -46,21 +55,28 @@ class PromptEncoder:
 
     @property
     def width(self):
-        return self.llm.config.hidden_size
+        """Channels of the states this encoder feeds the denoiser (features.feature_width)."""
+        return features.feature_width(self.layer, self.layer_combine, self.llm.config.hidden_size)
+
+    @property
+    def states_ndim(self):
+        """Rank of the states per batch: 4 for layer="attention_pool" (all states), else 3."""
+        return 4 if self.layer == "attention_pool" else 3
 
     def _select_layer(self, hidden_states):
-        states = hidden_states[self.layer]
-        if self.apply_final_norm:
-            states = self.llm.final_norm(states)
+        final_norm = self.llm.final_norm if self.apply_final_norm else None
+        states = features.select(hidden_states, self.layer, self.layer_combine, final_norm)
         return states.astype(STATE_DTYPE)
 
     def metadata(self):
         """What identifies these states: the cache and checkpoints record and compare it."""
-        return {"llm": self.llm.name, "fingerprint": self.llm.fingerprint, "layer": self.layer,
+        return {"llm": self.llm.name, "fingerprint": self.llm.fingerprint,
+                "layer": features.describe(self.layer, self.layer_combine),
                 "final_norm": bool(self.apply_final_norm), "template": self.template.description()}
 
     def encode(self, captions, crop_padding=False):
-        """list of str -> dict(states [b, L, width] bf16, mask [b, L] bool, prompt_mask [b, L]).
+        """list of str -> dict(states [b, L, width] bf16 (layer="attention_pool": [b, L,
+        num_layers + 1, width]), mask [b, L] bool, prompt_mask [b, L] bool).
 
         L is text.max_length, or with `crop_padding` (right padding only) the batch's longest
         sequence rounded up to a multiple of CROP_MULTIPLE: what the text cache uses, since it
@@ -88,9 +104,9 @@ def as_text_inputs(per_llm):
 
 def pad_entry(entry, max_length):
     """A cached entry (trimmed to its real tokens) -> fixed [max_length] arrays (host numpy)."""
-    states = entry["states"]
+    states = entry["states"]  # [length, width] or [length, states, width] (attention_pool).
     length = states.shape[0]
-    padded = np.zeros((max_length, states.shape[1]), states.dtype)
+    padded = np.zeros((max_length, *states.shape[1:]), states.dtype)
     padded[:length] = states
     mask = np.zeros((max_length,), bool)
     mask[:length] = True

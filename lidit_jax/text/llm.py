@@ -1,9 +1,10 @@
-"""A frozen decoder-only LLM (Flax NNX) for the Llama, Qwen2 and Gemma 3 text families.
+"""A frozen decoder-only LLM (Flax NNX) for the Llama, Qwen2, Qwen3 and Gemma 3 text families.
 
-One transformer covers the three families; they differ only in switches of `LLMConfig`:
+One transformer covers the four families; they differ only in switches of `LLMConfig`:
   Llama (Llama 3, SmolLM2, Mistral): RMSNorm w, RoPE (default / linear / llama3 scaling), GQA,
     SwiGLU, tied or untied embeddings;
   Qwen2: Llama plus q/k/v biases;
+  Qwen3: Llama plus q/k RMSNorm over head_dim (before RoPE);
   Gemma 3 text: norms applied as (1 + w), embeddings times sqrt(width), q/k RMSNorm over head_dim,
     a norm after each sublayer too, GELU-tanh GLU, sliding-window and global layers with their own
     rope bases, attention scale query_pre_attn_scalar**-0.5, optional final logit softcapping.
@@ -17,6 +18,11 @@ Parameters carry logical axes (`embed`, `heads`, `kv_heads`, `head_dim`, `mlp`, 
 `jax.lax.scan`, so compile time does not grow with depth (32 layers compile like one). Gemma's
 interleaved local/global layers stay inside the scan: each layer's rope frequencies and window are
 scanned inputs next to its weights, so one traced layer body serves both kinds.
+
+Multimodal checkpoints load their language tower and ignore the rest: LLaVA / LLaVA-NeXT (a
+Llama, Mistral or Qwen2 tower under `language_model`) and Qwen2-VL / Qwen2.5-VL (a Qwen2 tower
+with M-RoPE: for text-only input the temporal, height and width positions are all the token
+index, so each rotary section turns by the same angle and M-RoPE is exactly 1-D RoPE).
 """
 import dataclasses
 import math
@@ -29,10 +35,13 @@ from flax import nnx
 from lidit_jax.nn.attention import dot_product_attention
 from lidit_jax.parallel.sharding import axis_rules, constrain
 
-FAMILIES = ("llama", "qwen2", "gemma3")
-# Hugging Face config.json model_type -> family.
+FAMILIES = ("llama", "qwen2", "qwen3", "gemma3")
+# Hugging Face config.json model_type -> family (of the text tower, for multimodal models).
 SUPPORTED_HF_MODEL_TYPES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2",
-                            "gemma3_text": "gemma3"}
+                            "qwen3": "qwen3", "gemma3_text": "gemma3",
+                            "qwen2_vl_text": "qwen2", "qwen2_5_vl_text": "qwen2"}
+# Multimodal model types whose config.json nests the language tower's config as text_config.
+MULTIMODAL_HF_MODEL_TYPES = ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl")
 ACTIVATION_NAMES = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh",
                     "gelu_tanh": "gelu_tanh"}
 LAYER_TYPES = ("full_attention", "sliding_attention")
@@ -77,6 +86,8 @@ class LLMConfig:
     tie_word_embeddings: bool = False
     final_logit_softcapping: float = None
 
+    has_final_norm = True  # hidden_states[-1] is the last layer after the final norm.
+
     def __post_init__(self):
         problems = []
         if self.family not in FAMILIES:
@@ -105,11 +116,18 @@ class LLMConfig:
         layer_types), so a config.json means exactly what it means to transformers.
         """
         model_type = raw.get("model_type")
+        from transformers import CONFIG_MAPPING
+        top = None
+        if model_type in MULTIMODAL_HF_MODEL_TYPES:  # The language tower's config.
+            top = CONFIG_MAPPING[model_type].from_dict(dict(raw))
+            raw = top.text_config.to_dict()
+            model_type = raw.get("model_type")
+            where = f"{where} (text_config)"
         if model_type not in SUPPORTED_HF_MODEL_TYPES:
             raise ValueError(f"{where}: model_type {model_type!r} "
                              f"(architectures {raw.get('architectures')}) is not supported; "
-                             f"supported model types: {sorted(SUPPORTED_HF_MODEL_TYPES)}")
-        from transformers import CONFIG_MAPPING
+                             f"supported model types: "
+                             f"{sorted({*SUPPORTED_HF_MODEL_TYPES, *MULTIMODAL_HF_MODEL_TYPES})}")
         hf = CONFIG_MAPPING[model_type].from_dict(dict(raw))
         family = SUPPORTED_HF_MODEL_TYPES[model_type]
         unsupported = {key: getattr(hf, key, None) for key in
@@ -137,6 +155,9 @@ class LLMConfig:
             local_theta, rope = local["rope_theta"], dict(rope["full_attention"])
         theta = rope.pop("rope_theta")
         attention_bias = bool(getattr(hf, "attention_bias", False))
+        tie = getattr(hf, "tie_word_embeddings", None)
+        if tie is None and top is not None:  # Qwen2-VL keeps it on the outer config only.
+            tie = getattr(top, "tie_word_embeddings", False)
         return cls(
             family=family,
             name=name,
@@ -156,15 +177,20 @@ class LLMConfig:
             sliding_window=getattr(hf, "sliding_window", None),
             attention_scale=hf.query_pre_attn_scalar**-0.5 if family == "gemma3" else None,
             qkv_bias=family == "qwen2" or attention_bias,  # Qwen2 always has q/k/v biases.
-            o_bias=family == "llama" and attention_bias,
+            o_bias=family in ("llama", "qwen3") and attention_bias,
             activation=ACTIVATION_NAMES[activation],
-            tie_word_embeddings=bool(hf.tie_word_embeddings),
+            tie_word_embeddings=bool(tie),
             final_logit_softcapping=getattr(hf, "final_logit_softcapping", None),
         )
 
     @property
     def is_gemma(self):
         return self.family == "gemma3"
+
+    @property
+    def qk_norm(self):
+        """RMSNorm of q and k over head_dim before RoPE (Gemma 3, Qwen3)."""
+        return self.family in ("gemma3", "qwen3")
 
     @property
     def norm_offset(self):
@@ -261,9 +287,10 @@ def _layer_params(config, dtype):
                       v_bias=((kv, d), ("kv_heads", "head_dim")))
     if config.o_bias:
         params["o_bias"] = ((e,), ("embed",))
+    if config.qk_norm:
+        params.update(q_norm=((d,), ("norm",)), k_norm=((d,), ("norm",)))
     if config.is_gemma:
-        params.update(q_norm=((d,), ("norm",)), k_norm=((d,), ("norm",)),
-                      attn_post_norm=((e,), ("norm",)), mlp_post_norm=((e,), ("norm",)))
+        params.update(attn_post_norm=((e,), ("norm",)), mlp_post_norm=((e,), ("norm",)))
     return params
 
 
@@ -337,7 +364,7 @@ class DecoderLM(nnx.Module):
         v = dense("ble,ehd->blhd", h, p["v"])
         if c.qkv_bias:
             q, k, v = q + p["q_bias"], k + p["k_bias"], v + p["v_bias"]
-        if c.is_gemma:
+        if c.qk_norm:
             q, k = norm(q, "q_norm"), norm(k, "k_norm")
         q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         q = constrain(q, ("batch", "length", "heads", "head_dim"))

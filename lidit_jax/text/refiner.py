@@ -37,6 +37,7 @@ from flax import nnx
 from lidit_jax.nn.attention import dot_product_attention
 from lidit_jax.nn.layers import MLP, RMSNorm, linear, modulate
 from lidit_jax.parallel.sharding import constrain
+from lidit_jax.text.features import LayerPool, pools_layers
 
 TEXT_TOKENS = ("batch", "text_length", "embed")
 FUSIONS = ("single", "concat", "collaborative")
@@ -258,12 +259,22 @@ class TextConditioner(nnx.Module):
                       for _ in range(text_config.collaborative.depth)])
             if fusion == "collaborative" else None)
         self.drop_instruction = text_config.drop_instruction
+        # Branches of encoders with layer="attention_pool" receive all their hidden states
+        # [batch, len, S, width_k]; a learned LayerPool per branch reduces them (features.py).
+        names = [n.strip() for n in text_config.encoders.split(",") if n.strip()]
+        pooled = [k for k, name in enumerate(names) if pools_layers(text_config, name)]
+        if pooled and len(names) != len(llm_widths):
+            raise ValueError(f"text.encoders names {len(names)} encoders, {len(llm_widths)} "
+                             "widths given")
+        self.layer_pools = nnx.Dict({str(k): LayerPool(llm_widths[k], param_dtype=param_dtype)
+                                     for k in pooled})
 
     def __call__(self, states, masks, prompt_masks, t_emb):
         """Refines, fuses and selects the text tokens the DiT cross-attends to.
 
         Args:
-          states: K x [batch, len_k, width_k], any float dtype (bf16 from the cache).
+          states: K x [batch, len_k, width_k], any float dtype (bf16 from the cache);
+            [batch, len_k, S_k, width_k] for an encoder with layer="attention_pool".
           masks: K x [batch, len_k] bool attention masks (False on padding).
           prompt_masks: K x [batch, len_k] bool, True on the prompt's own tokens.
           t_emb: [batch, embed] timestep embedding.
@@ -276,6 +287,8 @@ class TextConditioner(nnx.Module):
                              f"got {len(states)} states, {len(masks)} masks, "
                              f"{len(prompt_masks)} prompt masks")
         t_emb = t_emb.astype(jnp.float32)
+        states = [self.layer_pools[str(k)](s) if str(k) in self.layer_pools else s
+                  for k, s in enumerate(states)]
         pooled_k = [r.pooled(s, m) for r, s, m in zip(self.refiners, states, masks)]
         xs = [r(s, m, t_emb + p)
               for r, s, m, p in zip(self.refiners, states, masks, pooled_k)]

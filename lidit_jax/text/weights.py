@@ -1,14 +1,18 @@
-"""Loads a frozen LLM from a Hugging Face folder or a GGUF file into `llm.DecoderLM`.
+"""Loads a frozen text encoder from a Hugging Face folder or a GGUF file into its Flax module:
+`llm.DecoderLM` (LLMs and multimodal language towers), `bert.BertEncoder`, `t5.T5Encoder`,
+chosen by config.json's model_type.
 
     llm = load_llm("default:smollm2" resolved, or "/models/Llama-3.1-8B", dtype=jnp.bfloat16,
                    mesh=mesh, rules=config.mesh.rules)
 
 Both sources serve tensors under their Hugging Face names and conventions ([out, in] kernels,
-Gemma norm weights w): the GGUF reader dequantizes (gguf.quants), undoes llama.cpp's q/k row
-permutation for Llama files and subtracts Gemma's stored 1 + w. Tensors are read lazily (memory
-maps); each parameter (one name, all layers stacked) is converted, placed on the devices with the
-NamedSharding its logical axes get from the rules table, and dropped from host memory before the
-next, so the host never holds more than one parameter of the model.
+Gemma norm weights w): the GGUF reader finds each tensor through the gguf package's own name
+table (gguf.get_tensor_name_map, the one llama.cpp's converter writes with), dequantizes every
+type gguf.quants can, undoes llama.cpp's q/k row permutation for Llama files and subtracts
+Gemma's stored 1 + w. Tensors are read lazily (memory maps); each parameter (one name, all
+layers stacked) is converted, placed on the devices with the NamedSharding its logical axes get
+from the rules table, and dropped from host memory before the next, so the host never holds more
+than one parameter of the model.
 """
 import json
 import pathlib
@@ -20,11 +24,10 @@ from flax import nnx
 
 from lidit_jax.fingerprint import file_fingerprint
 from lidit_jax.parallel import sharding
+from lidit_jax.text import bert, llm, t5
 from lidit_jax.text.llm import LLM, DecoderLM, LLMConfig
 
-SUPPORTED_GGUF_ARCHITECTURES = ("llama", "qwen2", "gemma3")
-SUPPORTED_GGUF_TYPES = ("F32", "F16", "BF16", "Q4_0", "Q4_1", "Q4_K", "Q5_0", "Q5_K", "Q6_K",
-                        "Q8_0")
+SUPPORTED_GGUF_ARCHITECTURES = ("llama", "qwen2", "qwen3", "gemma3")
 SAFETENSORS_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16,
                       "BF16": jnp.bfloat16}
 
@@ -62,17 +65,61 @@ def _parameter_sources(config):
                 lambda b, heads=heads: b.reshape(heads, d))
     if config.o_bias:
         sources[("layers", "o_bias")] = (layer + "self_attn.o_proj.bias", (e,), None)
+    if config.qk_norm:
+        sources.update({
+            ("layers", "q_norm"): (layer + "self_attn.q_norm.weight", (d,), None),
+            ("layers", "k_norm"): (layer + "self_attn.k_norm.weight", (d,), None),
+        })
     if config.is_gemma:
         sources.update({
             ("layers", "mlp_norm"): (layer + "pre_feedforward_layernorm.weight", (e,), None),
             ("layers", "attn_post_norm"): (layer + "post_attention_layernorm.weight", (e,), None),
             ("layers", "mlp_post_norm"): (layer + "post_feedforward_layernorm.weight", (e,), None),
-            ("layers", "q_norm"): (layer + "self_attn.q_norm.weight", (d,), None),
-            ("layers", "k_norm"): (layer + "self_attn.k_norm.weight", (d,), None),
         })
     else:
         sources[("layers", "mlp_norm")] = (layer + "post_attention_layernorm.weight", (e,), None)
     return sources
+
+
+def config_from_hf(raw, name="model", where="config.json"):
+    """A Hugging Face config.json dict -> the config of the family its model_type names."""
+    model_type = raw.get("model_type")
+    if model_type in bert.SUPPORTED_HF_MODEL_TYPES:
+        return bert.BertConfig.from_hf(raw, name=name, where=where)
+    if model_type in t5.SUPPORTED_HF_MODEL_TYPES:
+        return t5.T5Config.from_hf(raw, name=name, where=where)
+    if model_type in (*llm.SUPPORTED_HF_MODEL_TYPES, *llm.MULTIMODAL_HF_MODEL_TYPES):
+        return LLMConfig.from_hf(raw, name=name, where=where)
+    supported = sorted({*llm.SUPPORTED_HF_MODEL_TYPES, *llm.MULTIMODAL_HF_MODEL_TYPES,
+                        *bert.SUPPORTED_HF_MODEL_TYPES, *t5.SUPPORTED_HF_MODEL_TYPES})
+    raise ValueError(f"{where}: model_type {model_type!r} (architectures "
+                     f"{raw.get('architectures')}) is not supported; supported model types: "
+                     f"{supported}")
+
+
+def _architecture(config):
+    """config -> (module class, parameter table) of its family."""
+    if isinstance(config, bert.BertConfig):
+        return bert.BertEncoder, bert.parameter_sources(config)
+    if isinstance(config, t5.T5Config):
+        return t5.T5Encoder, t5.parameter_sources(config)
+    return DecoderLM, _parameter_sources(config)
+
+
+# model_type -> (stored prefix, our prefix) pairs: where a checkpoint keeps, under other names,
+# tensors we read. A name stored under our own spelling wins over a renamed one.
+_STORED_PREFIXES = {
+    # T5EncoderModel folders of some published checkpoints keep the shared embedding under the
+    # encoder's name only.
+    **{model_type: (("encoder.embed_tokens.", "shared."),)
+       for model_type in t5.SUPPORTED_HF_MODEL_TYPES},
+    # Multimodal models: the language tower, as published (language_model.model.*, LLaVA) or
+    # as transformers 5 saves it (model.language_model.*); Qwen2-VL publishes it as model.*.
+    # Vision tower and projector tensors are never read.
+    **{model_type: (("language_model.model.", "model."), ("language_model.lm_head.", "lm_head."),
+                    ("model.language_model.", "model."))
+       for model_type in llm.MULTIMODAL_HF_MODEL_TYPES},
+}
 
 
 # ---- Hugging Face folders -----------------------------------------------------------------------
@@ -111,8 +158,8 @@ class HuggingFaceFolder:
             raise FileNotFoundError(
                 f"{self.folder}: no config.json; an LLM path must be a Hugging Face folder "
                 "(config.json + *.safetensors) or a .gguf file")
-        self.config = LLMConfig.from_hf(json.loads(config_path.read_text()),
-                                        name=self.folder.name, where=str(config_path))
+        raw = json.loads(config_path.read_text())
+        self.config = config_from_hf(raw, name=self.folder.name, where=str(config_path))
         index = self.folder / "model.safetensors.index.json"
         if index.is_file():
             names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
@@ -126,6 +173,9 @@ class HuggingFaceFolder:
         for path in self.files:
             for name, entry in _safetensors_header(path).items():
                 self.tensors[name] = (path, *entry)
+        for stored, ours in _STORED_PREFIXES.get(raw.get("model_type"), ()):
+            for name in [n for n in self.tensors if n.startswith(stored)]:
+                self.tensors.setdefault(ours + name[len(stored):], self.tensors[name])
         self._maps = {}
 
     @property
@@ -154,28 +204,6 @@ class HuggingFaceFolder:
 
 
 # ---- GGUF files ---------------------------------------------------------------------------------
-
-_GGUF_LAYER_NAMES = {  # HF name inside a layer -> GGUF name inside blk.{i}.
-    "input_layernorm.weight": "attn_norm.weight",
-    "self_attn.q_proj.weight": "attn_q.weight",
-    "self_attn.k_proj.weight": "attn_k.weight",
-    "self_attn.v_proj.weight": "attn_v.weight",
-    "self_attn.q_proj.bias": "attn_q.bias",
-    "self_attn.k_proj.bias": "attn_k.bias",
-    "self_attn.v_proj.bias": "attn_v.bias",
-    "self_attn.o_proj.weight": "attn_output.weight",
-    "self_attn.o_proj.bias": "attn_output.bias",
-    "self_attn.q_norm.weight": "attn_q_norm.weight",
-    "self_attn.k_norm.weight": "attn_k_norm.weight",
-    "mlp.gate_proj.weight": "ffn_gate.weight",
-    "mlp.up_proj.weight": "ffn_up.weight",
-    "mlp.down_proj.weight": "ffn_down.weight",
-    "pre_feedforward_layernorm.weight": "ffn_norm.weight",
-    "post_feedforward_layernorm.weight": "post_ffw_norm.weight",
-}
-_GGUF_GLOBAL_NAMES = {"model.embed_tokens.weight": "token_embd.weight",
-                      "model.norm.weight": "output_norm.weight", "lm_head.weight": "output.weight"}
-
 
 def _gguf_reader(path):
     """gguf.GGUFReader over a plain ndarray view of its memory map.
@@ -213,6 +241,9 @@ class GGUFFile:
                              "corrupt: download or assemble it again") from err
         self.tensors = {t.name: t for t in self.reader.tensors}
         self.config = self._config()
+        import gguf
+        arch = next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == self.config.family)
+        self._names = gguf.get_tensor_name_map(arch, self.config.num_layers)
 
     def field(self, key, default=KeyError):
         field = self.reader.fields.get(key)
@@ -288,23 +319,26 @@ class GGUFFile:
         return [self.path]
 
     def gguf_name(self, name):
-        if name in _GGUF_GLOBAL_NAMES:
-            return _GGUF_GLOBAL_NAMES[name]
-        _, _, index, rest = name.split(".", 3)
-        if rest == "post_attention_layernorm.weight":  # Llama: pre-MLP norm; Gemma: post-attn.
-            rest_gguf = "post_attention_norm.weight" if self.config.is_gemma else "ffn_norm.weight"
-        else:
-            rest_gguf = _GGUF_LAYER_NAMES[rest]
-        return f"blk.{index}.{rest_gguf}"
+        """HF tensor name -> its GGUF name, by gguf's table for this architecture (which knows,
+        e.g., that Gemma's post_attention_layernorm is a post-attention norm and Llama's the
+        pre-MLP ffn_norm)."""
+        gguf_name = self._names.get_name(name, try_suffixes=(".weight", ".bias"))
+        if gguf_name is None:
+            raise KeyError(f"{self.path}: gguf's {self.config.family} tensor table has no name "
+                           f"for {name!r}")
+        return gguf_name
 
     def _dequantize(self, gguf_name):
         import gguf
         tensor = self.tensors[gguf_name]
-        kind = tensor.tensor_type.name
-        if kind not in SUPPORTED_GGUF_TYPES:
-            raise ValueError(f"{self.path}: tensor {gguf_name!r} is stored as {kind}; supported "
-                             f"types: {', '.join(SUPPORTED_GGUF_TYPES)}")
-        return np.asarray(gguf.quants.dequantize(tensor.data, tensor.tensor_type), np.float32)
+        try:
+            values = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
+        except NotImplementedError as err:
+            raise ValueError(f"{self.path}: tensor {gguf_name!r} is stored as "
+                             f"{tensor.tensor_type.name}, which the installed gguf package "
+                             f"cannot dequantize ({err}); requantize the file (llama-quantize) "
+                             "or upgrade gguf") from err
+        return np.asarray(values, np.float32)
 
     def read(self, name):
         """The tensor with HF name `name`, dequantized to float32 in HF conventions."""
@@ -378,13 +412,13 @@ def load_llm(path, dtype=jnp.float32, mesh=None, rules=None):
         raise ValueError("load_llm: a mesh needs the logical axis rules (config.mesh.rules)")
     source = open_source(path)
     config = source.config
-    abstract = nnx.eval_shape(lambda: DecoderLM(config, dtype))
+    module, sources = _architecture(config)
+    abstract = nnx.eval_shape(lambda: module(config, dtype))
     graphdef, abstract_state = nnx.split(abstract)
     shardings = None
     if mesh is not None:
         sharding.validate_rules(rules, mesh.axis_names)
         shardings = sharding.state_shardings(abstract_state, mesh, rules)
-    sources = _parameter_sources(config)
     np_dtype = np.dtype(dtype)
 
     def fill(key_path, variable):

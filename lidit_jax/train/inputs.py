@@ -68,7 +68,7 @@ class TrainInputs:
     def batch_shardings(self):
         k = len(self.encoders)
         return {"x0": self._sharding(4),
-                "text": {"states": [self._sharding(3)] * k, "masks": [self._sharding(2)] * k,
+                "text": {"states": [self._sharding(e.states_ndim) for e in self.encoders], "masks": [self._sharding(2)] * k,
                          "prompt_masks": [self._sharding(2)] * k}}
 
     def _global(self, local):
