@@ -68,6 +68,19 @@ def encoder_names(config):
     return [name.strip() for name in config.text.encoders.split(",") if name.strip()]
 
 
+def llm_widths_from_config(config):
+    """The configured LLMs' hidden sizes (text.llms.<name>.width), without loading weights."""
+    widths = []
+    for name in encoder_names(config):
+        width = config.text.llms[name].width
+        if width <= 0:
+            raise ConfigError(
+                f"text.llms.{name}.width is 0; set it to the LLM's hidden size to describe or "
+                "compile without loading its weights")
+        widths.append(width)
+    return widths
+
+
 def mesh_axis_sizes(config, num_devices):
     """{'data': n, 'fsdp': n, 'tensor': n} with -1 resolved and DCN parts folded in."""
     num_slices = config.mesh.dcn_data * config.mesh.dcn_fsdp

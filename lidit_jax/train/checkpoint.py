@@ -9,13 +9,16 @@ Each step directory holds three items:
 Saves are asynchronous; Orbax writes into a temporary directory and renames it when complete, so
 a kill mid-save never leaves a half checkpoint under a step name. A step directory damaged later
 (e.g. a truncated file) fails to restore and the previous step is used, with a warning.
+The workdir may be local or gs:// (Orbax writes arrays through tensorstore, the rest through
+etils.epath).
 """
 import json
-import os
 
 import jax
 import orbax.checkpoint as ocp
 from absl import logging
+
+from lidit_jax import paths
 
 
 class FingerprintMismatch(ValueError):
@@ -32,7 +35,7 @@ class Checkpointer:
             enable_async_checkpointing=checkpoint_config.async_save,
             create=True,
         )
-        self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+        self.directory = paths.path(workdir) / "checkpoints"
         self.manager = ocp.CheckpointManager(
             self.directory, options=options, item_names=("state", "data", "meta"))
 
@@ -57,7 +60,8 @@ class Checkpointer:
         """(step, state, data_state, meta) of the newest restorable checkpoint, or None if none.
 
         `abstract_state` is a tree of jax.ShapeDtypeStruct with shardings: arrays are restored
-        directly into their shards.
+        directly into their shards, and nothing else is allocated. Leaves set to
+        `ocp.PLACEHOLDER` are not read (`ema_only`).
         """
         for step in sorted(self.manager.all_steps(), reverse=True):
             try:
@@ -93,6 +97,20 @@ def check_fingerprints(saved, expected, allow_mismatch=False):
             + "; ".join(differences))
     for difference in differences:
         logging.warning("encoder fingerprint differs, resuming anyway: %s", difference)
+
+
+def encoder_fingerprints(encoders, image_space):
+    """The frozen encoders' identity a checkpoint records and a resume compares (one place)."""
+    out = {encoder.name: encoder.metadata() for encoder in encoders}
+    out["image_space"] = image_space.fingerprint
+    return out
+
+
+def ema_only(abstract_state):
+    """The restore target for inference: the EMA weights; parameters and optimizer are skipped."""
+    skip = lambda tree: jax.tree.map(lambda _: ocp.PLACEHOLDER, tree)  # noqa: E731
+    return abstract_state.replace(params=skip(abstract_state.params),
+                                  opt_state=skip(abstract_state.opt_state))
 
 
 def abstract_like(state):

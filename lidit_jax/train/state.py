@@ -110,12 +110,8 @@ def abstract_train_state(model_constructor, config, mesh):
     return graphdef, abstract
 
 
-def create_train_state(model_constructor, config, mesh):
-    """(graphdef, state): the model, optimizer and EMA created directly in their shards.
-
-    `nnx.merge(graphdef, state.params)` gives the model back.
-    """
-    graphdef, abstract = abstract_train_state(model_constructor, config, mesh)
+def init_train_state(model_constructor, config, mesh, abstract):
+    """The state `abstract` describes, initialised directly in its shards (no host copy)."""
     tx = make_optimizer(config.train)
 
     def init():
@@ -123,8 +119,16 @@ def create_train_state(model_constructor, config, mesh):
         return _init_state(params, tx, config.seed)
 
     with jax.set_mesh(mesh), sharding.axis_rules(config.mesh.rules):
-        state = jax.jit(init, out_shardings=shardings_of(abstract))()
-    return graphdef, state
+        return jax.jit(init, out_shardings=shardings_of(abstract))()
+
+
+def create_train_state(model_constructor, config, mesh):
+    """(graphdef, state): the model, optimizer and EMA created directly in their shards.
+
+    `nnx.merge(graphdef, state.params)` gives the model back.
+    """
+    graphdef, abstract = abstract_train_state(model_constructor, config, mesh)
+    return graphdef, init_train_state(model_constructor, config, mesh, abstract)
 
 
 def shardings_of(state):
