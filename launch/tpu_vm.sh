@@ -106,7 +106,7 @@ case "$ACTION" in
   status)
     run gcloud compute tpus queued-resources describe "$NAME" --zone="$ZONE" \
       --format='value(state.state)'
-    ssh_all "hostname; pgrep -af lidit_jax.main || echo 'no lidit_jax process'" ;;
+    ssh_all "hostname; pgrep -af lidit_jax.main || echo \"no lidit_jax process\"" ;;
   logs)
     run gcloud alpha compute tpus queued-resources ssh "$NAME" --zone="$ZONE" --node=0 \
       --worker="$WORKER" --command="tail -n 100 ~/lidit_run.log" ;;

@@ -34,6 +34,10 @@ class Checkpointer:
             keep_period=checkpoint_config.keep_period or None,
             enable_async_checkpointing=checkpoint_config.async_save,
             create=True,
+            # A kill mid-save leaves a temporary directory (local) or a step directory without
+            # commit_success.txt (gs://, which has no rename); remove it, or the next save of
+            # that step would collide with it.
+            cleanup_tmp_directories=True,
         )
         self.directory = paths.path(workdir) / "checkpoints"
         self.manager = ocp.CheckpointManager(
