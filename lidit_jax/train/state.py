@@ -118,8 +118,7 @@ def init_train_state(model_constructor, config, mesh, abstract):
         _, params = _split_params(model_constructor())
         return _init_state(params, tx, config.seed)
 
-    with jax.set_mesh(mesh), sharding.axis_rules(config.mesh.rules):
-        return jax.jit(init, out_shardings=shardings_of(abstract))()
+    return sharding.init_in_shards(init, shardings_of(abstract), mesh, config.mesh.rules)
 
 
 def create_train_state(model_constructor, config, mesh):
