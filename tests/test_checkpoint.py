@@ -75,3 +75,13 @@ def test_other_text_encoder_is_refused(tmp_path):
     step, *_ = checkpointer.restore_latest(checkpoint_lib.abstract_like(states[1]), other,
                                            allow_mismatch=True)
     assert step == 1
+
+
+def test_remove_unfinished_steps_keeps_finished_ones(tmp_path):
+    directory = tmp_path / "checkpoints"
+    (directory / "8").mkdir(parents=True)
+    (directory / "12.orbax-checkpoint-tmp-1795983775").mkdir()  # A save killed mid-way.
+    assert checkpoint_lib.remove_unfinished_steps(directory) == [
+        "12.orbax-checkpoint-tmp-1795983775"]
+    assert sorted(p.name for p in directory.iterdir()) == ["8"]
+    assert checkpoint_lib.remove_unfinished_steps(tmp_path / "missing") == []

@@ -17,6 +17,7 @@ import json
 import jax
 import orbax.checkpoint as ocp
 from absl import logging
+from jax.experimental import multihost_utils
 
 from lidit_jax import paths
 
@@ -28,18 +29,21 @@ class FingerprintMismatch(ValueError):
 class Checkpointer:
     """Keeps the last `checkpoint.keep` checkpoints plus every `keep_period`-th step."""
 
-    def __init__(self, workdir, checkpoint_config):
+    def __init__(self, workdir, checkpoint_config, *, remove_unfinished=False):
+        """remove_unfinished: delete what an interrupted save left (the training run does;
+        `sample` and `export` must not, a run may be saving into the same workdir)."""
         options = ocp.CheckpointManagerOptions(
             max_to_keep=checkpoint_config.keep,
             keep_period=checkpoint_config.keep_period or None,
             enable_async_checkpointing=checkpoint_config.async_save,
             create=True,
-            # A kill mid-save leaves a temporary directory (local) or a step directory without
-            # commit_success.txt (gs://, which has no rename); remove it, or the next save of
-            # that step would collide with it.
-            cleanup_tmp_directories=True,
         )
         self.directory = paths.path(workdir) / "checkpoints"
+        if remove_unfinished:
+            if jax.process_index() == 0:
+                remove_unfinished_steps(self.directory)
+            if jax.process_count() > 1:  # Nobody lists the steps while process 0 deletes.
+                multihost_utils.sync_global_devices("lidit_jax checkpoint cleanup")
         self.manager = ocp.CheckpointManager(
             self.directory, options=options, item_names=("state", "data", "meta"))
 
@@ -101,6 +105,32 @@ def check_fingerprints(saved, expected, allow_mismatch=False):
             + "; ".join(differences))
     for difference in differences:
         logging.warning("encoder fingerprint differs, resuming anyway: %s", difference)
+
+
+def remove_unfinished_steps(directory):
+    """Deletes the step directories a killed save left behind; returns their names.
+
+    Locally Orbax saves into `<step>.orbax-checkpoint-tmp-*` and renames it when complete; gs://
+    has no rename, so Orbax writes into `<step>/` and marks it complete with commit_success.txt.
+    Either leftover would collide with the next save of that step. (Orbax's own
+    `cleanup_tmp_directories` deletes in a background thread while the manager lists the steps;
+    on gs:// the listing then sees the folder and fails once its last object is gone.)
+    """
+    directory = paths.path(directory)
+    if not directory.exists():
+        return []
+    remote = paths.is_remote(directory)
+    removed = []
+    for child in directory.iterdir():
+        unfinished = ("orbax-checkpoint-tmp" in child.name
+                      or (remote and child.name.isdigit()
+                          and not (child / "commit_success.txt").exists()))
+        if unfinished:
+            logging.warning("removing the unfinished checkpoint %s (a save was interrupted)",
+                            child)
+            child.rmtree()
+            removed.append(child.name)
+    return removed
 
 
 def encoder_fingerprints(encoders, image_space):

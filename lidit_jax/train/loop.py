@@ -94,7 +94,8 @@ def run(config, workdir):
 
     # ---- Model, optimizer, EMA: restored or created, directly in their shards ----------------
     # Restored straight into the abstract state: the state is never allocated twice.
-    checkpointer = checkpoint_lib.Checkpointer(workdir, config.checkpoint)
+    checkpointer = checkpoint_lib.Checkpointer(workdir, config.checkpoint,
+                                               remove_unfinished=True)
     restored = checkpointer.restore_latest(
         abstract_state, inputs.fingerprints(),
         allow_mismatch=config.text.allow_fingerprint_mismatch)
