@@ -43,4 +43,4 @@ def load_trained_run(config, workdir, mesh):
                          "train first")
     step, state, _, _ = restored
     logging.info("using the EMA weights of step %d", step)
-    return TrainedRun(step, graphdef, state.ema_params, encoders, image_space)
+    return TrainedRun(step, graphdef, state["ema_params"], encoders, image_space)

@@ -68,9 +68,15 @@ class Checkpointer:
         """(step, state, data_state, meta) of the newest restorable checkpoint, or None if none.
 
         `abstract_state` is a tree of jax.ShapeDtypeStruct with shardings: arrays are restored
-        directly into their shards, and nothing else is allocated. Leaves set to
-        `ocp.PLACEHOLDER` are not read (`ema_only`).
+        directly into their shards, and nothing else is allocated. A dict naming some of the
+        TrainState's fields (`ema_only`) restores just those and returns that dict.
         """
+        if isinstance(abstract_state, dict):
+            state_args = ocp.args.PyTreeRestore(
+                item=abstract_state, partial_restore=True,
+                restore_args=ocp.checkpoint_utils.construct_restore_args(abstract_state))
+        else:
+            state_args = ocp.args.StandardRestore(abstract_state)
         for step in sorted(self.manager.all_steps(), reverse=True):
             try:
                 meta = self.manager.restore(step, args=ocp.args.Composite(
@@ -78,7 +84,7 @@ class Checkpointer:
                 check_fingerprints(meta.get("fingerprints", {}), expected_fingerprints,
                                    allow_mismatch)
                 restored = self.manager.restore(step, args=ocp.args.Composite(
-                    state=ocp.args.StandardRestore(abstract_state),
+                    state=state_args,
                     data=ocp.args.JsonRestore()))
             except FingerprintMismatch:
                 raise
@@ -141,10 +147,9 @@ def encoder_fingerprints(encoders, image_space):
 
 
 def ema_only(abstract_state):
-    """The restore target for inference: the EMA weights; parameters and optimizer are skipped."""
-    skip = lambda tree: jax.tree.map(lambda _: ocp.PLACEHOLDER, tree)  # noqa: E731
-    return abstract_state.replace(params=skip(abstract_state.params),
-                                  opt_state=skip(abstract_state.opt_state))
+    """The restore target for inference: {"ema_params": ...}; parameters, optimizer moments and
+    counters stay on disk (a partial restore), so they never reach the devices."""
+    return {"ema_params": abstract_state.ema_params}
 
 
 def abstract_like(state):
