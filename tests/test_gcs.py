@@ -8,6 +8,7 @@ on a free localhost port for this module only. fake-gcs-server, not gcp-storage-
 latter sends no x-goog-generation header on downloads, so tensorstore cannot read an object back
 ("Malformed StorageGeneration") and every restore fails.
 """
+import ctypes
 import json
 import os
 import random
@@ -31,6 +32,11 @@ TRAIN = ("--config.checkpoint.every=4", "--config.logging.record_ids=True",
          "--config.train.sample_every=1000", "--config.train.log_every=2")
 
 
+def _die_with_parent():
+    """The server gets SIGKILL when pytest dies, however it dies (Linux PR_SET_PDEATHSIG)."""
+    ctypes.CDLL(None).prctl(1, signal.SIGKILL)
+
+
 @pytest.fixture(scope="module")
 def gcs(tmp_path_factory):
     """The emulator's environment, also set in this process (Orbax and epath read it here)."""
@@ -46,7 +52,7 @@ def gcs(tmp_path_factory):
     server = subprocess.Popen(
         [str(_get_binary_path()), "-scheme", "http", "-backend", "memory", "-host", "127.0.0.1",
          "-port", str(port), "-external-url", url, "-log-level", "warn"],
-        stdout=log, stderr=subprocess.STDOUT)
+        stdout=log, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent)
     try:
         deadline = time.monotonic() + 60
         while True:
