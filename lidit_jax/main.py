@@ -15,6 +15,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from lidit_jax import configuration
+from lidit_jax.parallel import mesh as mesh_lib
 
 MODES = {
     "train": "lidit_jax.train.loop",
@@ -97,6 +98,9 @@ def main(argv):
     if getattr(module, "NEEDS_WORKDIR", True) and not _WORKDIR.value:
         sys.exit(f"error: --mode={_MODE.value} needs --workdir=DIR")
     logging.get_absl_handler().addFilter(_OrbaxInfoFilter())
+    # Once per process, for every mode, before any device is touched: the first log lines say
+    # process i of n and the local and global devices.
+    mesh_lib.initialize_distributed(config.distributed)
     logging.info("mode %s, workdir %s", _MODE.value, _WORKDIR.value)
     module.run(config, _WORKDIR.value)
 

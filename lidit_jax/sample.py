@@ -7,13 +7,13 @@
 Flags left unset take the config's values (diffusion.sampler, .sample_steps, .guidance_scale,
 data.image_size). Images go to OUTPUT (default WORKDIR/samples/cli) as <index>_<prompt>.png.
 """
-import os
 import re
 
 import jax
 import numpy as np
 from absl import flags
 
+from lidit_jax import paths
 from lidit_jax.diffusion.objectives import make_objective
 from lidit_jax.inference import load_trained_run
 from lidit_jax.parallel import mesh as mesh_lib
@@ -29,8 +29,8 @@ FLAGS = flags.FLAGS
 def read_prompts():
     prompts = list(FLAGS.prompts or [])
     if FLAGS.prompt_file:
-        with open(FLAGS.prompt_file, encoding="utf-8") as f:
-            prompts += [line.strip() for line in f if line.strip()]
+        text = paths.path(FLAGS.prompt_file).read_text(encoding="utf-8")
+        prompts += [line.strip() for line in text.splitlines() if line.strip()]
     if not prompts:
         raise SystemExit("error: --mode=sample needs --prompts=TEXT (repeatable) or --prompt_file=FILE")
     return prompts
@@ -61,8 +61,7 @@ def run(config, workdir):
     if height % multiple or width % multiple:
         raise SystemExit(f"error: --size={height}x{width} must be a multiple of {multiple}")
 
-    output = FLAGS.output or os.path.join(workdir, "samples", "cli")
-    os.makedirs(output, exist_ok=True)
+    output = paths.path(FLAGS.output or paths.path(workdir) / "samples" / "cli")
     repeated = [p for p in prompts for _ in range(FLAGS.num_per_prompt)]
     encode = lambda texts: as_text_inputs(  # noqa: E731
         [jax.device_get(e.encode(texts)) for e in trained.encoders])
@@ -76,5 +75,6 @@ def run(config, workdir):
     pixels = np.clip((images + 1.0) * 127.5 + 0.5, 0, 255).astype(np.uint8)
     for i, (prompt, image) in enumerate(zip(repeated, pixels)):
         slug = re.sub(r"[^a-z0-9]+", "_", prompt.lower()).strip("_")[:60]
-        save_png(os.path.join(output, f"{i:04d}_{slug}.png"), image)
+        if jax.process_index() == 0:
+            save_png(output / f"{i:04d}_{slug}.png", image)
     print(f"samples={len(repeated)} output={output}")

@@ -75,3 +75,24 @@ def test_other_text_encoder_is_refused(tmp_path):
     step, *_ = checkpointer.restore_latest(checkpoint_lib.abstract_like(states[1]), other,
                                            allow_mismatch=True)
     assert step == 1
+
+
+def test_remove_unfinished_steps_keeps_finished_ones(tmp_path):
+    directory = tmp_path / "checkpoints"
+    (directory / "8").mkdir(parents=True)
+    (directory / "12.orbax-checkpoint-tmp-1795983775").mkdir()  # A save killed mid-way.
+    assert checkpoint_lib.remove_unfinished_steps(directory) == [
+        "12.orbax-checkpoint-tmp-1795983775"]
+    assert sorted(p.name for p in directory.iterdir()) == ["8"]
+    assert checkpoint_lib.remove_unfinished_steps(tmp_path / "missing") == []
+
+
+def test_ema_only_restore_reads_just_the_ema(tmp_path):
+    config, mesh = tiny_config(), make_mesh(2, 2, 2)
+    states = save_steps(tmp_path, config, mesh, [3])
+    checkpointer = checkpoint_lib.Checkpointer(str(tmp_path), config.checkpoint)
+    target = checkpoint_lib.ema_only(checkpoint_lib.abstract_like(states[3]))
+    step, restored, _, _ = checkpointer.restore_latest(target, FINGERPRINTS)
+    checkpointer.close()
+    assert step == 3 and list(restored) == ["ema_params"]
+    assert_same(restored["ema_params"], states[3].ema_params)

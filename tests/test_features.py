@@ -1,6 +1,7 @@
 """Multi-layer text features (text/features.py): what each `text.llms.<name>.layer` choice feeds
 the denoiser, the learned LayerPool, the text cache of each choice and its metadata check, and
 the config's refusals."""
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -147,10 +148,10 @@ def test_describe_widths_follow_the_choice_and_compile_refuses_attention_pool():
     from lidit_jax import aot
     config = common.get_config()
     config.text.llms.smollm2.layer = [-1, -3]
-    assert aot.llm_widths_from_config(config) == [2 * 576]
+    assert configuration.llm_widths_from_config(config) == [2 * 576]
     config.text.llms.smollm2.layer_combine = "mean"
-    assert aot.llm_widths_from_config(config) == [576]
+    assert configuration.llm_widths_from_config(config) == [576]
     config.text.llms.smollm2.layer = "attention_pool"
-    assert aot.llm_widths_from_config(config) == [576]
+    assert configuration.llm_widths_from_config(config) == [576]
     with pytest.raises(configuration.ConfigError, match=r"smollm2\.layer='attention_pool'"):
-        aot.abstract_batch(config, None, [576])
+        aot.compile_train_step(config, jax.devices()[:1])

@@ -8,17 +8,20 @@ Layout of a cache directory:
                                       in index order, one ArrayRecord entry per record.
 One entry: 4-byte little-endian header length, a UTF-8 JSON header
 {"index": i, "arrays": {name: [dtype, shape], ...}} and the arrays' raw bytes in header order.
-No pickle. A shard is written to a temporary file and renamed when complete, so a killed writer
-leaves only whole shards, and a restarted one skips them: no duplicates, no gaps.
+No pickle. A shard is written to a temporary file and published when complete, so a killed
+writer leaves only whole shards, and a restarted one skips them: no duplicates, no gaps.
+Directories may be local or `gs://` (lidit_jax.paths: shards are staged through local files,
+since ArrayRecord opens local files only).
 """
 import json
-import os
 import struct
 
 import ml_dtypes
 import numpy as np
 from absl import logging
 from array_record.python import array_record_module
+
+from lidit_jax import paths
 
 FORMAT_VERSION = 1
 METADATA_FILE = "metadata.json"
@@ -30,8 +33,8 @@ class CacheMismatch(ValueError):
 
 
 def resolve(path, workdir):
-    """A cache directory from the config: absolute, or relative to the workdir."""
-    return path if os.path.isabs(path) else os.path.join(workdir, path)
+    """A cache directory from the config (epath.Path): absolute or a URL, else inside the workdir."""
+    return paths.resolve(path, workdir)
 
 
 def _dtype(name):
@@ -62,7 +65,7 @@ def decode_entry(data):
 
 
 def shard_path(directory, shard):
-    return os.path.join(directory, f"shard-{shard:05d}.arrayrecord")
+    return paths.path(directory) / f"shard-{shard:05d}.arrayrecord"
 
 
 def compare_metadata(saved, expected, what):
@@ -83,36 +86,34 @@ def write_cache(directory, num_records, encode_batch, metadata, *, shard_size=10
     Process p writes shards p, p + process_count, ... (the data-parallel split of encoding).
     Returns the number of records this process wrote (0 when everything was already there).
     """
-    os.makedirs(directory, exist_ok=True)
+    directory = paths.path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
     full_metadata = dict(metadata, num_records=int(num_records), shard_size=int(shard_size),
                          format_version=FORMAT_VERSION)
-    metadata_path = os.path.join(directory, METADATA_FILE)
-    if os.path.exists(metadata_path):
-        with open(metadata_path) as f:
-            compare_metadata(json.load(f), full_metadata, f"existing cache {directory}")
+    metadata_path = directory / METADATA_FILE
+    if metadata_path.exists():
+        compare_metadata(json.loads(metadata_path.read_text()), full_metadata,
+                         f"existing cache {directory}")
     elif process_index == 0:
-        with open(metadata_path + ".tmp", "w") as f:
-            json.dump(full_metadata, f, indent=1)
-        os.replace(metadata_path + ".tmp", metadata_path)
+        paths.write_text_atomic(metadata_path, json.dumps(full_metadata, indent=1))
 
     num_shards = -(-num_records // shard_size)
     written = 0
     for shard in range(process_index, num_shards, process_count):
         final = shard_path(directory, shard)
-        if os.path.exists(final):
+        if final.exists():
             continue
         start, stop = shard * shard_size, min((shard + 1) * shard_size, num_records)
-        temporary = final + f".tmp-{process_index}"
-        writer = array_record_module.ArrayRecordWriter(temporary, "group_size:1")
-        for batch_start in range(start, stop, batch_size):
-            indices = list(range(batch_start, min(batch_start + batch_size, stop)))
-            for index, arrays in zip(indices, encode_batch(indices), strict=True):
-                writer.write(encode_entry(index, arrays))
-            written += len(indices)
-            if progress is not None:
-                progress(len(indices))
-        writer.close()
-        os.replace(temporary, final)
+        with paths.local_output(final) as temporary:
+            writer = array_record_module.ArrayRecordWriter(temporary, "group_size:1")
+            for batch_start in range(start, stop, batch_size):
+                indices = list(range(batch_start, min(batch_start + batch_size, stop)))
+                for index, arrays in zip(indices, encode_batch(indices), strict=True):
+                    writer.write(encode_entry(index, arrays))
+                written += len(indices)
+                if progress is not None:
+                    progress(len(indices))
+            writer.close()
         logging.info("cache %s: shard %d of %d complete", directory, shard + 1, num_shards)
     return written
 
@@ -121,17 +122,17 @@ class ArrayCache:
     """Random access to a complete cache: `cache[i]` -> {name: np.ndarray} of record i."""
 
     def __init__(self, directory):
-        metadata_path = os.path.join(directory, METADATA_FILE)
-        if not os.path.exists(metadata_path):
+        directory = paths.path(directory)
+        metadata_path = directory / METADATA_FILE
+        if not metadata_path.exists():
             raise FileNotFoundError(f"no cache at {directory} (missing {METADATA_FILE}); "
                                     "run --mode=encode first")
-        with open(metadata_path) as f:
-            self.metadata = json.load(f)
+        self.metadata = json.loads(metadata_path.read_text())
         self.directory = directory
         self.shard_size = self.metadata["shard_size"]
         self.num_records = self.metadata["num_records"]
         num_shards = -(-self.num_records // self.shard_size)
-        missing = [s for s in range(num_shards) if not os.path.exists(shard_path(directory, s))]
+        missing = [s for s in range(num_shards) if not shard_path(directory, s).exists()]
         if missing:
             raise FileNotFoundError(f"cache {directory} is incomplete: shards {missing[:5]} of "
                                     f"{num_shards} missing; resume --mode=encode to finish it")
@@ -147,7 +148,7 @@ class ArrayCache:
     def _reader(self, shard):
         if shard not in self._readers:
             self._readers[shard] = array_record_module.ArrayRecordReader(
-                shard_path(self.directory, shard), "readahead_buffer_size:0")
+                paths.local_copy(shard_path(self.directory, shard)), "readahead_buffer_size:0")
         return self._readers[shard]
 
     def __getitem__(self, index):

@@ -17,12 +17,12 @@ reused while the record count matches. Records whose header cannot be read get b
 left out of every epoch.
 """
 import io
-import os
 
 import numpy as np
 from absl import logging
 from PIL import Image
 
+from lidit_jax import paths
 from lidit_jax.data import records, shapes
 
 UNREADABLE = -1
@@ -60,20 +60,22 @@ def record_sizes(source):
     if isinstance(source, shapes.ShapesSource):
         return np.full((len(source), 2), source.image_size, np.int32)
     directory = getattr(source, "directory", None)
-    cache = os.path.join(directory, "image_sizes.npy") if directory else None
-    if cache and os.path.exists(cache):
-        sizes = np.load(cache)
+    cache = paths.path(directory) / "image_sizes.npy" if directory else None
+    if cache and cache.exists():
+        sizes = np.load(io.BytesIO(cache.read_bytes()))
         if sizes.shape == (len(source), 2):
             return sizes
     logging.info("reading the image headers of %d records of %r for aspect-ratio buckets",
                  len(source), source)
     sizes = np.array([header_size(source[i]) for i in range(len(source))], np.int32)
     sizes = sizes.reshape(-1, 2)
-    if cache and os.access(directory, os.W_OK):
-        # Every process may write it: write aside, then rename (atomic).
-        temporary = f"{cache}.{os.getpid()}.tmp.npy"
-        np.save(temporary, sizes)
-        os.replace(temporary, cache)
+    if cache:
+        try:  # Every process may write it; each publishes a whole file (lidit_jax.paths).
+            with paths.local_output(cache) as temporary:
+                with open(temporary, "wb") as f:
+                    np.save(f, sizes)
+        except OSError as e:  # A read-only record set is fine: the scan is redone next time.
+            logging.info("cannot save %s (%s); the header scan is not cached", cache, e)
     return sizes
 
 

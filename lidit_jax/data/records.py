@@ -9,19 +9,20 @@ No pickle: any language with JSON and an image decoder reads it.
 
 A record set is a folder of shards `records-00000-of-00004.arrayrecord`, ... written with
 `group_size:1` (random access). Shard k holds what inputs [k * per_shard, (k + 1) * per_shard)
-produced, minus the skipped ones. Each shard is written to a temporary file and renamed when
-complete, so an interrupted conversion resumes by skipping complete shards.
+produced, minus the skipped ones. Each shard is written to a temporary file and published when
+complete, so an interrupted conversion resumes by skipping complete shards. The folder may be
+local or `gs://` (lidit_jax.paths: ArrayRecord opens local files only, so remote shards are
+staged to a local copy once per host before reading and uploaded whole after writing).
 """
-import glob
 import io
 import json
-import os
 import struct
 
 from absl import logging
 from array_record.python import array_record_module
 from PIL import Image
 
+from lidit_jax import paths
 from lidit_jax.data import images
 
 FORMAT_VERSION = 1
@@ -66,14 +67,15 @@ def encode_image(array, image_format="png", quality=95):
 
 def shard_paths(directory):
     """The shards of a record set, in order; raises if none or some are missing."""
-    paths = sorted(glob.glob(os.path.join(directory, "records-*-of-*.arrayrecord")))
-    if not paths:
+    directory = paths.path(directory)
+    found = sorted(map(str, directory.glob("records-*-of-*.arrayrecord")))
+    if not found:
         raise FileNotFoundError(f"no records-*-of-*.arrayrecord shards in {directory}; write "
                                 "some with lidit_jax.data.convert or lidit_jax.data.shapes")
-    count = int(paths[0].rsplit("-of-", 1)[1].split(".")[0])
-    expected = [os.path.join(directory, SHARD_PATTERN.format(shard=k, count=count))
+    count = int(found[0].rsplit("-of-", 1)[1].split(".")[0])
+    expected = [str(directory / SHARD_PATTERN.format(shard=k, count=count))
                 for k in range(count)]
-    missing = sorted(set(expected) - set(paths))
+    missing = sorted(set(expected) - set(found))
     if missing:
         raise FileNotFoundError(f"record set {directory} is incomplete: {len(missing)} of {count} "
                                 f"shards missing, e.g. {missing[0]}; rerun the conversion")
@@ -87,29 +89,29 @@ def write_records(directory, num_inputs, make_entry, *, records_per_shard=10000)
     logs why). Complete shards already in `directory` are kept (resume). Returns (records,
     skipped) over the whole set, counting kept shards too.
     """
-    os.makedirs(directory, exist_ok=True)
+    directory = paths.path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
     count = max(1, -(-num_inputs // records_per_shard))
     written = skipped = 0
     for shard in range(count):
         start, stop = shard * records_per_shard, min((shard + 1) * records_per_shard, num_inputs)
-        final = os.path.join(directory, SHARD_PATTERN.format(shard=shard, count=count))
-        if os.path.exists(final):
-            reader = array_record_module.ArrayRecordReader(final)
+        final = directory / SHARD_PATTERN.format(shard=shard, count=count)
+        if final.exists():
+            reader = array_record_module.ArrayRecordReader(paths.local_copy(final))
             kept = reader.num_records()
             reader.close()
             written, skipped = written + kept, skipped + (stop - start - kept)
             continue
-        temporary = final + ".tmp"
-        writer = array_record_module.ArrayRecordWriter(temporary, "group_size:1")
-        for index in range(start, stop):
-            entry = make_entry(index)
-            if entry is None:
-                skipped += 1
-            else:
-                writer.write(entry)
-                written += 1
-        writer.close()
-        os.replace(temporary, final)
+        with paths.local_output(final) as temporary:
+            writer = array_record_module.ArrayRecordWriter(temporary, "group_size:1")
+            for index in range(start, stop):
+                entry = make_entry(index)
+                if entry is None:
+                    skipped += 1
+                else:
+                    writer.write(entry)
+                    written += 1
+            writer.close()
         logging.info("wrote %s", final)
     return written, skipped
 
@@ -118,8 +120,9 @@ class ArrayRecordSource:
     """Random access over a record set folder: len(), [i] -> entry bytes, locate(i)."""
 
     def __init__(self, directory):
-        self.directory = directory
-        self.paths = shard_paths(directory)
+        self.directory = str(directory)
+        # Staged once per host when remote: ArrayRecord reads local files only.
+        self.paths = [paths.local_copy(p) for p in shard_paths(directory)]
         self._starts = [0]
         for path in self.paths:
             reader = array_record_module.ArrayRecordReader(path)

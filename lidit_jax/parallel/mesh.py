@@ -8,34 +8,57 @@ from jax.experimental import mesh_utils
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
-def _is_multiprocess_environment():
-    if os.environ.get("JAX_COORDINATOR_ADDRESS"):
-        return True
-    if int(os.environ.get("SLURM_NTASKS", "1")) > 1:
-        return True
-    return "," in os.environ.get("TPU_WORKER_HOSTNAMES", "")  # Multi-host TPU VM slice.
+DISTRIBUTED_SETTINGS = ("auto", "on", "off")
 
 
-def initialize_distributed():
-    """Calls `jax.distributed.initialize()` when the environment says this is one of many processes.
+def detect_cluster():
+    """(how, process count) that `jax.distributed.initialize()` would use here, or (None, 1).
 
-    Explicit: JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID (also what the tests with
-    two local processes use). Otherwise JAX's own cluster detection (TPU pods, SLURM) fills them in.
-    Returns whether it initialised.
+    JAX_COORDINATOR_ADDRESS (with JAX_NUM_PROCESSES, JAX_PROCESS_ID) is the explicit way; else
+    JAX's own cluster detection decides, the one `jax.distributed.initialize()` runs: a Cloud TPU
+    VM slice (the GCE metadata server's worker list, also multislice through
+    MEGASCALE_NUM_SLICES), GKE TPU pods (TPU_WORKER_HOSTNAMES / TPU_PROCESS_ADDRESSES), SLURM
+    (SLURM_NTASKS tasks), Open MPI, Kubernetes. A private JAX module, so the decision is exactly
+    JAX's and new cluster types are picked up with no change here.
     """
-    if not _is_multiprocess_environment():
-        return False
     if os.environ.get("JAX_COORDINATOR_ADDRESS"):
-        jax.distributed.initialize(
-            coordinator_address=os.environ["JAX_COORDINATOR_ADDRESS"],
-            num_processes=int(os.environ["JAX_NUM_PROCESSES"]),
-            process_id=int(os.environ["JAX_PROCESS_ID"]),
-        )
-    else:
-        jax.distributed.initialize()
-    logging.info("process %d of %d, %d local / %d global devices", jax.process_index(),
-                 jax.process_count(), jax.local_device_count(), jax.device_count())
-    return True
+        return "JAX_COORDINATOR_ADDRESS", int(os.environ.get("JAX_NUM_PROCESSES", "0")) or None
+    from jax._src import clusters  # Importing it registers every ClusterEnv subclass.
+    for env in clusters.ClusterEnv._cluster_types:
+        if not env.opt_in_only_method and env.is_env_present():
+            return env.name or env.__name__, env.get_process_count()
+    return None, 1
+
+
+def initialize_distributed(setting="auto"):
+    """Starts JAX's multi-controller runtime when this is one process of several; logs the layout.
+
+    setting (config.distributed): auto: initialise when `detect_cluster` finds more than one
+    process; on: initialise, and fail when no cluster is found; off: never (one process).
+    Call it once per process before anything touches a device (lidit_jax.main does, for every
+    mode). Returns whether it initialised.
+    """
+    if setting not in DISTRIBUTED_SETTINGS:
+        raise ValueError(f"distributed={setting!r}; choose one of {DISTRIBUTED_SETTINGS} "
+                         "(--config.distributed=auto)")
+    how, count = (None, 1) if setting == "off" else detect_cluster()
+    if setting == "on" and how is None:
+        raise RuntimeError(
+            "distributed=on but no cluster was detected: set JAX_COORDINATOR_ADDRESS, "
+            "JAX_NUM_PROCESSES and JAX_PROCESS_ID, run under SLURM/MPI/a TPU slice, or use "
+            "--config.distributed=auto")
+    started = how is not None and (setting == "on" or count is None or count > 1)
+    if started:
+        logging.info("starting jax.distributed (%s, %s processes)", how, count or "?")
+        if how == "JAX_COORDINATOR_ADDRESS":  # JAX reads only the address from the environment.
+            jax.distributed.initialize(num_processes=count,
+                                       process_id=int(os.environ["JAX_PROCESS_ID"]))
+        else:
+            jax.distributed.initialize()  # Detects the same cluster again and fills in the rest.
+    logging.info("process %d of %d, %d local devices, %d global devices (%s)",
+                 jax.process_index(), jax.process_count(), jax.local_device_count(),
+                 jax.device_count(), jax.devices()[0].device_kind)
+    return started
 
 
 def resolve_axis_sizes(sizes, num_devices, what="mesh"):

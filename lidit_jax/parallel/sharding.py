@@ -123,12 +123,16 @@ def create_sharded(constructor, mesh, rules, *, check_replicated=True, replicate
     if check_replicated:
         check_not_replicated(abstract_state, shardings, mesh, replicated_min_size)
 
-    def init():
-        return nnx.state(constructor())
-
-    with jax.set_mesh(mesh), axis_rules(rules):
-        state = jax.jit(init, out_shardings=shardings)()
+    state = init_in_shards(lambda: nnx.state(constructor()), shardings, mesh, rules)
     return nnx.merge(graphdef, state)
+
+
+def init_in_shards(init, shardings, mesh, rules):
+    """`init()` run with its outputs created directly in `shardings`: the one sharded-init path
+    (modules here, the train state in lidit_jax.train.state). No device holds more than its
+    shards and no host a full copy."""
+    with jax.set_mesh(mesh), axis_rules(rules):
+        return jax.jit(init, out_shardings=shardings)()
 
 
 def check_not_replicated(abstract_state, shardings, mesh, min_size):

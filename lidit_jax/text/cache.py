@@ -9,8 +9,6 @@ Both are `lidit_jax.data.array_cache` directories, whose metadata.json records t
 weights fingerprint, layer, final norm, template and the data set; a config that differs in any
 of these is refused with the field that differs.
 """
-import os
-
 import numpy as np
 
 from lidit_jax.data import array_cache, pipeline
@@ -42,11 +40,11 @@ def write_text_cache(encoder, config, workdir, caption_of, num_records, *, batch
     """
     if config.text.padding_side != "right":
         raise ValueError("the text cache stores real tokens first: set text.padding_side=right")
-    directory = os.path.join(cache_root(config, workdir), encoder.name)
+    directory = cache_root(config, workdir) / encoder.name
     metadata = expected_metadata(encoder, config, num_records)
     encode_batch = lambda indices: _encode_to_entries(encoder, [caption_of(i) for i in indices])  # noqa: E731
     if process_index == 0:
-        array_cache.write_cache(os.path.join(directory, "empty"), 1,
+        array_cache.write_cache(directory / "empty", 1,
                                 lambda _: _encode_to_entries(encoder, [""]), metadata)
     return array_cache.write_cache(directory, num_records, encode_batch, metadata,
                                    batch_size=batch_size, process_index=process_index,
@@ -58,7 +56,7 @@ class CachedTextStates:
 
     def __init__(self, directory, max_length, expected=None):
         self.cache = array_cache.ArrayCache(directory)
-        self.empty = array_cache.ArrayCache(os.path.join(directory, "empty"))
+        self.empty = array_cache.ArrayCache(self.cache.directory / "empty")
         if expected is not None:
             self.cache.check(expected)
         self.max_length = max_length

@@ -59,9 +59,12 @@ class PromptEncoder:
         return features.feature_width(self.layer, self.layer_combine, self.llm.config.hidden_size)
 
     @property
-    def states_ndim(self):
-        """Rank of the states per batch: 4 for layer="attention_pool" (all states), else 3."""
-        return 4 if self.layer == "attention_pool" else 3
+    def state_shape(self):
+        """Trailing shape of the states after [batch, L]: (width,), or (num_layers + 1, width)
+        for layer="attention_pool" (all hidden states are kept)."""
+        if self.layer == "attention_pool":
+            return (self.llm.config.num_layers + 1, self.width)
+        return (self.width,)
 
     def _select_layer(self, hidden_states):
         final_norm = self.llm.final_norm if self.apply_final_norm else None

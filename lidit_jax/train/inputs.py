@@ -2,14 +2,15 @@
 
 `TrainInputs` owns the input pipeline, the frozen text encoders (or their cache) and the image
 space (pixels, a VAE, or the VAE's latent cache), and turns each host-local batch into global
-arrays sharded along the `batch` logical axis:
+arrays sharded along the `batch` logical axis. The batch contract, which `--mode=compile` also
+lowers the step for (`abstract_batch`):
   {"x0": [batch, H, W, C] float32 (scaled latents or pixels in [-1, 1]),
-   "text": {"states": [[batch, L, width_k] bf16], "masks": [[batch, L] bool],
+   "text": {"states": [[batch, L, width_k] bf16] (attention_pool: [batch, L, layers, width_k]),
+            "masks": [[batch, L] bool],
             "prompt_masks": [[batch, L] bool]}}
 """
-import os
-
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
@@ -21,6 +22,31 @@ from lidit_jax.diffusion.vae import make_image_space
 from lidit_jax.parallel import sharding
 from lidit_jax.text import cache as text_cache
 from lidit_jax.text.encoder import PromptEncoder, as_text_inputs
+from lidit_jax.train.checkpoint import encoder_fingerprints
+
+
+def abstract_batch(config, mesh, state_shapes, channels, image_hw):
+    """ShapeDtypeStructs, with their shardings, of one global training batch (see above).
+
+    state_shapes: per encoder, the trailing shape of its states after [batch, L]: (width,), or
+    (num_layers + 1, width) for layer="attention_pool" (text/features.py).
+    """
+    batch_spec = sharding.logical_to_mesh_spec(("batch",), config.mesh.rules)
+
+    def on_batch(shape, dtype):
+        spec = PartitionSpec(*batch_spec, *([None] * (len(shape) - 1)))
+        return jax.ShapeDtypeStruct(shape, dtype, sharding=NamedSharding(mesh, spec))
+
+    batch, text_len = config.train.batch_size, config.text.max_length
+    return {
+        "x0": on_batch((batch, *image_hw, channels), jnp.float32),
+        "text": {
+            "states": [on_batch((batch, text_len, *shape), jnp.bfloat16)
+                       for shape in state_shapes],
+            "masks": [on_batch((batch, text_len), jnp.bool_) for _ in state_shapes],
+            "prompt_masks": [on_batch((batch, text_len), jnp.bool_) for _ in state_shapes],
+        },
+    }
 
 
 class TrainInputs:
@@ -41,7 +67,7 @@ class TrainInputs:
         if config.text.cache_dir:
             root = text_cache.cache_root(config, workdir)
             self.cached = [text_cache.CachedTextStates(
-                os.path.join(root, encoder.name), config.text.max_length,
+                root / encoder.name, config.text.max_length,
                 expected=text_cache.expected_metadata(encoder, config, num_records))
                 for encoder in self.encoders]
         latents = None
@@ -53,27 +79,25 @@ class TrainInputs:
         self.dataset = pipeline.make_train_iterator(config.data,
                                                     global_batch_size=config.train.batch_size,
                                                     seed=config.seed, latents=latents)
-        self._batch_spec = sharding.logical_to_mesh_spec(("batch",), config.mesh.rules)
+        self._fingerprints = encoder_fingerprints(self.encoders, self.image_space)
+        self._batch_shardings = jax.tree.map(
+            lambda x: x.sharding,
+            abstract_batch(config, mesh, [encoder.state_shape for encoder in self.encoders],
+                           self.channels, self.image_hw))
 
     # ---- Identity of the frozen encoders (checkpoints refuse to resume with others) ----------
     def fingerprints(self):
-        out = {encoder.name: encoder.metadata() for encoder in self.encoders}
-        out["image_space"] = self.image_space.fingerprint
-        return out
+        return self._fingerprints
+
+    def release_encoders(self):
+        """Drops the LLMs, and their device memory, once the text cache serves every batch."""
+        if self.cached is None:
+            raise ValueError("without text.cache_dir the LLMs encode every batch")
+        self.encoders = None
 
     # ---- Batches --------------------------------------------------------------------------
-    def _sharding(self, ndim):
-        return NamedSharding(self.mesh, PartitionSpec(*self._batch_spec, *([None] * (ndim - 1))))
-
     def batch_shardings(self):
-        k = len(self.encoders)
-        return {"x0": self._sharding(4),
-                "text": {"states": [self._sharding(e.states_ndim) for e in self.encoders], "masks": [self._sharding(2)] * k,
-                         "prompt_masks": [self._sharding(2)] * k}}
-
-    def _global(self, local):
-        local = np.asarray(local)
-        return jax.make_array_from_process_local_data(self._sharding(local.ndim), local)
+        return self._batch_shardings
 
     def next_batch(self):
         local = next(self.dataset)
@@ -86,7 +110,10 @@ class TrainInputs:
                        for encoder in self.encoders]
         latents = local["latent"] if "latent" in local else self.image_space.encode(local["image"])
         x0 = np.asarray(self.image_space.scale(latents))
-        return jax.tree.map(self._global, {"x0": x0, "text": as_text_inputs(per_llm)})
+        return jax.tree.map(
+            lambda array, sharding: jax.make_array_from_process_local_data(
+                sharding, np.asarray(array)),
+            {"x0": x0, "text": as_text_inputs(per_llm)}, self._batch_shardings)
 
     def global_record_ids(self):
         """Record ids of the last global batch, in batch order (all processes' rows)."""

@@ -2,30 +2,32 @@
 
 A run is fully described by its config (saved as WORKDIR/config.json) and resumes from the
 newest checkpoint in WORKDIR/checkpoints: same parameters, optimizer, EMA, RNG and data position
-as if it had never stopped. SIGTERM (preemption) saves a checkpoint and exits 0.
+as if it had never stopped. WORKDIR may be local or gs:// (lidit_jax.paths). SIGTERM
+(preemption, also TPU maintenance events on multi-host runs) makes every process save the same
+step and exit 0. Between log steps the loop never waits for the device: it dispatches step after
+step and reads values back (metrics, the non-finite counter) only at log and checkpoint steps.
 """
 import json
-import os
 import signal
+import tempfile
 
 import jax
-import numpy as np
 import tqdm
 from absl import logging
 from flax import nnx
 from jax.experimental import multihost_utils
 
+from lidit_jax import configuration, paths
 from lidit_jax.diffusion.dit import LIDiT
 from lidit_jax.diffusion.flops import train_step_flops
 from lidit_jax.diffusion.objectives import make_objective
 from lidit_jax.parallel import mesh as mesh_lib
 from lidit_jax.parallel import sharding
-from lidit_jax import configuration
 from lidit_jax.train import checkpoint as checkpoint_lib
 from lidit_jax.train import inputs as inputs_lib
 from lidit_jax.train import metrics as metrics_lib
 from lidit_jax.train import sampling
-from lidit_jax.train.state import create_train_state, shardings_of
+from lidit_jax.train.state import abstract_train_state, init_train_state, shardings_of
 from lidit_jax.train.step import jit_train_step, make_train_step
 
 NEEDS_WORKDIR = True
@@ -36,36 +38,36 @@ class NonFiniteLoss(RuntimeError):
 
 
 class _Preemption:
-    """Turns SIGTERM into a flag the loop checks between steps.
+    """SIGTERM -> every process stops, and saves, at the same step; no per-step collective.
 
-    With several processes the signal reaches each at a different step, so `requested()` asks
-    all of them (a tiny all-gather per step): every process stops, and saves, at the same step.
+    Several processes: JAX's preemption sync manager (started by jax.distributed.initialize)
+    catches SIGTERM, or a TPU maintenance notice, on any process and agrees in the background on
+    a step all of them can still reach; `reached_preemption_sync_point(step)` is a local check
+    that turns True on every process at that step. One process: a SIGTERM handler sets a flag.
     """
 
     def __init__(self):
+        self.multiprocess = jax.process_count() > 1
         self._signalled = False
-        signal.signal(signal.SIGTERM, self._handle)
+        if not self.multiprocess:  # A Python handler would replace the sync manager's own.
+            signal.signal(signal.SIGTERM, self._handle)
 
     def _handle(self, signum, frame):
         del signum, frame
         self._signalled = True
 
-    def requested(self):
-        if jax.process_count() == 1:
-            return self._signalled
-        return bool(multihost_utils.process_allgather(np.array(self._signalled)).any())
+    def reached(self, step):
+        if self.multiprocess:
+            return multihost_utils.reached_preemption_sync_point(step)
+        return self._signalled
 
 
 def run(config, workdir):
-    # ---- Processes, workdir, config ----------------------------------------------------------
-    # Multi-host: one process per host, started the same way on every host.
-    mesh_lib.initialize_distributed()
-    workdir = os.path.abspath(workdir)
-    os.makedirs(workdir, exist_ok=True)
+    # ---- Workdir and config (jax.distributed was started by lidit_jax.main) -------------------
+    workdir = paths.path(workdir)
     configuration.validate(config, num_devices=jax.device_count())
     if jax.process_index() == 0:
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            f.write(config.to_json_best_effort(indent=1))
+        paths.write_text_atomic(workdir / "config.json", config.to_json_best_effort(indent=1))
     preemption = _Preemption()
 
     # ---- Device mesh ---------------------------------------------------------------------------
@@ -79,36 +81,41 @@ def run(config, workdir):
     # from the frozen LLMs inside the input step; images are encoded by the VAE (or are pixels).
     inputs = inputs_lib.TrainInputs(config, workdir, mesh)
 
-    # ---- Model, optimizer, EMA: created sharded -----------------------------------------------
+    # ---- Samples for fixed prompts, from the EMA weights ---------------------------------------
+    # Encoded now: with the text cache the LLMs are needed for nothing else, so their weights
+    # leave device memory before the train state is allocated.
+    objective = make_objective(config.diffusion)
     constructor = lambda: LIDiT(config, inputs.llm_widths, inputs.channels,  # noqa: E731
                                 rngs=nnx.Rngs(config.seed))
-    graphdef, state = create_train_state(constructor, config, mesh)
-    logging.info("trainable parameters: %d",
-                 sum(x.size for x in jax.tree.leaves(state.params)))
+    graphdef, abstract_state = abstract_train_state(constructor, config, mesh)
+    sampler = sampling.FixedPromptSampler(config, graphdef, objective, inputs, mesh)
+    if inputs.cached is not None:
+        inputs.release_encoders()
 
-    # ---- Resume ---------------------------------------------------------------------------------
-    checkpointer = checkpoint_lib.Checkpointer(workdir, config.checkpoint)
+    # ---- Model, optimizer, EMA: restored or created, directly in their shards ----------------
+    # Restored straight into the abstract state: the state is never allocated twice.
+    checkpointer = checkpoint_lib.Checkpointer(workdir, config.checkpoint,
+                                               remove_unfinished=True)
     restored = checkpointer.restore_latest(
-        checkpoint_lib.abstract_like(state), inputs.fingerprints(),
+        abstract_state, inputs.fingerprints(),
         allow_mismatch=config.text.allow_fingerprint_mismatch)
     if restored is not None:
         step, state, data_state, _ = restored
         inputs.set_state(data_state)
         logging.info("resumed from step %d", step)
+    else:
+        state = init_train_state(constructor, config, mesh, abstract_state)
+    logging.info("trainable parameters: %d",
+                 sum(x.size for x in jax.tree.leaves(state.params)))
     start_step = int(state.step)
 
     # ---- Train step -------------------------------------------------------------------------------
-    objective = make_objective(config.diffusion)
-    state_shardings = shardings_of(state)
-    train_step = jit_train_step(make_train_step(graphdef, config, objective), state_shardings,
-                                inputs.batch_shardings(), mesh)
+    train_step = jit_train_step(make_train_step(graphdef, config, objective),
+                                shardings_of(abstract_state), inputs.batch_shardings(), mesh)
     flops_per_step = train_step_flops(
         config, inputs.llm_widths, batch=config.train.batch_size, hw=inputs.image_hw,
         text_lengths=[config.text.max_length] * len(inputs.llm_widths),
         in_channels=inputs.channels)
-
-    # ---- Samples for fixed prompts, from the EMA weights ---------------------------------------
-    sampler = sampling.FixedPromptSampler(config, graphdef, objective, inputs, mesh)
 
     # ---- Loop -------------------------------------------------------------------------------------
     writer = metrics_lib.MetricsWriter(workdir, config.logging.tensorboard)
@@ -116,20 +123,25 @@ def run(config, workdir):
     profile = _ProfileWindow(config, workdir)
     progress = tqdm.tqdm(total=config.train.steps, initial=start_step, dynamic_ncols=True,
                          disable=not config.logging.progress_bar or jax.process_index() != 0)
+    nan_guard = _NonFiniteGuard(config.train.nan_policy, int(state.skipped_steps), start_step,
+                                checkpointer.directory)
     step = start_step
     try:
         with jax.set_mesh(mesh), sharding.axis_rules(rules):
-            while step < config.train.steps and not preemption.requested():
+            while step < config.train.steps and not preemption.reached(step):
                 profile.before_step(step)
                 batch = inputs.next_batch()
                 timer.data_ready()
                 state, step_metrics = train_step(state, batch)
                 step += 1
+                timer.dispatched(step_metrics["loss"])
+                last = step == config.train.steps
                 if config.logging.record_ids:
                     writer.write_record_ids(step, inputs.global_record_ids())
-                if step % config.train.log_every == 0 or step == config.train.steps:
-                    step_metrics = jax.device_get(step_metrics)
-                    timer.step_done()
+                if step % config.train.log_every == 0 or last:
+                    step_metrics = jax.device_get(step_metrics)  # The one wait on the device.
+                    timer.synced()
+                    nan_guard.check(step, step_metrics["skipped_steps"])
                     scalars = {k: v for k, v in step_metrics.items() if k != "finite"}
                     scalars.update(timer.summary(config.train.batch_size, flops_per_step))
                     scalars.update(inputs.counters())
@@ -138,20 +150,17 @@ def run(config, workdir):
                         loss=f"{scalars['loss']:.4f}", img_s=f"{scalars['images_per_sec']:.1f}",
                         tflops=f"{scalars.get('tflops_per_device', 0.0):.3f}",
                         mfu=f"{scalars.get('mfu', 0.0):.1%}")
-                else:
-                    timer.step_done()
-                if config.train.nan_policy == "stop" and not bool(step_metrics["finite"]):
-                    # The step left the state untouched; stop before anything else is saved.
-                    raise NonFiniteLoss(f"non-finite loss or gradient at step {step}; the last "
-                                        f"checkpoint in {checkpointer.directory} is clean")
                 progress.update(1)
-                if step % config.train.sample_every == 0 or step == config.train.steps:
-                    sampler.write(step, state.ema_params, writer,
-                                  os.path.join(workdir, "samples"))
-                if step % config.checkpoint.every == 0 or step == config.train.steps:
+                if step % config.train.sample_every == 0 or last:
+                    sampler.write(step, state.ema_params, writer, workdir / "samples")
+                    timer.skip()
+                if step % config.checkpoint.every == 0 or last:
+                    # No checkpoint past a non-finite step under nan_policy=stop.
+                    nan_guard.check(step, step_metrics["skipped_steps"])
                     checkpointer.save(step, state, inputs.get_state(), _meta(config, inputs))
+                    timer.skip()
         if step < config.train.steps:  # Stopped early: preemption.
-            logging.warning("SIGTERM: saving step %d and exiting", step)
+            logging.warning("preemption: saving step %d and exiting", step)
             checkpointer.save(step, state, inputs.get_state(), _meta(config, inputs), force=True)
     finally:
         # Also on an exception: an async save in flight completes before the process ends.
@@ -162,6 +171,27 @@ def run(config, workdir):
         inputs.close()
 
 
+class _NonFiniteGuard:
+    """train.nan_policy=stop: raises when a step since the last check skipped its update.
+
+    Reads the state's cumulative skipped-step counter (the train step counts every non-finite
+    step and keeps its update out of the state), so checking only at log and checkpoint steps
+    misses none and costs no per-step sync.
+    """
+
+    def __init__(self, policy, skipped, step, directory):
+        self.policy, self.skipped, self.step, self.directory = policy, skipped, step, directory
+
+    def check(self, step, skipped):
+        skipped = int(skipped)
+        if self.policy == "stop" and skipped > self.skipped:
+            where = (f"at step {step}" if step == self.step + 1
+                     else f"in steps {self.step + 1}..{step}")
+            raise NonFiniteLoss(f"non-finite loss or gradient {where}; the last checkpoint in "
+                                f"{self.directory} is clean")
+        self.skipped, self.step = skipped, step
+
+
 def _meta(config, inputs):
     return {"config": json.loads(config.to_json_best_effort()),
             "fingerprints": inputs.fingerprints()}
@@ -169,16 +199,20 @@ def _meta(config, inputs):
 
 class _ProfileWindow:
     """A jax.profiler trace of the steps [logging.profile_start, + logging.profile_steps) into
-    WORKDIR/profile; a run that ends inside the window still writes its trace (`close`)."""
+    WORKDIR/profile; a run that ends inside the window still writes its trace (`close`). The
+    profiler writes local files, so a remote workdir gets the trace uploaded at the end."""
 
     def __init__(self, config, workdir):
         self.start, self.steps = config.logging.profile_start, config.logging.profile_steps
-        self.directory = os.path.join(workdir, "profile")
+        self.target = workdir / "profile"
+        self.local = None
         self.tracing = False
 
     def before_step(self, step):
         if step == self.start:
-            jax.profiler.start_trace(self.directory)
+            if paths.is_remote(self.target):
+                self.local = tempfile.mkdtemp(prefix="lidit_profile_")
+            jax.profiler.start_trace(self.local or str(self.target))
             self.tracing = True
         elif self.tracing and step == self.start + self.steps:
             self.close()
@@ -187,3 +221,5 @@ class _ProfileWindow:
         if self.tracing:
             jax.profiler.stop_trace()
             self.tracing = False
+            if self.local is not None:
+                paths.upload(self.local, self.target)

