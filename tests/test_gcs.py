@@ -11,7 +11,6 @@ latter sends no x-goog-generation header on downloads, so tensorstore cannot rea
 import ctypes
 import json
 import os
-import random
 import re
 import signal
 import socket
@@ -123,20 +122,21 @@ def test_train_kill_resume_sample_export_on_gs(gcs, tiny_llm, tmp_path, monkeypa
     local = tmp_path / "local"
     _run(gcs, local, "train", *args, *TRAIN, f"--config.train.steps={STEPS}")
 
-    # Killed with SIGKILL mid-run (a long run, so the kill cannot come after its end) ...
+    # Killed with SIGKILL mid-run, once the step-4 checkpoint is complete in the bucket (a long
+    # run, so the kill cannot come after its end) ...
     workdir = f"gs://{BUCKET}/run"
-    kill_after = random.Random(0).randint(5, 7)
+    committed = epath.Path(workdir) / "checkpoints" / "4" / "commit_success.txt"
     with open(tmp_path / "run.log", "wb") as log:
         process = subprocess.Popen(command(workdir, "train", *args, *TRAIN,
                                            "--config.train.steps=1000"),
                                    cwd=ROOT, env=_env(gcs), stdout=log, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + TIMEOUT
-    while not (_logged_steps(f"{workdir}/record_ids.jsonl") or [0])[-1] >= kill_after:
+    while not committed.exists():
         if process.poll() is not None or time.monotonic() > deadline:
             process.kill()
-            pytest.fail(f"no step {kill_after} in the bucket:\n"
+            pytest.fail(f"no complete step-4 checkpoint in the bucket:\n"
                         f"{(tmp_path / 'run.log').read_text(errors='replace')[-6000:]}")
-        time.sleep(0.05)
+        time.sleep(0.1)
     os.kill(process.pid, signal.SIGKILL)
     assert process.wait(timeout=60) == -signal.SIGKILL
 

@@ -1,11 +1,10 @@
 """Samples for fixed prompts from the EMA weights, written as PNG grids and TensorBoard images."""
-import os
-
 import jax
 import numpy as np
 from flax import nnx
 from jax.experimental import multihost_utils
 
+from lidit_jax import paths
 from lidit_jax.diffusion import samplers
 from lidit_jax.train import metrics as metrics_lib
 
@@ -57,5 +56,5 @@ class FixedPromptSampler:
         columns = self.config.train.samples_per_prompt * 2
         grid = metrics_lib.image_grid(self.images(params), columns=columns)
         if jax.process_index() == 0:
-            metrics_lib.save_png(os.path.join(directory, f"step_{step:07d}.png"), grid, upscale=4)
+            metrics_lib.save_png(paths.path(directory) / f"step_{step:07d}.png", grid, upscale=4)
             writer.write_image(step, "samples", grid)
