@@ -44,9 +44,10 @@ ROWS = {
 }
 
 
-def run_benchmark(name, smoke):
+def run_benchmark(name, smoke, extra_args=()):
     """The records one benchmark prints, run as `python -m benchmarks.<name>`."""
-    command = [sys.executable, "-m", f"benchmarks.{name}"] + (["--smoke"] if smoke else [])
+    command = ([sys.executable, "-m", f"benchmarks.{name}"] + (["--smoke"] if smoke else [])
+               + list(extra_args))
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     result = subprocess.run(command, cwd=root, capture_output=True, text=True)
     if result.returncode:
@@ -83,6 +84,8 @@ def main():
     parser.add_argument("--out", default="benchmarks.json", help="the JSON file to write")
     parser.add_argument("--only", default=",".join(BENCHMARKS),
                         help=f"comma-separated subset of {','.join(BENCHMARKS)}")
+    parser.add_argument("--train_shapes", default="pixart,large",
+                        help="train_step's shapes (benchmarks/train_step.py SHAPES)")
     args = parser.parse_args()
     names = [n for n in args.only.split(",") if n]
     unknown = set(names) - set(BENCHMARKS)
@@ -93,7 +96,8 @@ def main():
     results = {}
     for name in names:
         print(f"running benchmarks.{name} ...", file=sys.stderr, flush=True)
-        results[name] = run_benchmark(name, args.smoke)
+        extra = [f"--shapes={args.train_shapes}"] if name == "train_step" else []
+        results[name] = run_benchmark(name, args.smoke, extra)
     report = {
         "smoke": args.smoke,
         "started_utc": started.isoformat(timespec="seconds"),
