@@ -25,11 +25,12 @@ ROWS = {
                              f"b{r['batch']}), images/s",
                              r["ours_images_per_s"], f"diffusers {r['diffusers_images_per_s']:.2f}",
                              r["ratio"], 1.2 if r["shape"] == "pixart" else 1.0),
-    "llm_forward": lambda r: (f"LLM forward, SmolLM2-135M {r['batch']}x{r['length']}, tokens/s",
-                              r["ours_tokens_per_s"],
-                              f"transformers {r['transformers_tokens_per_s']:.0f}", r["ratio"], 1.3),
+    "llm_forward": lambda r: (
+        f"LLM forward, SmolLM2-135M {r['batch']}x{r['length']}, tokens/s",
+        r["ours_tokens_per_s"], f"transformers {r['transformers_tokens_per_s']:.0f}", r["ratio"],
+        1.3),
     "input_pipeline": lambda r: (
-        (f"input pipeline, demo data, images/s", r["pipeline_images_per_s"],
+        ("input pipeline, demo data, images/s", r["pipeline_images_per_s"],
          f"demo step {r['train_step_images_per_s']:.1f}", r["ratio"], 5.0)
         if r["name"] == "demo" else
         (f"input pipeline, {r['image']}px JPEG, images/s", r["pipeline_images_per_s"],
