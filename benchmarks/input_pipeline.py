@@ -1,27 +1,31 @@
-"""Input pipeline throughput: the Grain pipeline vs a bare PIL decode-and-resize loop.
+"""Input pipeline throughput: does the Grain pipeline keep the demo's train step fed?
 
-  python -m benchmarks.input_pipeline [--num=512] [--size=256] [--workers=0,1,2] [--batch=16]
+    python -m benchmarks.input_pipeline [--smoke] [--repeats=3]
 
-Writes `num` JPEG records (photo-like, 320x480 and 480x320) to a temporary record set, then
-measures images/s of (a) a plain loop that decodes each JPEG with PIL, resizes + center-crops it
-to size x size and converts to float32, and (b) `make_train_iterator` at the same size for each
-worker count, over the same records. Prints both and the ratio pipeline / bare loop.
+Two figures, each against a reference measured in the same process:
+  1. demo: images/s of `make_train_iterator` on the demo's own data config (generated shapes,
+     32 px, configs/demo_shapes.py) over the images/s the demo's train step consumes (the same
+     config's jitted step at its batch of 32, float32, cached-text-sized states). Goal >= 5x, so
+     the input never stalls a step.
+  2. photos: the pipeline over JPEG records (photo-like, 320x480 and 480x320, decoded, resized
+     and center-cropped to 256 px) vs a bare loop doing the same with PIL and no Grain.
 """
+import argparse
+import json
 import os
 import tempfile
 import time
 
-import numpy as np
-from absl import app, flags
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-from configs import common
-from lidit_jax.data import images, pipeline, records
+import numpy as np  # noqa: E402
 
-flags.DEFINE_integer("num", 512, "records to write and read per measurement")
-flags.DEFINE_integer("size", 256, "output image size")
-flags.DEFINE_list("workers", ["0", "1", "2"], "Grain worker counts to measure")
-flags.DEFINE_integer("batch", 16, "batch size")
-FLAGS = flags.FLAGS
+from benchmarks import train_step  # noqa: E402
+from benchmarks.timing import interleaved_seconds, load_average  # noqa: E402
+from configs import common, demo_shapes  # noqa: E402
+from lidit_jax.data import images, pipeline, records  # noqa: E402
+
+DEMO_LLM_WIDTH = 576  # SmolLM2-135M.
 
 
 def _photo(index):
@@ -36,6 +40,7 @@ def _photo(index):
 
 
 def bare_loop(source, size):
+    """images/s of PIL decode + resize + center crop + float conversion, one record at a time."""
     start = time.perf_counter()
     for index in range(len(source)):
         image = images.decode(records.decode_record(source[index])["image_bytes"])
@@ -43,14 +48,12 @@ def bare_loop(source, size):
     return len(source) / (time.perf_counter() - start)
 
 
-def pipeline_rate(directory, size, workers, batch, num):
-    config = common.get_config().data
-    config.update(source="arrayrecord", path=directory, image_size=size, num_workers=workers,
-                  caption_dropout=0.1)
-    iterator = pipeline.make_train_iterator(config, global_batch_size=batch, seed=0,
+def pipeline_rate(data_config, batch, num_images):
+    """images/s of `make_train_iterator` after its first batch (worker start-up excluded)."""
+    iterator = pipeline.make_train_iterator(data_config, global_batch_size=batch, seed=0,
                                             process_index=0, process_count=1)
-    next(iterator)  # Warm-up: worker start, first reads.
-    steps = max(1, num // batch)
+    next(iterator)
+    steps = max(1, num_images // batch)
     start = time.perf_counter()
     for _ in range(steps):
         next(iterator)
@@ -59,20 +62,58 @@ def pipeline_rate(directory, size, workers, batch, num):
     return rate
 
 
-def main(argv):
-    del argv
+def demo_record(smoke, repeats):
+    config = demo_shapes.get_config()
+    batch = config.train.batch_size
+    if smoke:
+        config.model.update(depth=1, width=32, heads=2)
+        config.text.update(max_length=8)
+        config.text.refiner.update(depth=1, heads=2)
+        batch = 4
+    config.train.batch_size = batch
+    data_rate = pipeline_rate(config.data, batch, batch if smoke else 40 * batch)
+    rng = np.random.default_rng(0)
+    size, length = config.data.image_size, config.text.max_length
+    arrays = {"x0": rng.uniform(-1, 1, (batch, size, size, 3)).astype(np.float32),
+              "states": rng.normal(size=(batch, length, DEMO_LLM_WIDTH)).astype(np.float32),
+              "mask": np.ones((batch, length), bool)}
+    step, _ = train_step.ours_step(config, arrays, DEMO_LLM_WIDTH)
+    seconds = interleaved_seconds({"step": step}, 1 if smoke else repeats)["step"]
+    step_rate = batch / seconds
+    return {"name": "demo", "pipeline_images_per_s": data_rate,
+            "train_step_images_per_s": step_rate, "ratio": data_rate / step_rate,
+            "num_workers": config.data.num_workers, "batch": batch, "image": size}
+
+
+def photos_record(smoke, directory):
+    num, size, batch = (8, 32, 4) if smoke else (256, 256, 16)
+    encode = lambda i: records.encode_record(  # noqa: E731
+        records.encode_image(_photo(i), "jpeg", quality=90), f"photo {i}", {}, "jpeg")
+    records.write_records(directory, num, encode, records_per_shard=num)
+    bare = bare_loop(records.ArrayRecordSource(directory), size)
+    config = common.get_config().data
+    config.update(source="arrayrecord", path=directory, image_size=size, num_workers=0,
+                  caption_dropout=0.1)
+    rate = pipeline_rate(config, batch, num)
+    return {"name": "photos", "pipeline_images_per_s": rate, "bare_pil_images_per_s": bare,
+            "ratio": rate / bare, "num_workers": 0, "batch": batch, "image": size}
+
+
+def run(smoke=False, repeats=3):
+    load = load_average()
     with tempfile.TemporaryDirectory() as directory:
-        encode = lambda i: records.encode_record(  # noqa: E731
-            records.encode_image(_photo(i), "jpeg", quality=90), f"photo {i}", {}, "jpeg")
-        records.write_records(directory, FLAGS.num, encode, records_per_shard=FLAGS.num)
-        bare = bare_loop(records.ArrayRecordSource(directory), FLAGS.size)
-        print(f"bare PIL decode+resize+crop loop: {bare:.1f} images/s "
-              f"({FLAGS.num} JPEG records -> {FLAGS.size}px, {os.cpu_count()} CPUs)")
-        for workers in (int(w) for w in FLAGS.workers):
-            rate = pipeline_rate(directory, FLAGS.size, workers, FLAGS.batch, FLAGS.num)
-            print(f"pipeline num_workers={workers}: {rate:.1f} images/s, "
-                  f"ratio to bare loop {rate / bare:.2f}")
+        out = [demo_record(smoke, repeats), photos_record(smoke, directory)]
+    return [dict(record, load_average=load) for record in out]
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--smoke", action="store_true", help="tiny shapes, one repeat")
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    for record in run(args.smoke, args.repeats):
+        print(json.dumps(record))
 
 
 if __name__ == "__main__":
-    app.run(main)
+    main()

@@ -1,0 +1,1 @@
+"""lidit_jax's benchmarks against reference implementations: `python -m benchmarks.run`."""

@@ -1,0 +1,185 @@
+"""Train-step images/s: lidit_jax vs diffusers' PixArtTransformer2DModel (PyTorch), same CPU.
+
+    python -m benchmarks.train_step [--smoke] [--repeats=5]
+
+Both models get the same width, depth, heads, patch, image and text tokens, batch and optimizer
+step: forward, MSE loss, backward, global-norm clipping at 1.0, AdamW, and an EMA of the
+weights, float32 throughout. Ours is the LI-DiT with the text refiner at depth 0 (an input
+projection of the LLM states, like PixArt's caption projection) and fusion 'single'; PixArt
+uses adaLN-single and a sin-cos position table where we use per-block adaLN and a 3x3-conv
+position ResBlock, so ours does slightly more matmul work per image (its FLOPs are reported).
+Timing alternates the two in one process (benchmarks/timing.py); torch runs with as many
+threads as XLA:CPU uses (all cores).
+"""
+import argparse
+import json
+import os
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from flax import nnx  # noqa: E402
+
+from benchmarks.timing import interleaved_seconds, load_average  # noqa: E402
+from configs import common  # noqa: E402
+from lidit_jax.diffusion import flops as flops_lib  # noqa: E402
+from lidit_jax.diffusion.dit import LIDiT  # noqa: E402
+from lidit_jax.diffusion.objectives import make_objective  # noqa: E402
+from lidit_jax.parallel import mesh as mesh_lib  # noqa: E402
+from lidit_jax.train import metrics  # noqa: E402
+from lidit_jax.train.state import create_train_state, shardings_of  # noqa: E402
+from lidit_jax.train.step import jit_train_step, make_train_step  # noqa: E402
+
+# (name, depth, width, heads, image size, patch, text tokens, LLM width, batch)
+SHAPES = {
+    "pixart": dict(depth=6, width=384, heads=6, image=32, patch=2, text=64, llm=576, batch=32),
+    "large": dict(depth=12, width=768, heads=12, image=32, patch=2, text=64, llm=576, batch=32),
+    "smoke": dict(depth=1, width=32, heads=2, image=8, patch=2, text=8, llm=24, batch=4),
+}
+
+
+def model_config(shape):
+    c = common.get_config()
+    c.model.update(depth=shape["depth"], width=shape["width"], heads=shape["heads"],
+                   patch_size=shape["patch"], dtype="float32")
+    c.text.update(max_length=shape["text"], fusion="single")
+    c.text.refiner.depth = 0
+    c.data.image_size = shape["image"]
+    c.diffusion.objective = "flow"
+    c.train.update(batch_size=shape["batch"], warmup_steps=0, learning_rate=1e-4,
+                   ema_decay=0.999)
+    c.mesh.replicated_min_size = 1 << 40
+    return c
+
+
+def batch_arrays(shape, seed=0):
+    rng = np.random.default_rng(seed)
+    b, n = shape["batch"], shape["text"]
+    lengths = rng.integers(n // 4, n + 1, b)
+    mask = np.arange(n)[None] < lengths[:, None]
+    return {
+        "x0": rng.uniform(-1, 1, (b, shape["image"], shape["image"], 3)).astype(np.float32),
+        "states": rng.normal(size=(b, n, shape["llm"])).astype(np.float32),
+        "mask": mask,
+    }
+
+
+def ours_step(config, arrays, llm_width):
+    """(run, flops): `run()` does one jitted train step of `config`'s LI-DiT on `arrays` (the
+    state is donated and carried from call to call); `flops` = its model FLOPs."""
+    mesh = mesh_lib.build_mesh(config.mesh, jax.devices()[:1])
+    graphdef, state = create_train_state(
+        lambda: LIDiT(config, [llm_width], 3, rngs=nnx.Rngs(0)), config, mesh)
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    batch = {"x0": jnp.asarray(arrays["x0"]),
+             "text": {"states": [jnp.asarray(arrays["states"])],
+                      "masks": [jnp.asarray(arrays["mask"])],
+                      "prompt_masks": [jnp.asarray(arrays["mask"])]}}
+    batch = jax.device_put(batch, replicated)
+    step = jit_train_step(make_train_step(graphdef, config, make_objective(config.diffusion)),
+                          shardings_of(state), jax.tree.map(lambda _: replicated, batch), mesh)
+    holder = [state]
+
+    def run():
+        holder[0], out = step(holder[0], batch)
+        jax.block_until_ready(out["loss"])
+
+    b, height, width, channels = arrays["x0"].shape
+    flops = flops_lib.train_step_flops(config, [llm_width], batch=b, hw=(height, width),
+                                       text_lengths=[arrays["states"].shape[1]],
+                                       in_channels=channels)
+    return run, flops
+
+
+def diffusers_step(shape, arrays):
+    """The same step for diffusers' PixArtTransformer2DModel with torch.optim.AdamW."""
+    import torch
+    from diffusers import PixArtTransformer2DModel
+
+    torch.manual_seed(0)
+    model = PixArtTransformer2DModel(
+        num_attention_heads=shape["heads"], attention_head_dim=shape["width"] // shape["heads"],
+        in_channels=3, out_channels=3, num_layers=shape["depth"],
+        cross_attention_dim=shape["width"], sample_size=shape["image"],
+        patch_size=shape["patch"], caption_channels=shape["llm"],
+        use_additional_conditions=False).train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.0)
+    ema = [p.detach().clone() for p in params]
+    x0 = torch.from_numpy(np.moveaxis(arrays["x0"], -1, 1).copy())
+    states = torch.from_numpy(arrays["states"])
+    mask = torch.from_numpy(arrays["mask"]).float()
+    generator = torch.Generator().manual_seed(0)
+
+    def run():
+        t = torch.sigmoid(torch.randn(x0.shape[0], generator=generator))
+        noise = torch.randn(x0.shape, generator=generator)
+        x_t = (1 - t[:, None, None, None]) * x0 + t[:, None, None, None] * noise
+        prediction = model(x_t, encoder_hidden_states=states, timestep=t * 1000,
+                           encoder_attention_mask=mask,
+                           added_cond_kwargs={"resolution": None, "aspect_ratio": None}).sample
+        loss = torch.mean(torch.square(prediction - (noise - x0)))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        with torch.no_grad():
+            torch._foreach_lerp_(ema, params, 1 - 0.999)
+        loss.item()
+
+    return run
+
+
+def measure(shape_name, repeats):
+    import torch
+
+    torch.set_num_threads(os.cpu_count())
+    shape = SHAPES[shape_name]
+    arrays = batch_arrays(shape)
+    ours, flops = ours_step(model_config(shape), arrays, shape["llm"])
+    reference = diffusers_step(shape, arrays)
+    load = load_average()
+    seconds = interleaved_seconds({"ours": ours, "diffusers": reference}, repeats)
+    images = shape["batch"]
+    ours_rate, reference_rate = images / seconds["ours"], images / seconds["diffusers"]
+    peak = metrics.measure_cpu_peak_flops()
+    return {
+        "shape": shape_name, **shape,
+        "ours_images_per_s": ours_rate,
+        "diffusers_images_per_s": reference_rate,
+        "ratio": ours_rate / reference_rate,
+        "ours_flops_per_step": flops,
+        "ours_flops_per_s": flops / seconds["ours"],
+        "cpu_peak_flops_per_s": peak,
+        "fraction_of_peak": flops / seconds["ours"] / peak,
+        "torch_threads": torch.get_num_threads(),
+        "repeats": repeats,
+        "load_average": load,
+    }
+
+
+def run(smoke=False, repeats=3, shapes=("pixart", "large")):
+    """The benchmark's records: one per shape. The larger shape gets one repeat fewer (a step
+    takes minutes on 2 busy cores)."""
+    if smoke:
+        return [measure("smoke", 1)]
+    return [measure(name, repeats if name == "pixart" else max(1, repeats - 1))
+            for name in shapes]
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--smoke", action="store_true", help="tiny shape, one repeat")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--shapes", default="pixart,large",
+                        help=f"comma-separated, of {', '.join(sorted(SHAPES))}")
+    args = parser.parse_args()
+    records = run(args.smoke, args.repeats, [s for s in args.shapes.split(",") if s])
+    for record in records:
+        print(json.dumps(record))
+
+
+if __name__ == "__main__":
+    main()

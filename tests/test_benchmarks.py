@@ -1,0 +1,54 @@
+"""The benchmark suite in smoke mode: every benchmark runs and its JSON has every field.
+
+Tiny shapes, one repeat; no timing is asserted (a 2-core CI machine's figures mean nothing).
+"""
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+FIELDS = {
+    "train_step": {"shape", "depth", "width", "heads", "batch", "ours_images_per_s",
+                   "diffusers_images_per_s", "ratio", "ours_flops_per_s", "cpu_peak_flops_per_s",
+                   "fraction_of_peak", "torch_threads", "load_average"},
+    "llm_forward": {"batch", "length", "ours_tokens_per_s", "transformers_tokens_per_s", "ratio",
+                    "torch_threads", "load_average"},
+    "input_pipeline": {"name", "pipeline_images_per_s", "ratio", "batch", "image",
+                       "load_average"},
+    "fsdp_memory": {"devices", "bytes_per_device", "ideal_bytes", "ratio_to_ideal"},
+    "sample": {"sampler", "steps", "batch", "images_per_s", "flops_per_s", "fraction_of_peak",
+               "load_average"},
+}
+
+
+@pytest.mark.slow  # Five processes that each start JAX (and torch) and compile.
+def test_smoke_run_writes_every_field(tmp_path):
+    out = tmp_path / "bench.json"
+    # The benchmarks set their own devices; the tests' 8 fake devices must not leak into them.
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    result = subprocess.run([sys.executable, "-m", "benchmarks.run", "--smoke", f"--out={out}"],
+                            cwd=ROOT, env=dict(env, JAX_PLATFORMS="cpu"), capture_output=True,
+                            text=True, timeout=2400)
+    assert result.returncode == 0, result.stderr[-4000:]
+    report = json.loads(out.read_text())
+    assert report["smoke"] is True
+    assert set(report["results"]) == set(FIELDS)
+    for name, fields in FIELDS.items():
+        records = report["results"][name]
+        assert records, name
+        for record in records:
+            assert fields <= set(record), (name, fields - set(record))
+            for field in fields:
+                if isinstance(record[field], float):
+                    assert math.isfinite(record[field]) and record[field] > 0, (name, field)
+    demo, photos = report["results"]["input_pipeline"]
+    assert "train_step_images_per_s" in demo and "bare_pil_images_per_s" in photos
+    assert [r["devices"] for r in report["results"]["fsdp_memory"]] == [1, 2, 4, 8]
+    # The table names every benchmark's reference.
+    for word in ("diffusers", "transformers", "demo step", "bare PIL", "ideal", "peak"):
+        assert word in result.stdout, word
