@@ -29,7 +29,8 @@ class PromptEncoder:
         self.layer = llm_config.layer
         self.apply_final_norm = llm_config.final_norm
         self.llm = load_llm(resolve_model_path(llm_config.path, key=f"text.llms.{name}.path"),
-                            dtype=jnp.dtype(llm_config.dtype), mesh=mesh, rules=rules)
+                            dtype=jnp.dtype(llm_config.dtype), mesh=mesh, rules=rules,
+                            attention=text_config.attention)
         num_states = self.llm.config.num_layers + 1
         if not -num_states <= self.layer < num_states:
             raise configuration.ConfigError(
