@@ -1,0 +1,52 @@
+"""The --mode=compile report for a TPU v5e 2x2 slice (libtpu on this CPU host, no TPU)."""
+import pytest
+
+from configs import common
+from lidit_jax import aot
+
+
+def small_config(**model):
+    c = common.get_config()
+    # Width 128 and 256 image tokens: matmuls dominate, as in the real configs (at width 64
+    # element-wise work adds 18 % to the compiler's count).
+    c.model.update(depth=3, width=128, heads=4, **model)
+    c.text.max_length = 32
+    c.text.refiner.update(depth=1, heads=2)
+    c.text.collaborative.heads = 2
+    c.text.llms.smollm2.width = 48
+    c.text.cache_dir = "/unused"  # Report the resident encoders as precomputed.
+    c.data.image_size = 32
+    c.train.batch_size = 8
+    c.mesh.data, c.mesh.fsdp = 2, 2
+    c.aot.topology = "v5e:2x2"
+    return c
+
+
+@pytest.fixture(scope="module")
+def report():
+    config = small_config(scan_layers=True)
+    devices = aot.topology_devices(config.aot.topology)
+    compiled, state = aot.compile_train_step(config, devices)
+    return config, compiled, aot.step_report(config, devices, compiled, state)
+
+
+def test_scanned_step_flops_count_every_layer(report):
+    config, compiled, result = report
+    scanned_flops, _ = aot._cost(compiled)
+    # XLA alone counts the scanned body once; the loop-counted figure matches the model count.
+    assert scanned_flops < 0.9 * result["model_flops"]
+    assert abs(result["flops_ratio"] - 1) <= aot.FLOPS_TOLERANCE, result
+    assert result["flops_check"] == "ok"
+
+
+def test_mfu_memory_and_last_line(report, capsys):
+    config, _, result = report
+    assert 0 < result["est_mfu"] <= 1
+    assert result["seconds"] > 0
+    assert result["fits"] is True
+    assert 0 < result["params"] <= result["per_chip_bytes"]
+    assert result["opt_state"] == pytest.approx(2 * result["params"], rel=0.01)  # Adam: m, v
+    aot.print_report(config, result)
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last.startswith("fits=True hbm_per_chip_gib=")
+    assert float(last.split("est_mfu=")[1]) == pytest.approx(result["est_mfu"], rel=1e-3)
