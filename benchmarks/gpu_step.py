@@ -57,7 +57,8 @@ def random_batch(config, llm_widths, seed=0):
     lengths = rng.integers(8, length + 1, size=b)
     mask = np.arange(length)[None] < lengths[:, None]
     return {
-        "x0": jnp.asarray(rng.normal(size=(b, side, side, config.vae.latent_channels)), jnp.float32),
+        "x0": jnp.asarray(rng.normal(size=(b, side, side, config.vae.latent_channels)),
+                          jnp.float32),
         "text": {
             "states": [jnp.asarray(rng.normal(size=(b, length, w)), jnp.bfloat16)
                        for w in llm_widths],
@@ -118,9 +119,9 @@ def main():
             config, llm_widths, batch=config.train.batch_size, hw=(side, side),
             text_lengths=[config.text.max_length] * len(llm_widths),
             in_channels=config.vae.latent_channels)
-        print(f"attention={attention} batch={config.train.batch_size} "
-              f"step_seconds={seconds:.4f} images_per_second={config.train.batch_size / seconds:.1f} "
-              f"mfu={model_flops / seconds / peak:.4f}")
+        images = config.train.batch_size / seconds
+        print(f"attention={attention} batch={config.train.batch_size} step_seconds={seconds:.4f} "
+              f"images_per_second={images:.1f} mfu={model_flops / seconds / peak:.4f}")
 
 
 if __name__ == "__main__":

@@ -94,7 +94,7 @@ def get_config(arg=None):
     c.model.param_dtype = "float32"
     c.model.scan_layers = True
     c.model.remat = "none"  # none | full | dots_saveable
-    # Attention kernel of the trainable model (DiT, refiners): auto | xla | cudnn | splash.
+    # Attention kernel of the DiT: auto | xla | cudnn | splash (the refiners' short text: auto).
     # auto: splash on TPU, cuDNN on NVIDIA GPUs, XLA elsewhere and for sequences < 1024 tokens.
     c.model.attention = "auto"
     c.model.splash_block_q = 512  # Splash tiles in tokens (multiples of 128); see docs/kernels.md.

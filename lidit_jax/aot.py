@@ -141,7 +141,8 @@ def state_bytes_per_chip(state):
     for field in ("params", "opt_state", "ema_params"):
         total = 0
         for leaf in jax.tree.leaves(getattr(state, field)):
-            shape = leaf.sharding.shard_shape(leaf.shape) if leaf.sharding is not None else leaf.shape
+            sharded = leaf.sharding is not None
+            shape = leaf.sharding.shard_shape(leaf.shape) if sharded else leaf.shape
             total += math.prod(shape) * jnp.dtype(leaf.dtype).itemsize
         out[field] = total
     return out

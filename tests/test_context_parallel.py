@@ -1,4 +1,4 @@
-"""Context parallelism (ulysses, ring) against unsharded attention, and in training, on 8 CPU devices."""
+"""Context parallelism (ulysses, ring) vs unsharded attention, and in training, on 8 CPU devices."""
 import functools
 
 import jax
