@@ -4,6 +4,10 @@ import pytest
 from configs import demo_shapes
 from lidit_jax import aot
 
+# Three TPU compiles of the demo step (scanned, and the depth-1 and depth-2 twins): ~1 min on 2
+# idle cores, 21 min on 2 cores shared by six sessions.
+pytestmark = pytest.mark.slow
+
 
 def small_config():
     # The demo (depth 4, width 128, 256 image tokens, 128 text tokens, batch 32 = 8 per chip).
