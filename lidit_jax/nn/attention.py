@@ -12,8 +12,9 @@ the kernel choice is made in one place:
   auto    splash on TPU, cuDNN on NVIDIA GPUs (head_dim <= 128 and a 16-bit dtype), XLA
           elsewhere, and XLA for any sequence shorter than AUTO_MIN_SEQ_LEN.
 
-All four agree to float32 rounding (tests/test_attention.py), including rows whose keys are all
-masked, which return zeros.
+splash and auto agree with xla to float32 rounding (tests/test_attention.py, forward and
+gradients), including rows whose keys are all masked, which return zeros; the cudnn path has not
+been run here (no GPU), only its dispatch is tested.
 """
 import functools
 
