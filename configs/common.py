@@ -21,7 +21,7 @@ PAPER_INSTRUCTION = (
 # None replicates. A tuple shards one dimension over several mesh axes (in that order).
 DEFAULT_SHARDING_RULES = (
     ("batch", ("data", "fsdp")),
-    ("length", None),
+    ("length", "context"),  # Image tokens; size-1 `context` axis unless mesh.context > 1.
     ("text_length", None),
     ("embed", "fsdp"),
     ("mlp", "tensor"),
@@ -118,6 +118,7 @@ def get_config(arg=None):
     c.text.fusion = "single"  # collaborative (any number of LLMs) | concat | single (1 LLM)
     c.text.collaborative = ml_collections.ConfigDict(dict(depth=1, heads=8, mlp_ratio=4.0))
     c.text.drop_instruction = True
+    c.text.attention = "auto"  # Kernel of the frozen LLMs: auto | xla | cudnn | splash.
     c.text.cache_dir = ""  # Text-state cache (--mode=encode); empty: encode online.
     c.text.allow_fingerprint_mismatch = False
 
@@ -133,7 +134,13 @@ def get_config(arg=None):
     c.model.param_dtype = "float32"
     c.model.scan_layers = True
     c.model.remat = "none"  # none | full | dots_saveable
-    c.model.attention = "xla"  # xla | cudnn
+    # Attention kernel of the DiT: auto | xla | cudnn | splash (the refiners' short text: auto).
+    # auto: splash on TPU, cuDNN on NVIDIA GPUs, XLA elsewhere and for sequences < 1024 tokens.
+    c.model.attention = "auto"
+    c.model.splash_block_q = 512  # Splash tiles in tokens (multiples of 128); see docs/kernels.md.
+    c.model.splash_block_kv = 512
+    # Sequence parallelism of the DiT's self-attention over mesh.context: none | ulysses | ring.
+    c.model.context_parallel = "none"
 
     # ---- Image space ----------------------------------------------------------------------------
     c.vae = ml_collections.ConfigDict()
@@ -211,6 +218,7 @@ def get_config(arg=None):
     c.mesh.data = -1  # One axis may be -1: the devices left over.
     c.mesh.fsdp = 1
     c.mesh.tensor = 1
+    c.mesh.context = 1  # Sequence (context) parallelism of image tokens; see model.context_parallel.
     # Multi-slice (DCN) part: the mesh is (dcn_data * data, dcn_fsdp * fsdp, tensor).
     c.mesh.dcn_data = 1
     c.mesh.dcn_fsdp = 1

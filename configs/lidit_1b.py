@@ -39,7 +39,9 @@ def get_config(arg=None):
     c.model.width = 1152
     c.model.heads = 16
     c.model.patch_size = 2
-    c.model.remat = "dots_saveable"
+    # No remat: est. 0.234 s/step, 39.0 % MFU, 61.1 of 95 GiB per chip on v5p 4x4x4, against
+    # 0.271 s, 33.7 %, 27.2 GiB with dots_saveable (benchmarks/tpu_estimates.md, 2026-11-29).
+    c.model.remat = "none"
 
     c.vae.path = ""  # Set to a diffusers AutoencoderKL folder (16 channels, 8x) for training.
     c.vae.latent_channels = 16

@@ -17,7 +17,9 @@ CHOICES = {
     "text.fusion": ("collaborative", "concat", "single"),
     "text.padding_side": ("right", "left"),
     "model.remat": ("none", "full", "dots_saveable"),
-    "model.attention": ("xla", "cudnn"),
+    "model.attention": ("auto", "xla", "cudnn", "splash"),
+    "text.attention": ("auto", "xla", "cudnn", "splash"),
+    "model.context_parallel": ("none", "ulysses", "ring"),
     "model.dtype": ("float32", "bfloat16", "float16"),
     "model.param_dtype": ("float32", "bfloat16"),
     "diffusion.objective": ("epsilon", "v", "flow"),
@@ -95,9 +97,10 @@ def mesh_axis_sizes(config, num_devices):
         ici = resolve_axis_sizes({a: config.mesh[a] for a in MESH_AXES},
                                  num_devices // num_slices, "mesh")
     except ValueError as e:
-        raise ConfigError(f"{e} (keys mesh.data, mesh.fsdp, mesh.tensor)") from None
+        raise ConfigError(f"{e} (keys mesh.data, mesh.fsdp, mesh.context, mesh.tensor)") from None
     return {"data": ici["data"] * config.mesh.dcn_data,
-            "fsdp": ici["fsdp"] * config.mesh.dcn_fsdp, "tensor": ici["tensor"]}
+            "fsdp": ici["fsdp"] * config.mesh.dcn_fsdp, "context": ici["context"],
+            "tensor": ici["tensor"]}
 
 
 def validate(config, num_devices=None):
@@ -123,6 +126,7 @@ def validate(config, num_devices=None):
         raise ConfigError(str(e)) from None
     if num_devices is not None:
         _validate_mesh_and_batch(config, num_devices)
+    _validate_attention(config, mesh_axis_sizes(config, num_devices) if num_devices else None)
     return config
 
 
@@ -176,6 +180,36 @@ def _validate_model(config):
             raise ConfigError(
                 f"image size {size} (data.image_size / data.buckets) is not divisible by "
                 f"model.patch_size * vae.downsample = {multiple}")
+
+
+def _validate_attention(config, sizes):
+    """Splash tiles; with the mesh `sizes`, context parallelism against shapes and mesh."""
+    m = config.model
+    for key in ("splash_block_q", "splash_block_kv"):
+        value = m[key]
+        if not isinstance(value, int) or value < 128 or value % 128:
+            raise ConfigError(f"model.{key}={value!r} must be a positive multiple of 128 (TPU "
+                              "tiles are 128 lanes wide)")
+    context = 1 if sizes is None else sizes["context"]
+    if context > 1 and m.context_parallel == "none":
+        raise ConfigError(f"mesh.context={context} shards the image tokens but "
+                          "model.context_parallel='none'; set it to ulysses or ring")
+    if context == 1:
+        return
+    sizes_hw = [f"{config.data.image_size}x{config.data.image_size}"]
+    sizes_hw += [b.strip() for b in config.data.buckets.split(",") if b.strip()]
+    per_token = m.patch_size * config.vae.downsample
+    for size in sizes_hw:
+        height, width = (int(p) for p in size.lower().split("x"))
+        tokens = (height // per_token) * (width // per_token)
+        if tokens % context:
+            raise ConfigError(f"image size {size} has {tokens} tokens, not divisible by "
+                              f"mesh.context={context}; change data.buckets or mesh.context")
+    if m.context_parallel == "ulysses" and m.heads % (sizes["tensor"] * context):
+        raise ConfigError(
+            f"model.context_parallel=ulysses splits model.heads={m.heads} over mesh.tensor * "
+            f"mesh.context = {sizes['tensor'] * context}, which does not divide it; use "
+            "model.context_parallel=ring or change mesh.context")
 
 
 def _validate_train(config):

@@ -7,10 +7,10 @@ from lidit_jax.parallel import mesh as mesh_lib
 
 
 @pytest.mark.parametrize("sizes,expected", [
-    ((-1, 1, 1), (8, 1, 1)),
-    ((1, -1, 1), (1, 8, 1)),
-    ((2, -1, 2), (2, 2, 2)),
-    ((1, 4, 2), (1, 4, 2)),
+    ((-1, 1, 1), (8, 1, 1, 1)),
+    ((1, -1, 1), (1, 8, 1, 1)),
+    ((2, -1, 2), (2, 2, 1, 2)),
+    ((1, 4, 2), (1, 4, 1, 2)),
 ])
 def test_build_mesh_shapes(sizes, expected):
     config = common.get_config()
@@ -28,7 +28,7 @@ def test_hybrid_mesh_puts_dcn_axis_across_slices():
     config = common.get_config()
     config.mesh.data, config.mesh.fsdp, config.mesh.tensor, config.mesh.dcn_data = 1, -1, 1, 2
     mesh = mesh_lib.build_mesh(config.mesh, devices=topology.devices)
-    assert tuple(mesh.shape.values()) == (2, 4, 1)
+    assert tuple(mesh.shape.values()) == (2, 4, 1, 1)
     # Each data row is one slice: FSDP traffic stays on ICI, only data parallelism crosses DCN.
     for row in range(2):
         assert {d.slice_index for d in mesh.devices[row].flat} == {row}

@@ -22,7 +22,7 @@ def make_mesh(data, fsdp, tensor):
 
 def test_rules_to_partition_specs():
     assert sharding.logical_to_mesh_spec(("embed", "mlp"), RULES) == P("fsdp", "tensor")
-    assert sharding.logical_to_mesh_spec(("batch", "length", "embed"), RULES) == P(("data", "fsdp"), None, None)
+    assert sharding.logical_to_mesh_spec(("batch", "length", "embed"), RULES) == P(("data", "fsdp"), "context", None)
     assert sharding.logical_to_mesh_spec(("layers", None, "heads"), RULES) == P(None, None, "tensor")
     with pytest.raises(KeyError, match="'nonexistent'.*mesh.rules"):
         sharding.logical_to_mesh_spec(("nonexistent",), RULES)
@@ -61,8 +61,8 @@ def test_sharded_init_equals_unsharded_values_and_outputs():
     expected = reference(x)
     for sizes in [(1, 1, 1), (2, 2, 2), (1, 8, 1)]:
         mesh = make_mesh(*sizes) if sizes != (1, 1, 1) else jax.sharding.Mesh(
-            np.array(jax.devices()[:1]).reshape(1, 1, 1), mesh_lib.MESH_AXES,
-            axis_types=(jax.sharding.AxisType.Auto,) * 3)
+            np.array(jax.devices()[:1]).reshape(1, 1, 1, 1), mesh_lib.MESH_AXES,
+            axis_types=(jax.sharding.AxisType.Auto,) * 4)
         model = sharding.create_sharded(make, mesh, RULES)
         np.testing.assert_array_equal(model.down.kernel[...], reference.down.kernel[...])
         with jax.set_mesh(mesh), sharding.axis_rules(RULES):

@@ -41,7 +41,7 @@ def random_batch(seed, batch=32, size=8):
     }
 
 
-def make_mesh(data, fsdp, tensor):
-    devices = jax.devices()[: data * fsdp * tensor]
-    return jax.sharding.Mesh(np.array(devices).reshape(data, fsdp, tensor), mesh_lib.MESH_AXES,
-                             axis_types=(jax.sharding.AxisType.Auto,) * 3)
+def make_mesh(data, fsdp, tensor, context=1):
+    devices = jax.devices()[: data * fsdp * context * tensor]
+    return jax.sharding.Mesh(np.array(devices).reshape(data, fsdp, context, tensor),
+                             mesh_lib.MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 4)

@@ -36,8 +36,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from lidit_jax.nn.attention import dot_product_attention
-from lidit_jax.nn.layers import MLP, RMSNorm, TimestepEmbedder, linear, modulate
+from lidit_jax.nn.layers import (MLP, Attention, RMSNorm, TimestepEmbedder, layer_norm, linear,
+                                 modulate)
 from lidit_jax.parallel.sharding import constrain
 from lidit_jax.text.refiner import TextConditioner
 
@@ -47,14 +47,6 @@ REMAT_POLICIES = {
 }
 TOKENS = ("batch", "length", "embed")
 zeros_init = nnx.initializers.zeros_init()
-
-
-def layer_norm(x, eps=1e-6):
-    """Parameter-free LayerNorm over the last axis, in float32 (adaLN supplies scale and shift)."""
-    x = x.astype(jnp.float32)
-    mean = jnp.mean(x, axis=-1, keepdims=True)
-    var = jnp.mean(jnp.square(x - mean), axis=-1, keepdims=True)
-    return (x - mean) * jax.lax.rsqrt(var + eps)
 
 
 def patchify(x, patch):
@@ -74,49 +66,16 @@ def unpatchify(x, patch, channels):
     return x.reshape(b, h * patch, w * patch, channels)
 
 
-class Attention(nnx.Module):
-    """Multi-head attention with QK-RMSNorm; self-attention, or cross-attention given `context`.
-
-    Projections: q/k/v kernels [embed, heads*head_dim] (logical ("embed", "heads")), output
-    [heads*head_dim, embed]; the q/k RMSNorm scales are [head_dim] ("norm").
-    """
-
-    def __init__(self, width, heads, *, qk_norm, implementation, dtype, param_dtype, rngs):
-        if width % heads:
-            raise ValueError(f"model.width={width} is not divisible by model.heads={heads}")
-        kwargs = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.query = linear(width, width, ("embed", "heads"), **kwargs)
-        self.key = linear(width, width, ("embed", "heads"), **kwargs)
-        self.value = linear(width, width, ("embed", "heads"), **kwargs)
-        self.out = linear(width, width, ("heads", "embed"), **kwargs)
-        head_dim = width // heads
-        self.q_norm = RMSNorm(head_dim, param_dtype=param_dtype) if qk_norm else None
-        self.k_norm = RMSNorm(head_dim, param_dtype=param_dtype) if qk_norm else None
-        self.heads = heads
-        self.implementation = implementation
-
-    def __call__(self, x, context=None, context_mask=None):
-        """x [batch, len, embed]; context [batch, ctx_len, embed] (None: x), its mask
-        [batch, ctx_len] bool. Returns [batch, len, embed]."""
-        source = x if context is None else context
-        split = lambda y: y.reshape(*y.shape[:2], self.heads, -1)  # noqa: E731
-        q, k, v = split(self.query(x)), split(self.key(source)), split(self.value(source))
-        if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q = constrain(q, ("batch", "length", "heads", "head_dim"))
-        out = dot_product_attention(q, k, v, key_mask=context_mask,
-                                    implementation=self.implementation)
-        return self.out(out.reshape(*x.shape[:2], -1))
-
-
 class DiTBlock(nnx.Module):
     """Self-attention, cross-attention to the text tokens, FFN; each with adaLN shift/scale/gate."""
 
     def __init__(self, width, heads, mlp_ratio, *, qk_norm, implementation, dtype, param_dtype,
-                 rngs):
-        attention = dict(qk_norm=qk_norm, implementation=implementation, dtype=dtype,
-                         param_dtype=param_dtype, rngs=rngs)
-        self.self_attention = Attention(width, heads, **attention)
+                 rngs, block_sizes=None, context_parallel="none"):
+        attention = dict(qk_norm=qk_norm, implementation=implementation, block_sizes=block_sizes,
+                         dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        # Only the self-attention sees the whole (context-sharded) image sequence.
+        self.self_attention = Attention(width, heads, context_parallel=context_parallel,
+                                        **attention)
         self.cross_attention = Attention(width, heads, **attention)
         self.mlp = MLP(width, int(width * mlp_ratio), activation="gelu_tanh", dtype=dtype,
                        param_dtype=param_dtype, rngs=rngs)
@@ -134,7 +93,8 @@ class DiTBlock(nnx.Module):
          ff_shift, ff_scale, ff_gate) = self.modulation_vectors(c)
         h = self.self_attention(modulate(layer_norm(x), sa_shift, sa_scale))
         x = constrain(x + sa_gate[:, None, :] * h, TOKENS)
-        h = self.cross_attention(modulate(layer_norm(x), ca_shift, ca_scale), context, context_mask)
+        h = self.cross_attention(modulate(layer_norm(x), ca_shift, ca_scale), context,
+                                 key_mask=context_mask)
         x = constrain(x + ca_gate[:, None, :] * h, TOKENS)
         h = self.mlp(modulate(layer_norm(x), ff_shift, ff_scale))
         return constrain(x + ff_gate[:, None, :] * h, TOKENS)
@@ -206,7 +166,8 @@ class DiTBackbone(nnx.Module):
         def make_block(block_rngs):
             return DiTBlock(m.width, m.heads, m.mlp_ratio, qk_norm=m.qk_norm,
                             implementation=m.attention, dtype=dtype, param_dtype=param_dtype,
-                            rngs=block_rngs)
+                            rngs=block_rngs, block_sizes=(m.splash_block_q, m.splash_block_kv),
+                            context_parallel=m.context_parallel)
 
         if m.scan_layers:
             # One block's variables with a leading [depth] axis, logical name 'layers'.

@@ -1,12 +1,64 @@
 """The project's single attention entry point.
 
 Every attention in lidit_jax (LLM encoders, refiners, DiT, VAE) calls `dot_product_attention`, so
-the kernel choice (XLA everywhere, cuDNN flash attention on NVIDIA GPUs) is made in one place.
+the kernel choice is made in one place:
+
+  xla     jax.nn.dot_product_attention's XLA path: materialises [batch, heads, q_len, kv_len]
+          logits; right for short sequences (text, 256 px images) and on CPU.
+  cudnn   cuDNN flash attention through jax.nn.dot_product_attention (NVIDIA GPUs only).
+  splash  Pallas TPU splash attention (flash attention with block-sparse masks): never builds
+          the logits; inside `shard_map` over the mesh's batch and head axes. Off TPU the same
+          kernel runs in Pallas interpret mode (slow, for tests).
+  auto    splash on TPU, cuDNN on NVIDIA GPUs (head_dim <= 128 and a 16-bit dtype), XLA
+          elsewhere, and XLA for any sequence shorter than AUTO_MIN_SEQ_LEN.
+
+splash and auto agree with xla to float32 rounding (tests/test_attention.py, forward and
+gradients), including rows whose keys are all masked, which return zeros; the cudnn path has not
+been run here (no GPU), only its dispatch is tested.
 """
+import functools
+
 import jax
 import jax.numpy as jnp
+from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
+from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as splash_mask
 
-IMPLEMENTATIONS = ("xla", "cudnn")
+from lidit_jax.parallel import sharding
+
+IMPLEMENTATIONS = ("xla", "cudnn", "splash", "auto")
+# Below this many query or key tokens `auto` keeps XLA: the [q, kv] logits are small (256 x 256
+# per head at 256 px) and a fused kernel's padding to 128-token tiles and launch cost more than
+# they save. LI-DiT-1B at 256 px (256 image, 512 text tokens) stays on XLA; self-attention at
+# 512 px (1024 tokens) and 1024 px (4096 tokens) switches; cross-attention to <= 512 text
+# tokens stays on XLA at every size (its logits grow only linearly with the image).
+AUTO_MIN_SEQ_LEN = 1024
+# Default splash tiles (tokens); config.model.splash_block_q/kv override them for the DiT.
+DEFAULT_BLOCK_SIZES = (512, 512)
+# TPU tiles are 128 lanes wide: sequences are padded to a multiple of this (and of the block).
+_LANE = 128
+
+
+def target_device():
+    """(platform, device_kind) of the devices the current computation is compiled for.
+
+    Inside `jax.set_mesh(mesh)` that is the mesh's devices, so `--mode=compile` for a TPU
+    topology on a CPU host selects kernels for the TPU; otherwise the default backend's.
+    """
+    device = jax.sharding.get_abstract_mesh().abstract_device or jax.devices()[0]
+    return device.platform, getattr(device, "device_kind", "")
+
+
+def select_implementation(q_len, kv_len, head_dim, dtype, platform, device_kind=""):
+    """What `implementation="auto"` runs for these shapes on `platform` ('tpu', 'gpu', 'cpu')."""
+    if min(q_len, kv_len) < AUTO_MIN_SEQ_LEN:
+        return "xla"
+    if platform == "tpu":
+        return "splash"
+    # cuDNN's fused attention: NVIDIA only (not ROCm), head_dim <= 128, fp16 / bf16 inputs.
+    nvidia = platform in ("gpu", "cuda") and "nvidia" in device_kind.lower()
+    if nvidia and head_dim <= 128 and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16):
+        return "cudnn"
+    return "xla"
 
 
 def dot_product_attention(
@@ -20,20 +72,23 @@ def dot_product_attention(
     scale=None,
     bias=None,
     implementation="xla",
+    block_sizes=None,
 ):
     """Multi-head (or grouped-query) scaled dot-product attention.
 
     Args:
-      query: [batch, q_len, heads, head_dim].
+      query: [batch, q_len, heads, head_dim] (logical "batch", "length", "heads", "head_dim").
       key, value: [batch, kv_len, kv_heads, head_dim]; `heads` must be a multiple of `kv_heads`.
       key_mask: optional [batch, kv_len] bool, True for keys that may be attended to (padding False).
         A query row whose keys are all masked returns zeros instead of NaN.
       causal: query i attends to keys <= i (q_len == kv_len).
-      sliding_window: with `causal`, query i also only sees keys > i - sliding_window.
+      sliding_window: with `causal`, query i also only sees keys > i - sliding_window (an int,
+        or a traced int inside a scan over layers: splash then runs XLA, see below).
       scale: logits multiplier; default 1/sqrt(head_dim).
       bias: optional additive logits bias broadcastable to [batch, heads, q_len, kv_len] (T5's
-        relative position bias).
+        relative position bias); splash has none, so a biased call runs XLA.
       implementation: one of IMPLEMENTATIONS.
+      block_sizes: splash only, (block_q, block_kv) tokens; default DEFAULT_BLOCK_SIZES.
 
     Returns:
       [batch, q_len, heads, head_dim] in query's dtype.
@@ -44,33 +99,155 @@ def dot_product_attention(
     kv_len, kv_heads = key.shape[1], key.shape[2]
     if heads % kv_heads:
         raise ValueError(f"query heads {heads} not a multiple of key/value heads {kv_heads}")
+    if sliding_window is not None and not causal:
+        raise ValueError("sliding_window needs causal=True")
+    if causal and q_len != kv_len:
+        raise ValueError(f"causal attention needs q_len == kv_len, got {q_len} and {kv_len}")
     if scale is None:
         scale = head_dim**-0.5
+    if implementation == "auto":
+        implementation = select_implementation(q_len, kv_len, head_dim, query.dtype,
+                                               *target_device())
 
-    mask = None
+    if implementation == "splash" and bias is not None:
+        implementation = "xla"
+    if implementation == "splash" and not isinstance(sliding_window, (int, type(None))):
+        # Splash plans its block-sparse mask at trace time; a traced window (the LLMs' scan
+        # over layers, global layers given a huge window) cannot be planned, so XLA runs it.
+        implementation = "xla"
+    if implementation == "splash":
+        out = _splash_sharded(query, key, value, key_mask, causal, sliding_window, scale,
+                              block_sizes or DEFAULT_BLOCK_SIZES)
+    else:
+        out = _jax_nn_attention(query, key, value, key_mask, causal, sliding_window, scale,
+                                bias, implementation)
     if key_mask is not None:
-        mask = jnp.broadcast_to(key_mask[:, None, None, :], (batch, 1, q_len, kv_len))
-    if sliding_window is not None:
-        if not causal:
-            raise ValueError("sliding_window needs causal=True")
-        q_pos = jnp.arange(q_len)[:, None]
-        k_pos = jnp.arange(kv_len)[None, :]
-        window = (k_pos <= q_pos) & (k_pos > q_pos - sliding_window)
-        mask = window[None, None] if mask is None else mask & window[None, None]
-        causal = False  # The window already holds the causal constraint.
-
-    out = jax.nn.dot_product_attention(
-        query,
-        key,
-        value,
-        bias=bias,
-        mask=mask,
-        is_causal=causal,
-        scale=scale,
-        implementation=implementation,
-    )
-    if key_mask is not None:
-        # Rows with no visible key: XLA would average all values; make them exactly zero.
+        # Rows with no visible key: kernels average all values (or give NaN); make them zero.
         any_visible = jnp.any(key_mask, axis=-1)[:, None, None, None]
         out = jnp.where(any_visible, out, jnp.zeros_like(out))
     return out
+
+
+def _jax_nn_attention(query, key, value, key_mask, causal, sliding_window, scale, bias,
+                      implementation):
+    """XLA or cuDNN through jax.nn.dot_product_attention.
+
+    Padding goes in as a boolean mask, not `key_value_seq_lengths`: the DiT's text context is
+    several right-padded branches concatenated, which no single length per row describes. A
+    static sliding window is cuDNN's `local_window_size`; a traced one (the LLMs' scan over
+    layers) becomes part of the mask.
+    """
+    batch, q_len = query.shape[:2]
+    kv_len = key.shape[1]
+    mask = None if key_mask is None else jnp.broadcast_to(
+        key_mask[:, None, None, :], (batch, 1, q_len, kv_len))
+    local_window = None
+    if sliding_window is not None:
+        if isinstance(sliding_window, int) and implementation == "cudnn":
+            local_window = (sliding_window - 1, 0)
+        else:
+            q_pos = jnp.arange(q_len)[:, None]
+            k_pos = jnp.arange(kv_len)[None, :]
+            window = (k_pos <= q_pos) & (k_pos > q_pos - sliding_window)
+            mask = window[None, None] if mask is None else mask & window[None, None]
+    return jax.nn.dot_product_attention(
+        query, key, value, bias=bias, mask=mask, is_causal=causal, scale=scale,
+        local_window_size=local_window, implementation=implementation)
+
+
+# ---- splash ------------------------------------------------------------------------------------
+
+
+def _round_up(n, multiple):
+    return -(-n // multiple) * multiple
+
+
+def _splash_sharded(query, key, value, key_mask, causal, sliding_window, scale, block_sizes):
+    """Splash attention inside shard_map over the mesh's batch and head axes (from the rules).
+
+    The sequence axes are gathered: each device holds whole sequences of its batch rows and
+    heads, as the kernel needs (sequence sharding is `lidit_jax.parallel.context`'s job).
+    """
+    attend = functools.partial(_splash_local, causal=causal, scale=scale,
+                               block_sizes=block_sizes)
+    mesh = jax.sharding.get_abstract_mesh()
+    rules = sharding._current_rules()
+    manual = not mesh.empty and any(
+        t == jax.sharding.AxisType.Manual for t in mesh.axis_types)
+    if mesh.empty or not rules or manual or mesh.size == 1:
+        return attend(query, key, value, key_mask, sliding_window)
+    P = jax.sharding.PartitionSpec
+    spec = lambda x, axes: sharding.logical_to_mesh_spec(axes, rules, mesh, x.shape)  # noqa: E731
+    q_spec = spec(query, ("batch", None, "heads", None))
+    kv_spec = spec(key, ("batch", None, "kv_heads", None))
+    if q_spec[2] != kv_spec[2]:
+        # Query and key heads must split alike for each shard to keep whole GQA groups.
+        q_spec, kv_spec = P(q_spec[0], None, None, None), P(kv_spec[0], None, None, None)
+    args, in_specs = [query, key, value], [q_spec, kv_spec, kv_spec]
+    if key_mask is not None:
+        args.append(key_mask)
+        in_specs.append(P(q_spec[0], None))
+
+    def body(q, k, v, mask=None):
+        return attend(q, k, v, mask, sliding_window)
+
+    return jax.shard_map(body, mesh=mesh, in_specs=tuple(in_specs), out_specs=q_spec,
+                         check_vma=False)(*args)
+
+
+def _splash_mask(q_len, kv_len, heads, causal, sliding_window):
+    """Splash's static mask for [heads, q_len, kv_len] (padded lengths): the kernel skips the
+    blocks it rules out (causal: half the work; a window: all but a band)."""
+    shape = (q_len, kv_len)
+    if sliding_window is not None:
+        one = splash_mask.LocalMask(shape, window_size=(sliding_window - 1, 0), offset=0)
+    else:
+        one = splash_mask.CausalMask(shape) if causal else splash_mask.FullMask(shape)
+    return splash_mask.MultiHeadMask([one] * heads)
+
+
+def _splash_local(query, key, value, key_mask, sliding_window, *, causal, scale, block_sizes):
+    """Splash attention on arrays local to one device: [b, q, h, d], [b, kv, kv_h, d].
+
+    Sequences are padded to whole tiles; padded keys are masked through segment ids (query id 1,
+    key id 1 where visible, 0 for padding and masked keys), so they also carry `key_mask`.
+    """
+    batch, q_len, heads, head_dim = query.shape
+    kv_len, kv_heads = key.shape[1], key.shape[2]
+    block_q = min(block_sizes[0], _round_up(q_len, _LANE))
+    block_kv = min(block_sizes[1], _round_up(kv_len, _LANE))
+    q_pad, kv_pad = _round_up(q_len, block_q), _round_up(kv_len, block_kv)
+    blocks = splash.BlockSizes(
+        block_q=block_q, block_kv=block_kv, block_kv_compute=block_kv,
+        block_q_dkv=block_q, block_kv_dkv=block_kv, block_kv_dkv_compute=block_kv,
+        block_q_dq=block_q, block_kv_dq=block_kv)
+    group = heads // kv_heads
+    mask = _splash_mask(q_pad, kv_pad, group if kv_heads != heads else heads, causal,
+                        sliding_window)
+    make = splash.make_splash_mqa if kv_heads != heads else splash.make_splash_mha
+    kernel = make(mask, block_sizes=blocks, head_shards=1, q_seq_shards=1,
+                  interpret=target_device()[0] != "tpu")
+
+    # [b, len, h, d] -> [b, h, len_padded, d]; the scale folded into q (splash has none).
+    q = jnp.pad((query * jnp.asarray(scale, query.dtype)).transpose(0, 2, 1, 3),
+                ((0, 0), (0, 0), (0, q_pad - q_len), (0, 0)))
+    k = jnp.pad(key.transpose(0, 2, 1, 3), ((0, 0), (0, 0), (0, kv_pad - kv_len), (0, 0)))
+    v = jnp.pad(value.transpose(0, 2, 1, 3), ((0, 0), (0, 0), (0, kv_pad - kv_len), (0, 0)))
+    segments = None
+    if key_mask is not None or kv_pad != kv_len:
+        visible = jnp.ones((batch, kv_len), bool) if key_mask is None else key_mask
+        kv_ids = jnp.pad(visible.astype(jnp.int32), ((0, 0), (0, kv_pad - kv_len)))
+        segments = splash.SegmentIds(q=jnp.ones((batch, q_pad), jnp.int32), kv=kv_ids)
+
+    if kv_heads != heads:
+        q = q.reshape(batch, kv_heads, group, q_pad, head_dim)
+
+    def one_example(q, k, v, segment_ids):
+        if kv_heads != heads:  # GQA: one MQA kernel call per key head and its query group.
+            return jax.vmap(lambda q, k, v: kernel(q, k, v, segment_ids=segment_ids))(q, k, v)
+        return kernel(q, k, v, segment_ids=segment_ids)
+
+    out = jax.vmap(one_example)(q, k, v, segments)
+    out = out.reshape(batch, heads, q_pad, head_dim)[:, :, :q_len]
+    return out.transpose(0, 2, 1, 3).astype(query.dtype)
+

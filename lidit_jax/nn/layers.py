@@ -7,6 +7,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from lidit_jax.nn.attention import dot_product_attention
+from lidit_jax.parallel.context import context_parallel_attention
+from lidit_jax.parallel.sharding import constrain
+
 default_kernel_init = nnx.initializers.lecun_normal()
 
 
@@ -55,10 +59,63 @@ class RMSNorm(nnx.Module):
         return (normed * (self.scale_offset + self.scale[...].astype(jnp.float32))).astype(x.dtype)
 
 
+def layer_norm(x, eps=1e-6):
+    """Parameter-free LayerNorm over the last axis, in float32 (adaLN or gates carry the scale)."""
+    x = x.astype(jnp.float32)
+    mean = jnp.mean(x, axis=-1, keepdims=True)
+    return (x - mean) * jax.lax.rsqrt(jnp.mean(jnp.square(x - mean), -1, keepdims=True) + eps)
+
+
 def normalize_rms(x, eps=1e-6):
     """Parameter-free RMS normalisation over the last axis (float32 inside)."""
     x32 = x.astype(jnp.float32)
     return (x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)).astype(x.dtype)
+
+
+class Attention(nnx.Module):
+    """Multi-head attention with optional QK-RMSNorm: self-attention, or cross-attention given
+    `context`. The DiT's self- and cross-attention and the text refiners' attention.
+
+    Projections: q/k/v kernels [embed, heads*head_dim] (logical ("embed", "heads")), output
+    [heads*head_dim, embed] ("heads", "embed"); q/k norm scales [head_dim] ("norm").
+    `implementation` and `block_sizes` go to `dot_product_attention`; `context_parallel`
+    (none | ulysses | ring) routes self-attention through `lidit_jax.parallel.context` when the
+    mesh has a `context` axis larger than 1.
+    """
+
+    def __init__(self, width, heads, *, qk_norm=True, implementation="xla", block_sizes=None,
+                 context_parallel="none", dtype=None, param_dtype=jnp.float32, rngs):
+        if width % heads:
+            raise ValueError(f"attention width {width} is not divisible by {heads} heads")
+        kwargs = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.query = linear(width, width, ("embed", "heads"), **kwargs)
+        self.key = linear(width, width, ("embed", "heads"), **kwargs)
+        self.value = linear(width, width, ("embed", "heads"), **kwargs)
+        self.out = linear(width, width, ("heads", "embed"), **kwargs)
+        head_dim = width // heads
+        self.q_norm = RMSNorm(head_dim, param_dtype=param_dtype) if qk_norm else None
+        self.k_norm = RMSNorm(head_dim, param_dtype=param_dtype) if qk_norm else None
+        self.heads = heads
+        self.implementation = implementation
+        self.block_sizes = None if block_sizes is None else tuple(block_sizes)
+        self.context_parallel = context_parallel
+
+    def __call__(self, x, context=None, key_mask=None, *, causal=False):
+        """x [batch, len, embed]; context [batch, ctx_len, embed] (None: self-attention over x);
+        key_mask [batch, ctx_len] bool. Returns [batch, len, embed]."""
+        source = x if context is None else context
+        split = lambda y: y.reshape(*y.shape[:2], self.heads, -1)  # noqa: E731
+        q, k, v = split(self.query(x)), split(self.key(source)), split(self.value(source))
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = constrain(q, ("batch", "length", "heads", "head_dim"))
+        kwargs = dict(implementation=self.implementation, block_sizes=self.block_sizes)
+        if context is None and self.context_parallel != "none":
+            out = context_parallel_attention(q, k, v, key_mask=key_mask, causal=causal,
+                                             strategy=self.context_parallel, **kwargs)
+        else:
+            out = dot_product_attention(q, k, v, key_mask=key_mask, causal=causal, **kwargs)
+        return self.out(out.reshape(*x.shape[:2], -1))
 
 
 ACTIVATIONS = {

@@ -6,7 +6,9 @@ import numpy as np
 from absl import logging
 from jax.experimental import mesh_utils
 
-MESH_AXES = ("data", "fsdp", "tensor")
+# `context` (sequence parallelism, lidit_jax.parallel.context) sits next to `tensor`, the
+# innermost axis: both exchange activations inside every layer, so they get the nearest chips.
+MESH_AXES = ("data", "fsdp", "context", "tensor")
 
 DISTRIBUTED_SETTINGS = ("auto", "on", "off")
 
@@ -85,30 +87,30 @@ def resolve_axis_sizes(sizes, num_devices, what="mesh"):
 
 
 def local_mesh():
-    """All of this process's devices on the `fsdp` axis (`data` and `tensor` of size 1).
+    """All of this process's devices on the `fsdp` axis (the other axes of size 1).
 
     For the frozen prompt encoders: their weights (and batches) shard over the host's chips, so
     an 8B LLM in bf16 fits eight 16 GiB chips where it would not fit one, while each process
     still encodes its own captions with no collective across hosts.
     """
-    return _named_mesh(np.asarray(jax.local_devices()).reshape(1, -1, 1))
+    return _named_mesh(np.asarray(jax.local_devices()).reshape(1, -1, 1, 1))
 
 
 def _named_mesh(device_array):
-    """A ('data', 'fsdp', 'tensor') mesh; axes are Auto so Flax NNX can shard inside jit."""
+    """A MESH_AXES mesh; axes are Auto so Flax NNX can shard inside jit."""
     return jax.sharding.Mesh(device_array, MESH_AXES,
                              axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES))
 
 
 def build_mesh(mesh_config, devices=None):
-    """The ('data', 'fsdp', 'tensor') mesh described by `config.mesh`.
+    """The ('data', 'fsdp', 'context', 'tensor') mesh described by `config.mesh`.
 
     With `dcn_data` or `dcn_fsdp` > 1 (multi-slice), the per-slice sizes come from the ICI part
     and the mesh is built by `create_hybrid_device_mesh`, so slower DCN links carry only the
     data-parallel and FSDP traffic across slices.
     """
     devices = jax.devices() if devices is None else list(devices)
-    dcn = {"data": mesh_config.dcn_data, "fsdp": mesh_config.dcn_fsdp, "tensor": 1}
+    dcn = {"data": mesh_config.dcn_data, "fsdp": mesh_config.dcn_fsdp, "context": 1, "tensor": 1}
     num_slices = dcn["data"] * dcn["fsdp"]
     if len(devices) % num_slices:
         raise ValueError(f"mesh: {len(devices)} devices do not split into dcn_data * dcn_fsdp = "

@@ -18,6 +18,7 @@ import numpy as np
 from flax import nnx
 
 from lidit_jax.nn.attention import dot_product_attention
+from lidit_jax.nn.layers import layer_norm
 from lidit_jax.parallel.sharding import constrain
 from lidit_jax.text.llm import dense
 
@@ -73,13 +74,10 @@ class BertConfig:
                    activation=ACTIVATION_NAMES[hf.hidden_act])
 
 
-def layer_norm(x, weight, bias, eps):
-    """LayerNorm over the last axis in float32, cast back to x's dtype."""
-    x32 = x.astype(jnp.float32)
-    mean = jnp.mean(x32, axis=-1, keepdims=True)
-    var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
-    normed = (x32 - mean) * jax.lax.rsqrt(var + eps)
-    return (normed * weight.astype(jnp.float32) + bias.astype(jnp.float32)).astype(x.dtype)
+def affine_layer_norm(x, weight, bias, eps):
+    """BERT's LayerNorm with scale and shift: nn.layers.layer_norm (float32), cast back."""
+    return (layer_norm(x, eps) * weight.astype(jnp.float32)
+            + bias.astype(jnp.float32)).astype(x.dtype)
 
 
 def _layer_params(config):
@@ -135,9 +133,11 @@ class BertEncoder(nnx.Module):
     embed]; embed_norm(_bias) [norm]; layers.<name> [layers, ...] (see `_layer_params`).
     """
 
-    def __init__(self, config, dtype=jnp.float32):
+    def __init__(self, config, dtype=jnp.float32, attention="xla"):
+        """attention: the `dot_product_attention` implementation (config.text.attention)."""
         self.config = config
         self.dtype = dtype
+        self.attention = attention
 
         def param(shape, axes):
             return nnx.Param(jnp.zeros(shape, dtype), out_sharding=axes)
@@ -165,7 +165,8 @@ class BertEncoder(nnx.Module):
                              "embeddings; lower text.max_length")
         x = (jnp.take(self.embed[...], input_ids, axis=0) + self.type_embed[0]
              + self.position_embed[:length][None])
-        x = layer_norm(x, self.embed_norm[...], self.embed_norm_bias[...], c.layer_norm_eps)
+        x = affine_layer_norm(x, self.embed_norm[...], self.embed_norm_bias[...],
+                              c.layer_norm_eps)
         x = constrain(x.astype(self.dtype), ("batch", "length", "embed"))
         key_mask = attention_mask.astype(bool)
         weights = {name: p[...] for name, p in self.layers.items()}
@@ -181,13 +182,14 @@ class BertEncoder(nnx.Module):
         """One post-norm block on x [batch, len, embed]."""
         c = self.config
         q, k, v = (dense("ble,ehd->blhd", x, p[n]) + p[f"{n}_bias"] for n in ("q", "k", "v"))
-        attended = dot_product_attention(q, k, v, key_mask=key_mask, causal=False)
+        attended = dot_product_attention(q, k, v, key_mask=key_mask, causal=False,
+                                         implementation=self.attention)
         h = dense("blhd,hde->ble", attended, p["o"]) + p["o_bias"]
-        x = layer_norm(x + h, p["attn_norm"], p["attn_norm_bias"], c.layer_norm_eps)
+        x = affine_layer_norm(x + h, p["attn_norm"], p["attn_norm_bias"], c.layer_norm_eps)
         h = ACTIVATIONS[c.activation](dense("ble,ef->blf", x, p["up"]) + p["up_bias"])
         h = constrain(h, ("batch", "length", "mlp"))
         h = dense("blf,fe->ble", h, p["down"]) + p["down_bias"]
-        x = layer_norm(x + h, p["mlp_norm"], p["mlp_norm_bias"], c.layer_norm_eps)
+        x = affine_layer_norm(x + h, p["mlp_norm"], p["mlp_norm_bias"], c.layer_norm_eps)
         return constrain(x, ("batch", "length", "embed"))
 
     def apply_final_norm(self, states):

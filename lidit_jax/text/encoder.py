@@ -35,7 +35,8 @@ class PromptEncoder:
         self.layer_combine = llm_config.layer_combine
         self.apply_final_norm = llm_config.final_norm
         self.llm = load_llm(resolve_model_path(llm_config.path, key=f"{key}.path"),
-                            dtype=jnp.dtype(llm_config.dtype), mesh=mesh, rules=rules)
+                            dtype=jnp.dtype(llm_config.dtype), mesh=mesh, rules=rules,
+                            attention=text_config.attention)
         try:
             features.check_range(self.layer, self.llm.config.num_layers + 1, key, self.llm.name)
         except features.LayerChoiceError as e:

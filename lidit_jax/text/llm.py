@@ -301,9 +301,11 @@ class DecoderLM(nnx.Module):
     layers.<name> [layers, ...] (see `_layer_params`).
     """
 
-    def __init__(self, config, dtype=jnp.float32):
+    def __init__(self, config, dtype=jnp.float32, attention="xla"):
+        """attention: the `dot_product_attention` implementation (config.text.attention)."""
         self.config = config
         self.dtype = dtype
+        self.attention = attention
 
         def param(shape, axes):
             return nnx.Param(jnp.zeros(shape, dtype), out_sharding=axes)
@@ -370,7 +372,8 @@ class DecoderLM(nnx.Module):
         q = constrain(q, ("batch", "length", "heads", "head_dim"))
         k = constrain(k, ("batch", "length", "kv_heads", "head_dim"))
         attended = dot_product_attention(q, k, v, key_mask=key_mask, causal=True,
-                                         sliding_window=window, scale=c.scale)
+                                         sliding_window=window, scale=c.scale,
+                                         implementation=self.attention)
         h = dense("blhd,hde->ble", attended, p["o"])
         if c.o_bias:
             h = h + p["o_bias"]

@@ -34,8 +34,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from lidit_jax.nn.attention import dot_product_attention
-from lidit_jax.nn.layers import MLP, RMSNorm, linear, modulate
+from lidit_jax.nn.layers import MLP, Attention, RMSNorm, layer_norm, linear, modulate
 from lidit_jax.parallel.sharding import constrain
 from lidit_jax.text.features import LayerPool, pools_layers
 
@@ -79,44 +78,6 @@ def last_real_token(mask):
     return jnp.arange(length)[None, :] == last[:, None]
 
 
-class RefinerAttention(nnx.Module):
-    """Multi-head attention with QK-RMSNorm: self-attention, or cross-attention given `context`.
-
-    q/k/v kernels [embed, heads*head_dim] ("embed", "heads"), output [heads*head_dim, embed]
-    ("heads", "embed"), q/k norm scales [head_dim] ("norm").
-    """
-
-    def __init__(self, width, heads, *, dtype, param_dtype, rngs):
-        kwargs = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.query = linear(width, width, ("embed", "heads"), **kwargs)
-        self.key = linear(width, width, ("embed", "heads"), **kwargs)
-        self.value = linear(width, width, ("embed", "heads"), **kwargs)
-        self.out = linear(width, width, ("heads", "embed"), **kwargs)
-        self.q_norm = RMSNorm(width // heads, param_dtype=param_dtype)
-        self.k_norm = RMSNorm(width // heads, param_dtype=param_dtype)
-        self.heads = heads
-
-    def __call__(self, x, key_mask, *, context=None, causal=False):
-        """x [batch, len, embed]; context [batch, ctx_len, embed] (None: x); key_mask [batch,
-        ctx_len] bool (at least one True per row). Returns [batch, len, embed]."""
-        source = x if context is None else context
-        split = lambda y: y.reshape(*y.shape[:2], self.heads, -1)  # noqa: E731
-        q = self.q_norm(split(self.query(x)))
-        k = self.k_norm(split(self.key(source)))
-        v = split(self.value(source))
-        # Default (XLA) kernel: text sequences are short (text.max_length) and masked
-        # arbitrarily, where fused kernels gain little.
-        out = dot_product_attention(q, k, v, key_mask=key_mask, causal=causal)
-        return self.out(out.reshape(*x.shape[:2], -1))
-
-
-def layer_norm(x, eps=1e-6):
-    """Parameter-free LayerNorm over the last axis, float32 (adaLN or gates carry the scale)."""
-    x = x.astype(jnp.float32)
-    mean = jnp.mean(x, axis=-1, keepdims=True)
-    return (x - mean) * jax.lax.rsqrt(jnp.mean(jnp.square(x - mean), -1, keepdims=True) + eps)
-
-
 class TokenRefinerBlock(nnx.Module):
     """Pre-norm self-attention + FFN over one LLM's tokens, residual branches gated by c_k."""
 
@@ -124,7 +85,9 @@ class TokenRefinerBlock(nnx.Module):
         r = refiner_config
         kwargs = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.attn_norm = RMSNorm(width, param_dtype=param_dtype)
-        self.attention = RefinerAttention(width, r.heads, **kwargs)
+        # implementation "auto": text sequences (text.max_length) are short enough that it
+        # keeps XLA, whose arbitrary masks cost nothing extra.
+        self.attention = Attention(width, r.heads, implementation="auto", **kwargs)
         self.mlp_norm = RMSNorm(width, param_dtype=param_dtype)
         self.mlp = MLP(width, int(width * r.mlp_ratio), activation="gelu_tanh", **kwargs)
         # Zero-initialised: both gates start at 0, so the block starts as the identity.
@@ -139,7 +102,7 @@ class TokenRefinerBlock(nnx.Module):
         else:
             attn_gate, mlp_gate = jnp.split(
                 self.gates(jax.nn.silu(c)).astype(jnp.float32)[:, None, :], 2, axis=-1)
-        h = self.attention(self.attn_norm(x), key_mask, causal=self.causal)
+        h = self.attention(self.attn_norm(x), key_mask=key_mask, causal=self.causal)
         x = constrain(x + attn_gate * h.astype(jnp.float32), TEXT_TOKENS)
         h = self.mlp(self.mlp_norm(x))
         return constrain(x + mlp_gate * h.astype(jnp.float32), TEXT_TOKENS)
@@ -190,7 +153,8 @@ class CollaborativeBranch(nnx.Module):
         cc = collaborative_config
         kwargs = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.context_norm = RMSNorm(width, param_dtype=param_dtype) if cross_attention else None
-        self.attention = RefinerAttention(width, cc.heads, **kwargs) if cross_attention else None
+        self.attention = (Attention(width, cc.heads, implementation="auto", **kwargs)
+                          if cross_attention else None)
         self.mlp = MLP(width, int(width * cc.mlp_ratio), activation="gelu_tanh", **kwargs)
         sublayers = 2 if cross_attention else 1
         self.modulation = linear(width, 3 * sublayers * width, ("embed", "modulation"),
@@ -204,8 +168,8 @@ class CollaborativeBranch(nnx.Module):
                                self.modulation.kernel.shape[-1] // x.shape[-1], axis=-1)
         if self.attention is not None:
             attn_shift, attn_scale, attn_gate, *modulation = modulation
-            h = self.attention(modulate(layer_norm(x), attn_shift, attn_scale), context_mask,
-                               context=self.context_norm(context))
+            h = self.attention(modulate(layer_norm(x), attn_shift, attn_scale),
+                               self.context_norm(context), key_mask=context_mask)
             x = constrain(x + attn_gate[:, None, :] * h.astype(jnp.float32), TEXT_TOKENS)
         mlp_shift, mlp_scale, mlp_gate = modulation
         h = self.mlp(modulate(layer_norm(x), mlp_shift, mlp_scale))

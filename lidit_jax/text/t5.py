@@ -164,9 +164,11 @@ class T5Encoder(nnx.Module):
     or layers.position_bias [layers, buckets, heads] (umT5); layers.<name> [layers, ...].
     """
 
-    def __init__(self, config, dtype=jnp.float32):
+    def __init__(self, config, dtype=jnp.float32, attention="xla"):
+        """attention: the `dot_product_attention` implementation (config.text.attention)."""
         self.config = config
         self.dtype = dtype
+        self.attention = attention
 
         def param(shape, axes):
             return nnx.Param(jnp.zeros(shape, dtype), out_sharding=axes)
@@ -219,7 +221,8 @@ class T5Encoder(nnx.Module):
         h = norm(x, "attn_norm")
         q, k, v = (dense("ble,ehd->blhd", h, p[n]) for n in ("q", "k", "v"))
         attended = dot_product_attention(q, k, v, key_mask=key_mask, scale=1.0,
-                                         bias=bias.astype(q.dtype))
+                                         bias=bias.astype(q.dtype),
+                                         implementation=self.attention)
         x = constrain(x + dense("blhd,hde->ble", attended, p["o"]), ("batch", "length", "embed"))
         h = norm(x, "mlp_norm")
         up = dense("ble,ef->blf", h, p["up"])

@@ -402,18 +402,19 @@ def _place(host, named_sharding):
     return jax.make_array_from_callback(host.shape, named_sharding, lambda index: host[index])
 
 
-def load_llm(path, dtype=jnp.float32, mesh=None, rules=None):
+def load_llm(path, dtype=jnp.float32, mesh=None, rules=None, attention="xla"):
     """A Hugging Face folder or .gguf file -> `LLM` with parameters in `dtype`.
 
     With `mesh`, each parameter is placed with the NamedSharding that `rules` (the config's
     mesh.rules table) gives its logical axes, as it is read; nothing is replicated by accident.
+    `attention` is the `dot_product_attention` implementation (config.text.attention).
     """
     if mesh is not None and rules is None:
         raise ValueError("load_llm: a mesh needs the logical axis rules (config.mesh.rules)")
     source = open_source(path)
     config = source.config
     module, sources = _architecture(config)
-    abstract = nnx.eval_shape(lambda: module(config, dtype))
+    abstract = nnx.eval_shape(lambda: module(config, dtype, attention))
     graphdef, abstract_state = nnx.split(abstract)
     shardings = None
     if mesh is not None:

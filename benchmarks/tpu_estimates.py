@@ -1,0 +1,135 @@
+"""Sweep `--mode=compile` estimates over settings: memory, loop-counted FLOPs, step time, MFU.
+
+    python benchmarks/tpu_estimates.py --out=benchmarks/tpu_estimates.md \\
+        --only=lidit_1b@v5p:4x4x4
+
+Each row compiles the train step for a TPU topology through libtpu on this host (no TPU) and
+reads `lidit_jax.aot.step_report`: per-chip HBM, the compiler's FLOPs with scanned layers
+counted (two unrolled twins), libtpu's step-time estimate and the MFU it implies against the
+chip's bf16 peak. Rows are appended to `--out` as they finish, so a partial sweep keeps what it
+measured. A LI-DiT-1B row costs ~3 compiles (minutes each on 2 shared cores); a LI-DiT-10B row
+several times that. `--list` prints the settings without compiling.
+
+Settings (see SWEEP): remat policy, FSDP vs tensor split, per-chip batch, attention kernel and
+splash tiles, and context parallelism for the 1024 px LI-DiT-10B stage. Topologies are named
+as libtpu names them (chips): v5p:4x4x4 = 64 chips (a v5p-128), v6e:8x8 = 64 chips.
+"""
+import argparse
+import datetime
+import importlib
+import os
+import sys
+import time
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from lidit_jax import aot  # noqa: E402
+
+# (config module, topology) -> list of (setting name, {dotted key: value}).
+SWEEP = {
+    ("lidit_1b", "v5p:4x4x4"): [
+        ("fsdp8 x data8, dots_saveable, xla (config)", {}),
+        ("fsdp64, dots_saveable, xla", {"mesh.fsdp": 64}),
+        ("fsdp8 x data8, remat none, xla", {"model.remat": "none"}),
+        ("fsdp8 x data8, remat full, xla", {"model.remat": "full"}),
+        ("fsdp16 x data4, dots_saveable, xla", {"mesh.fsdp": 16}),
+        ("fsdp8 x data4 x tensor2, dots_saveable", {"mesh.tensor": 2}),
+        ("fsdp8 x data8, dots_saveable, splash 256/256",
+         {"model.attention": "splash", "model.splash_block_q": 256,
+          "model.splash_block_kv": 256}),
+        ("batch 4096 (64/chip), fsdp8 x data8, dots_saveable", {"train.batch_size": 4096}),
+    ],
+    ("lidit_1b", "v6e:8x8"): [
+        ("fsdp8 x data8, dots_saveable, xla (config)", {}),
+        ("fsdp8 x data8, remat full, xla", {"model.remat": "full"}),
+    ],
+    ("lidit_10b", "v5p:8x8x8"): [
+        ("512px fsdp64 x data8, full remat (config)", {}),
+        ("512px fsdp64 x data8, dots_saveable", {"model.remat": "dots_saveable"}),
+        ("1024px fsdp64 x data8, full remat, splash",
+         {"data.image_size": 1024, "data.buckets": "1024x1024", "model.attention": "splash"}),
+        ("1024px fsdp64 x data4 x context2 ulysses, full remat, splash",
+         {"data.image_size": 1024, "data.buckets": "1024x1024", "model.attention": "splash",
+          "mesh.context": 2, "model.context_parallel": "ulysses"}),
+    ],
+    ("lidit_10b", "v6e:16x16"): [
+        ("512px fsdp64 x data4, full remat (config)", {}),
+        ("1024px fsdp64 x data4, full remat, splash",
+         {"data.image_size": 1024, "data.buckets": "1024x1024", "model.attention": "splash"}),
+    ],
+}
+
+HEADER = ("| config | topology | setting | HBM GiB/chip | fits | FLOPs/chip (loops counted) | "
+          "vs model | est. step s | est. MFU | compile s |\n"
+          "|---|---|---|---|---|---|---|---|---|---|\n")
+
+
+def build_config(name, topology, overrides):
+    config = importlib.import_module(f"configs.{name}").get_config()
+    config.aot.topology = topology
+    for dotted, value in overrides.items():
+        node = config
+        *parents, leaf = dotted.split(".")
+        for part in parents:
+            node = node[part]
+        node[leaf] = value
+    return config
+
+
+def estimate(name, topology, overrides):
+    """One row's numbers: `aot.step_report` of the compiled step (and the wall time it took)."""
+    config = build_config(name, topology, overrides)
+    start = time.perf_counter()
+    devices = aot.topology_devices(topology, config.aot.num_slices)
+    compiled, state = aot.compile_train_step(config, devices)
+    report = aot.step_report(config, devices, compiled, state)
+    return report, time.perf_counter() - start
+
+
+def row(name, topology, setting, report, seconds):
+    gib = 1 << 30
+    return (f"| {name} | {topology} | {setting} | {report['per_chip_bytes'] / gib:.1f} | "
+            f"{report['fits']} | {report['compiler_flops']:.3g} | "
+            f"{report['flops_ratio']:.3f} | {report['seconds']:.3f} | "
+            f"{100 * report['est_mfu']:.1f} % | {seconds:.0f} |\n")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", default="benchmarks/tpu_estimates.md")
+    parser.add_argument("--only", default="", help="config@topology[,..] to sweep, e.g. "
+                        "lidit_1b@v5p:4x4x4; empty: all")
+    parser.add_argument("--settings", default="", help="comma-separated row indices (0-based) "
+                        "within each selected config@topology; empty: all")
+    parser.add_argument("--list", action="store_true")
+    args = parser.parse_args()
+    only = {tuple(item.split("@")) for item in args.only.split(",") if item}
+    picks = {int(i) for i in args.settings.split(",") if i}
+    if not os.path.exists(args.out):
+        with open(args.out, "w") as f:
+            f.write(f"Measured with benchmarks/tpu_estimates.py, {datetime.date.today()}.\n\n")
+            f.write(HEADER)
+    for (name, topology), settings in SWEEP.items():
+        if only and (name, topology) not in only:
+            continue
+        for index, (setting, overrides) in enumerate(settings):
+            if picks and index not in picks:
+                continue
+            if args.list:
+                print(f"{name}@{topology} [{index}] {setting}: {overrides}")
+                continue
+            try:
+                report, seconds = estimate(name, topology, overrides)
+                line = row(name, topology, setting, report, seconds)
+            except Exception as e:  # noqa: BLE001 -- a setting that does not compile is a result.
+                line = (f"| {name} | {topology} | {setting} | failed: "
+                        f"{type(e).__name__}: {str(e).splitlines()[0][:120]} |||||||\n")
+            print(line, end="", flush=True)
+            with open(args.out, "a") as f:
+                f.write(line)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,127 @@
+"""The one attention entry point: splash (Pallas interpret mode on CPU) and auto against XLA.
+
+Shapes stay tiny: interpret mode runs the TPU kernel's grid step by step in Python-level XLA
+ops (~10 s per case with gradients on 2 shared cores).
+"""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import common
+from lidit_jax.nn import attention
+from lidit_jax.nn.layers import Attention
+from lidit_jax.parallel import sharding
+from train_helpers import make_mesh
+
+RTOL = 2e-3  # The Contract: every implementation agrees with "xla" to 2e-3 relative (float32).
+
+
+def _inputs(batch, q_len, kv_len, heads, kv_heads, head_dim=32, seed=0):
+    rng = np.random.default_rng(seed)
+    arr = lambda *shape: jnp.asarray(rng.normal(size=shape), jnp.float32)  # noqa: E731
+    return (arr(batch, q_len, heads, head_dim), arr(batch, kv_len, kv_heads, head_dim),
+            arr(batch, kv_len, kv_heads, head_dim), arr(batch, q_len, heads, head_dim))
+
+
+def _relative_error(expected, actual):
+    return float(jnp.max(jnp.abs(expected - actual)) / jnp.max(jnp.abs(expected)))
+
+
+def _forward_and_grads(implementation, q, k, v, cotangent, **kwargs):
+    def loss(q, k, v):
+        out = attention.dot_product_attention(q, k, v, implementation=implementation, **kwargs)
+        return jnp.sum(out * cotangent), out
+
+    (_, out), grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))(q, k, v)
+    return out, grads
+
+
+def _assert_matches_xla(implementation, q, k, v, cotangent, **kwargs):
+    expected, expected_grads = _forward_and_grads("xla", q, k, v, cotangent, **kwargs)
+    out, grads = _forward_and_grads(implementation, q, k, v, cotangent, **kwargs)
+    assert _relative_error(expected, out) < RTOL
+    for name, g_xla, g in zip("qkv", expected_grads, grads):
+        assert _relative_error(g_xla, g) < RTOL, name
+    return out
+
+
+# (q_len, kv_len, heads, kv_heads, kwargs): lengths that are not whole 128-token tiles are padded.
+SPLASH_CASES = {
+    "self_attention_padded_to_tiles": (100, 100, 2, 2, {}),
+    "causal_gqa": (128, 128, 4, 2, {"causal": True}),
+    "sliding_window_mqa": (128, 128, 4, 1, {"causal": True, "sliding_window": 16}),
+}
+
+
+@pytest.mark.parametrize("case", sorted(SPLASH_CASES))
+def test_splash_matches_xla_forward_and_gradients(case):
+    q_len, kv_len, heads, kv_heads, kwargs = SPLASH_CASES[case]
+    _assert_matches_xla("splash", *_inputs(2, q_len, kv_len, heads, kv_heads), **kwargs)
+
+
+def test_splash_padded_cross_attention_with_an_all_masked_row():
+    q, k, v, cotangent = _inputs(2, 128, 40, 2, 2)
+    # Row 0 sees 13 of 40 text keys; row 1 none: it must come back as zeros, as from XLA.
+    key_mask = jnp.asarray(np.arange(40)[None] < np.array([[13], [0]]))
+    out = _assert_matches_xla("splash", q, k, v, cotangent, key_mask=key_mask)
+    assert not np.any(np.asarray(out[1]))
+
+
+def test_splash_with_a_traced_sliding_window_matches_xla():
+    # The LLMs scan over layers with the window as a per-layer value (global layers: huge);
+    # splash cannot plan a traced mask and hands those to XLA: same numbers, no error.
+    q, k, v, _ = _inputs(1, 128, 128, 2, 2)
+
+    def run(implementation, window):
+        return jax.jit(lambda q, k, v, w: attention.dot_product_attention(
+            q, k, v, causal=True, sliding_window=w, implementation=implementation))(q, k, v, window)
+
+    for window in (8, 1 << 30):
+        assert _relative_error(run("xla", window), run("splash", window)) < RTOL
+
+
+def test_splash_inside_shard_map_over_batch_and_heads():
+    mesh = make_mesh(2, 2, 2)  # data x fsdp carry the batch, tensor the heads
+    rules = common.DEFAULT_SHARDING_RULES
+    q, k, v, cotangent = _inputs(4, 128, 128, 4, 4)
+    key_mask = jnp.asarray(np.arange(128)[None] < np.array([[128], [5], [77], [1]]))
+    expected = attention.dot_product_attention(q, k, v, key_mask=key_mask)
+    with jax.set_mesh(mesh), sharding.axis_rules(rules):
+        out = jax.jit(lambda q, k, v, m: attention.dot_product_attention(
+            q, k, v, key_mask=m, implementation="splash"))(q, k, v, key_mask)
+        text = jax.jit(lambda q, k, v, m: attention.dot_product_attention(
+            q, k, v, key_mask=m, implementation="splash")).lower(q, k, v, key_mask).as_text()
+    assert _relative_error(expected, out) < RTOL
+    assert "shard_map" in text or "sdy.manual_computation" in text
+
+
+@pytest.mark.parametrize("q_len,platform,kind,head_dim,dtype,expected", [
+    (4096, "tpu", "TPU v5p", 128, jnp.bfloat16, "splash"),
+    (256, "tpu", "TPU v5p", 128, jnp.bfloat16, "xla"),  # short: XLA's logits are small
+    (4096, "gpu", "NVIDIA H100 80GB HBM3", 72, jnp.bfloat16, "cudnn"),
+    (4096, "gpu", "NVIDIA H200", 128, jnp.float16, "cudnn"),
+    (4096, "gpu", "NVIDIA H100 80GB HBM3", 72, jnp.float32, "xla"),  # cuDNN: 16-bit only
+    (4096, "gpu", "NVIDIA H100 80GB HBM3", 256, jnp.bfloat16, "xla"),  # head_dim > 128
+    (4096, "gpu", "AMD Instinct MI300X", 128, jnp.bfloat16, "xla"),  # not NVIDIA
+    (4096, "cpu", "cpu", 128, jnp.bfloat16, "xla"),
+])
+def test_auto_dispatch(q_len, platform, kind, head_dim, dtype, expected):
+    assert attention.select_implementation(q_len, q_len, head_dim, dtype, platform,
+                                           kind) == expected
+
+
+def test_auto_on_cpu_is_xla():
+    q, k, v, _ = _inputs(1, 16, 16, 2, 2)
+    np.testing.assert_array_equal(attention.dot_product_attention(q, k, v, implementation="auto"),
+                                  attention.dot_product_attention(q, k, v))
+    with pytest.raises(ValueError, match="known"):
+        attention.dot_product_attention(q, k, v, implementation="flash")
+
+
+def test_one_attention_module_and_layer_norm_for_dit_and_refiners():
+    from lidit_jax.diffusion import dit
+    from lidit_jax.nn import layers
+    from lidit_jax.text import refiner
+    assert dit.Attention is refiner.Attention is Attention
+    assert dit.layer_norm is refiner.layer_norm is layers.layer_norm
