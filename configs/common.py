@@ -76,7 +76,10 @@ def get_config(arg=None):
         dict(depth=2, heads=8, mlp_ratio=4.0, causal=False, gating=True, input_norm=True)
     )
     c.text.fusion = "single"  # collaborative (any number of LLMs) | concat | single (1 LLM)
-    c.text.collaborative = ml_collections.ConfigDict(dict(depth=1, heads=8, mlp_ratio=4.0))
+    # modulation: per_branch (branch k from t + its own pooled_k, the paper's "same input as the
+    # gating network") | mean (every branch from t + the mean of the pooled vectors).
+    c.text.collaborative = ml_collections.ConfigDict(
+        dict(depth=1, heads=8, mlp_ratio=4.0, modulation="per_branch"))
     c.text.drop_instruction = True
     c.text.cache_dir = ""  # Text-state cache (--mode=encode); empty: encode online.
     c.text.allow_fingerprint_mismatch = False
@@ -94,6 +97,10 @@ def get_config(arg=None):
     c.model.scan_layers = True
     c.model.remat = "none"  # none | full | dots_saveable
     c.model.attention = "xla"  # xla | cudnn
+    # The pooled text vector joins the timestep embedding in the DiT's adaLN (the paper's
+    # "timestep embedding + a text vector"); False: text enters through cross-attention only
+    # (the paper's pure cross-attention baseline).
+    c.model.pooled_text = True
 
     # ---- Image space ----------------------------------------------------------------------------
     c.vae = ml_collections.ConfigDict()
@@ -191,6 +198,19 @@ def get_config(arg=None):
     c.aot = ml_collections.ConfigDict()
     c.aot.topology = "v5e:2x2"  # e.g. v5p:4x4x4 (64 chips), v6e:8x8
     c.aot.num_slices = 1
+
+    # Prompt following (--mode=eval --benchmark=shapes, lidit_jax/evaluate) and, every
+    # eval.every steps (0: off), in training: the shapes scores on eval.num_prompts held-out
+    # prompts (shapes generator seed eval.seed) from the EMA weights, and the validation loss at
+    # the fixed timesteps eval.val_timesteps (fractions of the noise range) with fixed noise on
+    # eval.val_records held-out records.
+    c.eval = ml_collections.ConfigDict()
+    c.eval.every = 0
+    c.eval.num_prompts = 256
+    c.eval.seed = 1_000_003
+    c.eval.batch_size = 64
+    c.eval.val_records = 64
+    c.eval.val_timesteps = (0.1, 0.3, 0.5, 0.7, 0.9)
 
     c.logging = ml_collections.ConfigDict()
     c.logging.tensorboard = True

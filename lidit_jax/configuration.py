@@ -122,6 +122,9 @@ def _validate_text(config):
     if config.text.fusion == "single" and len(names) != 1:
         raise ConfigError(f"text.fusion='single' needs exactly one LLM, text.encoders has {names}; "
                           "use fusion 'concat' or 'collaborative' for several")
+    if config.text.collaborative.modulation not in ("per_branch", "mean"):
+        raise ConfigError(f"text.collaborative.modulation={config.text.collaborative.modulation!r}"
+                          "; choose 'per_branch' (the paper) or 'mean'")
     if config.text.refiner.depth < 0:
         raise ConfigError(f"text.refiner.depth={config.text.refiner.depth} must be >= 0")
     if config.model.width % config.text.refiner.heads:

@@ -264,6 +264,7 @@ class LIDiT(nnx.Module):
         self.text = TextConditioner(config.text, list(llm_widths), m.width, dtype=dtype,
                                     param_dtype=param_dtype, rngs=rngs)
         self.backbone = DiTBackbone(m, in_channels, rngs=rngs)
+        self.pooled_text = m.pooled_text
 
     def __call__(self, x, t, text):
         """Predicts the objective's target (epsilon, v or flow velocity) for a noisy x.
@@ -280,5 +281,7 @@ class LIDiT(nnx.Module):
         t_emb = self.time_embed(t)
         tokens, token_mask, pooled = self.text(text["states"], text["masks"],
                                                text["prompt_masks"], t_emb)
-        c = t_emb.astype(jnp.float32) + pooled.astype(jnp.float32)
+        c = t_emb.astype(jnp.float32)
+        if self.pooled_text:  # Off: text reaches the DiT through cross-attention only.
+            c = c + pooled.astype(jnp.float32)
         return self.backbone(x, c, tokens, token_mask)

@@ -18,6 +18,7 @@ from jax.experimental import multihost_utils
 from lidit_jax.diffusion.dit import LIDiT
 from lidit_jax.diffusion.flops import train_step_flops
 from lidit_jax.diffusion.objectives import make_objective
+from lidit_jax.evaluate import during_training
 from lidit_jax.parallel import mesh as mesh_lib
 from lidit_jax.parallel import sharding
 from lidit_jax import configuration
@@ -109,6 +110,9 @@ def run(config, workdir):
 
     # ---- Samples for fixed prompts, from the EMA weights ---------------------------------------
     sampler = sampling.FixedPromptSampler(config, graphdef, objective, inputs, mesh)
+    # Shapes scores and a fixed-noise validation loss every eval.every steps (0: off).
+    evaluator = (during_training.TrainingEval(config, graphdef, objective, inputs)
+                 if config.eval.every else None)
 
     # ---- Loop -------------------------------------------------------------------------------------
     writer = metrics_lib.MetricsWriter(workdir, config.logging.tensorboard)
@@ -148,6 +152,8 @@ def run(config, workdir):
                 if step % config.train.sample_every == 0 or step == config.train.steps:
                     sampler.write(step, state.ema_params, writer,
                                   os.path.join(workdir, "samples"))
+                if evaluator and (step % config.eval.every == 0 or step == config.train.steps):
+                    evaluator.write(step, state.ema_params, writer)
                 if step % config.checkpoint.every == 0 or step == config.train.steps:
                     checkpointer.save(step, state, inputs.get_state(), _meta(config, inputs))
         if step < config.train.steps:  # Stopped early: preemption.

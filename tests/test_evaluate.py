@@ -1,0 +1,163 @@
+"""The prompt-following scorer, probes, benchmark folders and --mode=eval."""
+import copy
+
+import numpy as np
+import pytest
+
+from lidit_jax.data import shapes
+from lidit_jax.evaluate import scorer
+
+
+def _records(num=96, layout="grid", seed=5):
+    source = shapes.ShapesSource(num, seed=seed, image_size=32, layout=layout)
+    return [source[i] for i in range(num)]
+
+
+def _render(metadata):
+    return shapes.render(metadata["objects"], metadata["background"], 32, metadata["layout"])
+
+
+@pytest.mark.parametrize("layout", ["grid", "row"])
+def test_generator_renders_score_near_100_percent(layout):
+    records = _records(layout=layout)
+    scores = scorer.score(np.stack([r["image"] for r in records]),
+                          [r["metadata"] for r in records])
+    for name in scorer.METRICS:
+        assert scores[name] >= 0.97, (name, scores[name])
+    assert scores["num_images"] == 96
+    assert scores["num_objects"] == sum(len(r["metadata"]["objects"]) for r in records)
+    low, high = scores["prompt_accuracy_ci95"]
+    assert low < scores["prompt_accuracy"] <= high
+
+
+def test_wrong_colour_renders_score_low_on_colour_only():
+    records = _records()
+    images = []
+    for r in records:
+        wrong = copy.deepcopy(r["metadata"])
+        for obj in wrong["objects"]:  # Every object the next colour of the palette.
+            obj["colour"] = shapes.COLOUR_NAMES[(shapes.COLOUR_NAMES.index(obj["colour"]) + 1) % 8]
+        images.append(_render(wrong))
+    scores = scorer.score(np.stack(images), [r["metadata"] for r in records])
+    assert scores["colour_accuracy"] < 0.05
+    assert scores["prompt_accuracy"] < 0.05
+    assert scores["position_accuracy"] < 0.05
+    assert scores["shape_accuracy"] > 0.95 and scores["count_accuracy"] > 0.95
+
+
+def test_swapped_positions_score_low_on_position():
+    records = [r for r in _records(200) if len({(o["colour"], o["shape"])
+                                                for o in r["metadata"]["objects"]}) >= 2]
+    images = []
+    for r in records:  # Objects moved one slot along (cyclically): all there, all misplaced.
+        swapped = copy.deepcopy(r["metadata"])
+        slots = [o["slot"] for o in swapped["objects"]]
+        for obj, slot in zip(swapped["objects"], slots[1:] + slots[:1]):
+            obj["slot"] = slot
+        images.append(_render(swapped))
+    scores = scorer.score(np.stack(images), [r["metadata"] for r in records])
+    assert len(records) > 50
+    assert scores["position_accuracy"] < 0.2
+    assert scores["prompt_accuracy"] < 0.2
+    assert scores["count_accuracy"] > 0.95  # The right number of objects, in the wrong places.
+
+
+def test_empty_images_score_zero_and_mention_buckets_cover_every_object():
+    records = _records()
+    blank = np.full((len(records), 32, 32, 3), 40, np.uint8)
+    scores = scorer.score(blank, [r["metadata"] for r in records])
+    assert scores["colour_accuracy"] == scores["prompt_accuracy"] == 0.0
+    assert [b["rank"] for b in scores["by_mention"]] == [1, 2, 3, 4]
+    assert sum(b["num"] for b in scores["by_mention"]) == scores["num_objects"]
+    assert "| prompt_accuracy | 0.000 |" in scorer.markdown_table(scores)
+
+
+def test_wilson_interval_matches_the_closed_form():
+    low, high = scorer.wilson_interval(50, 100)
+    assert low == pytest.approx(0.4038, abs=1e-4) and high == pytest.approx(0.5962, abs=1e-4)
+    assert scorer.wilson_interval(0, 0) == (0.0, 1.0)
+
+
+# ---- Eval during training and --mode=eval -------------------------------------------------
+import json  # noqa: E402
+import os  # noqa: E402
+import re  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _tiny_flags(tiny_llm):
+    return ["--config=configs/ablations/lidit.py", f"--config.text.llms.smollm2.path={tiny_llm}",
+            "--config.text.llms.smollm2.width=0", "--config.text.cache_dir=",
+            "--config.model.depth=1", "--config.model.width=32", "--config.model.heads=2",
+            "--config.text.refiner.heads=2", "--config.data.shapes_num_records=16",
+            "--config.train.batch_size=4", "--config.train.warmup_steps=0",
+            "--config.eval.num_prompts=6", "--config.eval.batch_size=4",
+            "--config.eval.val_records=4", "--config.diffusion.sample_steps=2"]
+
+
+def _main(workdir, mode, *args):
+    env = dict(os.environ, JAX_PLATFORMS="cpu",
+               XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    result = subprocess.run([sys.executable, "-m", "lidit_jax.main", f"--workdir={workdir}",
+                             f"--mode={mode}", *args], cwd=ROOT, env=env, capture_output=True,
+                            text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    return result.stdout
+
+
+@pytest.mark.slow
+def test_training_evals_every_n_steps_and_eval_mode_keeps_its_contract(tiny_llm, tmp_path):
+    workdir, output = tmp_path / "run", tmp_path / "scores"
+    _main(workdir, "train", *_tiny_flags(tiny_llm), "--config.train.steps=4",
+          "--config.eval.every=2")
+    with open(workdir / "metrics.jsonl") as f:
+        evals = [r for r in map(json.loads, f) if "eval/val_loss" in r]
+    assert [r["step"] for r in evals] == [2, 4]
+    for record in evals:
+        assert np.isfinite(record["eval/val_loss"]) and "eval/val_loss_t0.5" in record
+        assert 0.0 <= record["eval/prompt_accuracy"] <= 1.0
+    assert evals[0]["eval/val_loss"] != evals[1]["eval/val_loss"]  # The weights moved.
+
+    stdout = _main(workdir, "eval", *_tiny_flags(tiny_llm), "--benchmark=shapes",
+                   f"--output={output}")
+    with open(output / "scores.json") as f:
+        scores = json.load(f)
+    for key in ("prompt_accuracy", "colour_accuracy", "shape_accuracy", "position_accuracy",
+                "count_accuracy", "num_images"):
+        assert key in scores
+    assert scores["num_images"] == 6 and scores["step"] == 4
+    last = stdout.strip().splitlines()[-1]
+    assert re.fullmatch(r"prompt_accuracy=[0-9.e-]+ num_images=6", last), last
+    assert (output / "scores.md").exists() and (output / "samples.png").exists()
+
+
+def test_validation_loss_is_identical_across_calls(tiny_llm, tmp_path):
+    import jax
+    from flax import nnx
+
+    from configs.ablations import lidit
+    from lidit_jax.diffusion.dit import LIDiT
+    from lidit_jax.diffusion.objectives import make_objective
+    from lidit_jax.evaluate.during_training import TrainingEval
+    from lidit_jax.parallel import mesh as mesh_lib
+    from lidit_jax.train.inputs import TrainInputs
+
+    config = lidit.get_config()
+    config.text.llms.smollm2.path, config.text.llms.smollm2.width = str(tiny_llm), 0
+    config.text.cache_dir = ""
+    config.model.depth, config.model.width, config.model.heads = 1, 32, 2
+    config.text.refiner.heads = 2
+    config.data.shapes_num_records, config.eval.val_records = 16, 4
+    config.mesh.data, config.train.batch_size = 1, 4
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]).reshape(1, 1, 1), mesh_lib.MESH_AXES)
+    inputs = TrainInputs(config, str(tmp_path), mesh)
+    graphdef, params = nnx.split(LIDiT(config, inputs.llm_widths, inputs.channels,
+                                       rngs=nnx.Rngs(0)))
+    evaluator = TrainingEval(config, graphdef, make_objective(config.diffusion), inputs)
+    first, second = evaluator.validation_losses(params), evaluator.validation_losses(params)
+    assert first == second
+    assert set(first) == {"val_loss", "val_loss_t0.1", "val_loss_t0.3", "val_loss_t0.5",
+                          "val_loss_t0.7", "val_loss_t0.9"}
