@@ -20,6 +20,7 @@ INSTALL_REQUIRES = [
     "pillow>=10",
     "tqdm",
     "tensorboardX>=2.6",  # TensorBoard event writer without TensorFlow.
+    "matplotlib>=3.8",  # The ablation runner's bar plots and positional-bias curves (PNG).
 ]
 
 EXTRAS_REQUIRE = {
@@ -44,4 +45,7 @@ setup(
     python_requires=">=3.10",
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS_REQUIRE,
+    # The benchmark prompt files --mode=eval writes folders for (lidit_jax/evaluate/prompts).
+    package_data={"lidit_jax.evaluate": ["prompts/README.md", "prompts/*/*.jsonl",
+                                         "prompts/*/*.txt"]},
 )

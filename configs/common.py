@@ -161,6 +161,10 @@ def get_config(arg=None):
     c.train.log_every = 10
     c.train.sample_every = 500
     c.train.nan_policy = "skip"  # skip | stop
+    # Start a new run from another run's weights (not its optimizer or data position): a
+    # workdir (its newest checkpoint) or an exported EMA .safetensors; lidit_jax/train/init_from.py.
+    c.train.init_from = ""
+    c.train.init_from_ema = True  # From a workdir: its EMA too (False: EMA = its params).
     # Fixed prompts sampled from the EMA weights every sample_every steps (samples/*.png). In
     # the shapes data's vocabulary (every caption names a size; five shapes): four shapes, four
     # colours, three slots, and a two-object scene.
@@ -211,6 +215,9 @@ def get_config(arg=None):
     c.eval.batch_size = 64
     c.eval.val_records = 64
     c.eval.val_timesteps = (0.1, 0.3, 0.5, 0.7, 0.9)
+    # --benchmark=geneval|t2i_compbench|dpg_bench: only the first N prompts (0: all), e.g. a
+    # smoke test of the folder before a full run.
+    c.eval.benchmark_prompts = 0
 
     c.logging = ml_collections.ConfigDict()
     c.logging.tensorboard = True

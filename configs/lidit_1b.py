@@ -34,6 +34,11 @@ def get_config(arg=None):
     c.model.patch_size = 2
     c.model.remat = "dots_saveable"
 
+    # Epsilon prediction as in DiT, whose schedule is the linear one (DDPM's 1e-4..0.02); the
+    # paper does not name its schedule.
+    c.diffusion.objective = "epsilon"
+    c.diffusion.schedule = "linear"
+
     c.vae.path = ""  # Set to a diffusers AutoencoderKL folder (16 channels, 8x) for training.
     c.vae.latent_channels = 16
     c.vae.downsample = 8

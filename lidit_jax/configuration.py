@@ -99,6 +99,7 @@ def validate(config, num_devices=None):
             raise ConfigError(f"{key}={value!r} must be a positive integer")
     _validate_text(config)
     _validate_model(config)
+    _validate_buckets(config)
     _validate_train(config)
     try:
         validate_rules(config.mesh.rules, MESH_AXES)
@@ -156,6 +157,19 @@ def _validate_model(config):
             raise ConfigError(
                 f"image size {size} (data.image_size / data.buckets) is not divisible by "
                 f"model.patch_size * vae.downsample = {multiple}")
+
+
+def _validate_buckets(config):
+    """With data.buckets set, the buckets alone give the training sizes: a data.image_size
+    outside their sides (e.g. 1024 over 512 px buckets) would silently not happen."""
+    sides = [int(p) for b in config.data.buckets.split(",") if b.strip()
+             for p in b.strip().lower().split("x")]
+    if sides and not min(sides) <= config.data.image_size <= max(sides):
+        raise ConfigError(
+            f"data.image_size={config.data.image_size} is outside the sides of data.buckets="
+            f"{config.data.buckets!r} ({min(sides)}..{max(sides)} px), which set the training "
+            "sizes: give buckets for that resolution (e.g. configs/lidit_10b.py:1024) or clear "
+            "data.buckets")
 
 
 def _validate_train(config):

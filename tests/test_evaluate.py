@@ -161,3 +161,63 @@ def test_validation_loss_is_identical_across_calls(tiny_llm, tmp_path):
     assert first == second
     assert set(first) == {"val_loss", "val_loss_t0.1", "val_loss_t0.3", "val_loss_t0.5",
                           "val_loss_t0.7", "val_loss_t0.9"}
+
+
+# ---- Benchmark folders: exactly the layouts the official scorers read ------------------------
+from lidit_jax.evaluate import benchmarks  # noqa: E402
+
+
+def _images_of(n):
+    """prompt -> n distinct solid images whose grey level encodes (prompt length, image index)."""
+    def images_of(prompt):
+        return np.stack([np.full((8, 8, 3), (len(prompt) * 7 + j * 50) % 256, np.uint8)
+                         for j in range(n)])
+    return images_of
+
+
+def _png(path):
+    from PIL import Image
+    return np.asarray(Image.open(path))
+
+
+def test_geneval_folder_layout(tmp_path):
+    benchmarks.write_geneval(_images_of(4), str(tmp_path), limit=3)
+    assert sorted(os.listdir(tmp_path)) == ["00000", "00001", "00002"]
+    lines = open(os.path.join(benchmarks.PROMPTS_DIR, "geneval",
+                              "evaluation_metadata.jsonl")).read().splitlines()
+    assert len(lines) == 553
+    for index in range(3):
+        folder = tmp_path / f"{index:05d}"
+        with open(folder / "metadata.jsonl") as f:
+            assert json.load(f) == json.loads(lines[index])  # The scorer's json.load.
+        assert sorted(os.listdir(folder / "samples")) == [f"{j:04d}.png" for j in range(4)]
+    prompt = json.loads(lines[1])["prompt"]
+    assert _png(tmp_path / "00001" / "samples" / "0002.png")[0, 0, 0] == (len(prompt) * 7 + 100) % 256
+
+
+def test_t2i_compbench_folder_layout(tmp_path):
+    benchmarks.write_t2i_compbench(_images_of(10), str(tmp_path), limit=2,
+                                   categories=("color", "numeracy"))
+    assert sorted(os.listdir(tmp_path)) == ["color", "numeracy"]
+    for category in ("color", "numeracy"):
+        prompts = benchmarks.t2i_compbench_prompts(category)
+        assert len(prompts) == 300 and not any("\r" in p or "_" in p for p in prompts)
+        names = sorted(os.listdir(tmp_path / category / "samples"),
+                       key=lambda n: int(n.rsplit("_", 1)[1][:-4]))
+        assert len(names) == 20
+        for k, name in enumerate(names):  # The scorer: prompt before the first "_", id after the last.
+            assert name == f"{prompts[k // 10]}_{k:06d}.png"
+            assert name.split("_")[0] == prompts[k // 10]
+
+
+def test_dpg_bench_folder_layout(tmp_path):
+    benchmarks.write_dpg_bench(_images_of(4), str(tmp_path), limit=3)
+    items = benchmarks.dpg_bench_prompts()
+    assert len(items) == 1065
+    assert sorted(os.listdir(tmp_path / "images")) == sorted(f"{i}.png" for i, _ in items[:3])
+    item_id, prompt = items[0]
+    tiled = _png(tmp_path / "images" / f"{item_id}.png")
+    assert tiled.shape == (16, 16, 3)
+    # Tiles in the scorer's crop order: top left, top right, bottom left, bottom right.
+    for j, (y, x) in enumerate([(0, 0), (0, 8), (8, 0), (8, 8)]):
+        assert tiled[y, x, 0] == (len(prompt) * 7 + j * 50) % 256

@@ -61,7 +61,8 @@ def run(config, workdir):
     if benchmark != "shapes":
         from lidit_jax.evaluate import benchmarks  # Prompt files only when asked for.
         with jax.set_mesh(mesh), sharding.axis_rules(config.mesh.rules):
-            benchmarks.write(benchmark, config, trained, output, seed=FLAGS.seed)
+            benchmarks.write(benchmark, config, trained, output, seed=FLAGS.seed,
+                             limit=config.eval.benchmark_prompts or None)
         return
     scores = shapes_report(config, trained, mesh, output)
     print(f"prompt_accuracy={scores['prompt_accuracy']:.6g} num_images={scores['num_images']}")

@@ -23,6 +23,7 @@ from lidit_jax.parallel import mesh as mesh_lib
 from lidit_jax.parallel import sharding
 from lidit_jax import configuration
 from lidit_jax.train import checkpoint as checkpoint_lib
+from lidit_jax.train import init_from
 from lidit_jax.train import inputs as inputs_lib
 from lidit_jax.train import metrics as metrics_lib
 from lidit_jax.train import sampling
@@ -96,6 +97,8 @@ def run(config, workdir):
         step, state, data_state, _ = restored
         inputs.set_state(data_state)
         logging.info("resumed from step %d", step)
+    elif config.train.init_from:  # A new run from another run's weights (train.init_from).
+        state = init_from.initialize(state, graphdef, config, inputs.fingerprints())
     start_step = int(state.step)
 
     # ---- Train step -------------------------------------------------------------------------------
