@@ -46,7 +46,7 @@ def get_config():
     c.data.shapes_num_records = 256  # Each text setting is cached once: 256 LLM passes.
     c.data.caption_dropout = 0.1
 
-    c.train.steps = 300
+    c.train.steps = 600
     c.train.batch_size = 32
     c.train.learning_rate = 1e-3
     c.train.warmup_steps = 30

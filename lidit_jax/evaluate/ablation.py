@@ -17,6 +17,7 @@ DIR/accuracy.png (bars), DIR/by_mention.png (positional-bias curves), DIR/sample
 """
 import ast
 import contextlib
+import fcntl
 import hashlib
 import importlib.util
 import json
@@ -78,15 +79,18 @@ def prepare_text_cache(config, root, arm_dir):
     from lidit_jax import encode  # Loads the LLMs: only when training.
     arm_cache = os.path.join(arm_dir, "text_cache")
     os.makedirs(arm_cache, exist_ok=True)
-    for name in configuration.encoder_names(config):
-        shared = os.path.join(root, "text_cache", encoder_setting(config, name))
-        os.makedirs(shared, exist_ok=True)
-        link = os.path.join(arm_cache, name)
-        if not os.path.islink(link):
-            os.symlink(shared, link)
-    config.text.cache_dir = arm_cache
-    # Complete shards are skipped: a setting another arm cached costs one LLM load.
-    encode.run(config, arm_dir)
+    # Workers running other seeds of the same arms (--run_seeds) encode one at a time.
+    with open(os.path.join(root, "text_cache.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        for name in configuration.encoder_names(config):
+            shared = os.path.join(root, "text_cache", encoder_setting(config, name))
+            os.makedirs(shared, exist_ok=True)
+            link = os.path.join(arm_cache, name)
+            if not os.path.islink(link):
+                os.symlink(shared, link)
+        config.text.cache_dir = arm_cache
+        # Complete shards are skipped: a setting another arm cached costs one LLM load.
+        encode.run(config, arm_dir)
 
 
 def run_one(config, run_dir):
@@ -130,13 +134,16 @@ def llms_kept_loaded():
         encoder.load_llm = original
 
 
-def run_ablation(arms, seeds, workdir, overrides=(), configs_dir="configs/ablations"):
-    """Runs every arm x seed not done yet (resumable), then `summarise`. Returns failed runs."""
+def run_ablation(arms, seeds, workdir, overrides=(), configs_dir="configs/ablations",
+                 run_seeds=None):
+    """Runs every arm x seed not done yet (resumable), then `summarise` (all `seeds` seeds
+    finished so far). run_seeds: only these seeds (default all), e.g. one per worker process."""
     with llms_kept_loaded():
-        return _run_ablation(arms, seeds, os.path.abspath(workdir), overrides, configs_dir)
+        return _run_ablation(arms, seeds, os.path.abspath(workdir), overrides, configs_dir,
+                             range(seeds) if run_seeds is None else run_seeds)
 
 
-def _run_ablation(arms, seeds, workdir, overrides, configs_dir):
+def _run_ablation(arms, seeds, workdir, overrides, configs_dir, run_seeds):
     jax.config.update("jax_compilation_cache_dir", os.path.join(workdir, "jax_cache"))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     configs = {arm: load_arm(configs_dir, arm, overrides) for arm in arms}  # Fail early.
@@ -145,7 +152,7 @@ def _run_ablation(arms, seeds, workdir, overrides, configs_dir):
     failed = []
     for arm in arms:
         arm_dir = os.path.join(workdir, "runs", arm)
-        for seed in range(seeds):
+        for seed in run_seeds:
             run_dir = os.path.join(arm_dir, f"seed{seed}")
             if os.path.exists(os.path.join(run_dir, "eval", "scores.json")):
                 continue
@@ -294,6 +301,8 @@ def summarise(workdir, arms, seeds):
 _ARMS = flags.DEFINE_list("arms", None, "Arms: config names in --configs_dir, in run order.")
 _SEEDS = flags.DEFINE_integer("seeds", 2, "Seeds per arm (0..seeds-1).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where runs, caches and the summary go.")
+_RUN_SEEDS = flags.DEFINE_list("run_seeds", None, "Only these seeds (default: all); run one "
+                                "worker process per seed to use more cores.")
 _SET = flags.DEFINE_multi_string("set", [], "key=value config override for every arm.")
 _CONFIGS_DIR = flags.DEFINE_string("configs_dir", "configs/ablations", "Folder of arm configs.")
 
@@ -302,8 +311,9 @@ def main(argv):
     del argv
     if not _ARMS.value or not _WORKDIR.value:
         raise SystemExit("error: --arms=a,b,... and --workdir=DIR are required")
+    run_seeds = [int(s) for s in _RUN_SEEDS.value] if _RUN_SEEDS.value else None
     failed = run_ablation(_ARMS.value, _SEEDS.value, _WORKDIR.value, _SET.value,
-                          _CONFIGS_DIR.value)
+                          _CONFIGS_DIR.value, run_seeds)
     print(f"ablation={os.path.join(os.path.abspath(_WORKDIR.value), 'ablation.md')} "
           f"failed={len(failed)}")
 
