@@ -221,3 +221,37 @@ def test_dpg_bench_folder_layout(tmp_path):
     # Tiles in the scorer's crop order: top left, top right, bottom left, bottom right.
     for j, (y, x) in enumerate([(0, 0), (0, 8), (8, 0), (8, 8)]):
         assert tiled[y, x, 0] == (len(prompt) * 7 + j * 50) % 256
+
+
+# ---- Text-only linear probe --------------------------------------------------------------------
+from lidit_jax.evaluate import probes  # noqa: E402
+
+
+def test_ridge_probe_reads_a_planted_colour_and_not_noise():
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 8, 400)
+    train = np.arange(400) < 200
+    planted = np.eye(8)[labels] @ rng.normal(size=(8, 32)) + 0.3 * rng.normal(size=(400, 32))
+    assert probes.ridge_probe_accuracy(planted, labels, train, 8) > 0.95
+    assert probes.ridge_probe_accuracy(rng.normal(size=(400, 32)), labels, train, 8) < 0.3
+
+
+def test_probe_tokens_are_the_object_words(tiny_llm):
+    from configs.ablations import lidit
+    from lidit_jax.text.encoder import PromptEncoder
+
+    config = lidit.get_config()
+    config.text.llms.smollm2.path, config.text.llms.smollm2.width = str(tiny_llm), 0
+    encoder = PromptEncoder.from_config(config, "smollm2")
+    records = _records(12)
+    tokenizer = encoder.llm.tokenizer
+    for record_index, token, colour, kind in probes.probe_targets(encoder.template, records):
+        (ids, _, _), = encoder.template._tokenize([records[record_index]["caption"]])
+        text = tokenizer.decode([ids[token]]).strip()
+        objects = records[record_index]["metadata"]["objects"]
+        if kind == "noun":
+            assert any(text and o["shape"].endswith(text) or text.startswith(o["shape"][:3])
+                       for o in objects), text
+        else:
+            assert text in ("a", "two", "three", "four"), text
+        assert 0 <= colour < 8

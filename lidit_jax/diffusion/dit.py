@@ -8,7 +8,7 @@
 
 Because position comes from a zero-padded 3x3 convolution on the token grid, any height and width
 divisible by the patch size works, at any aspect ratio. `c` = timestep embedding + pooled text
-vector; each block owns its modulation (9 vectors: shift/scale/gate for 3 sublayers), gates and
+vector (timestep embedding alone with model.pooled_text=False); each block owns its modulation (9 vectors: shift/scale/gate for 3 sublayers), gates and
 the output layer start at zero (as in DiT), so the initial prediction is exactly zero.
 
 Parameter count, per block of width d (biases and norms are O(d), ignored here):

@@ -32,7 +32,7 @@ def word_token(template, caption, word_index):
     `word_index` of caption.split()."""
     words = caption.split()
     start = len(" ".join(words[:word_index])) + (1 if word_index else 0)
-    stop = start + len(words[word_index])
+    stop = start + len(words[word_index].rstrip(","))  # "circle," ends at its last letter.
     (_, offsets, _), = template._tokenize([caption])
     lo, hi = len(template.prefix) + start, len(template.prefix) + stop
     inside = np.flatnonzero((offsets[:, 0] < hi) & (offsets[:, 1] > lo))
