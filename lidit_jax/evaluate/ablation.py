@@ -264,6 +264,7 @@ def plot_mentions(results, path):
     ax.set_xlabel("object's mention rank in the caption")
     ax.set_ylabel("object accuracy (colour, shape, size at its slot)")
     ax.set_xticks(range(1, 5))
+    ax.set_ylim(bottom=0)
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
