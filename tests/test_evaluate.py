@@ -1,11 +1,16 @@
 """The prompt-following scorer, probes, benchmark folders and --mode=eval."""
 import copy
+import json
+import os
+import re
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 
 from lidit_jax.data import shapes
-from lidit_jax.evaluate import scorer
+from lidit_jax.evaluate import benchmarks, probes, scorer
 
 
 def _records(num=96, layout="grid", seed=5):
@@ -79,11 +84,6 @@ def test_wilson_interval_matches_the_closed_form():
 
 
 # ---- Eval during training and --mode=eval -------------------------------------------------
-import json  # noqa: E402
-import os  # noqa: E402
-import re  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -164,7 +164,6 @@ def test_validation_loss_is_identical_across_calls(tiny_llm, tmp_path):
 
 
 # ---- Benchmark folders: exactly the layouts the official scorers read ------------------------
-from lidit_jax.evaluate import benchmarks  # noqa: E402
 
 
 def _images_of(n):
@@ -224,7 +223,6 @@ def test_dpg_bench_folder_layout(tmp_path):
 
 
 # ---- Text-only linear probe --------------------------------------------------------------------
-from lidit_jax.evaluate import probes  # noqa: E402
 
 
 def test_ridge_probe_reads_a_planted_colour_and_not_noise():
