@@ -27,6 +27,7 @@ INSTALL_REQUIRES = [
     "etils[epath]",
     "gcsfs>=2024.2",
     "google-cloud-storage>=2.14",
+    "matplotlib>=3.8",  # The ablation runner's bar plots and positional-bias curves (PNG).
 ]
 
 EXTRAS_REQUIRE = {
@@ -54,4 +55,7 @@ setup(
     python_requires=">=3.10",
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS_REQUIRE,
+    # The benchmark prompt files --mode=eval writes folders for (lidit_jax/evaluate/prompts).
+    package_data={"lidit_jax.evaluate": ["prompts/README.md", "prompts/*/*.jsonl",
+                                         "prompts/*/*.txt"]},
 )

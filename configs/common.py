@@ -116,7 +116,10 @@ def get_config(arg=None):
         dict(depth=2, heads=8, mlp_ratio=4.0, causal=False, gating=True, input_norm=True)
     )
     c.text.fusion = "single"  # collaborative (any number of LLMs) | concat | single (1 LLM)
-    c.text.collaborative = ml_collections.ConfigDict(dict(depth=1, heads=8, mlp_ratio=4.0))
+    # modulation: per_branch (branch k from t + its own pooled_k, the paper's "same input as the
+    # gating network") | mean (every branch from t + the mean of the pooled vectors).
+    c.text.collaborative = ml_collections.ConfigDict(
+        dict(depth=1, heads=8, mlp_ratio=4.0, modulation="per_branch"))
     c.text.drop_instruction = True
     c.text.attention = "auto"  # Kernel of the frozen LLMs: auto | xla | cudnn | splash.
     c.text.cache_dir = ""  # Text-state cache (--mode=encode); empty: encode online.
@@ -141,6 +144,10 @@ def get_config(arg=None):
     c.model.splash_block_kv = 512
     # Sequence parallelism of the DiT's self-attention over mesh.context: none | ulysses | ring.
     c.model.context_parallel = "none"
+    # The pooled text vector joins the timestep embedding in the DiT's adaLN (the paper's
+    # "timestep embedding + a text vector"); False: text enters through cross-attention only
+    # (the paper's pure cross-attention baseline).
+    c.model.pooled_text = True
 
     # ---- Image space ----------------------------------------------------------------------------
     c.vae = ml_collections.ConfigDict()
@@ -201,6 +208,10 @@ def get_config(arg=None):
     c.train.log_every = 10
     c.train.sample_every = 500
     c.train.nan_policy = "skip"  # skip | stop
+    # Start a new run from another run's weights (not its optimizer or data position): a
+    # workdir (its newest checkpoint) or an exported EMA .safetensors; lidit_jax/train/init_from.py.
+    c.train.init_from = ""
+    c.train.init_from_ema = True  # From a workdir: its EMA too (False: EMA = its params).
     # Fixed prompts sampled from the EMA weights every sample_every steps (samples/*.png). In
     # the shapes data's vocabulary (every caption names a size; five shapes): four shapes, four
     # colours, three slots, and a two-object scene.
@@ -239,6 +250,22 @@ def get_config(arg=None):
     c.aot = ml_collections.ConfigDict()
     c.aot.topology = "v5e:2x2"  # e.g. v5p:4x4x4 (64 chips), v6e:8x8
     c.aot.num_slices = 1
+
+    # Prompt following (--mode=eval --benchmark=shapes, lidit_jax/evaluate) and, every
+    # eval.every steps (0: off), in training: the shapes scores on eval.num_prompts held-out
+    # prompts (shapes generator seed eval.seed) from the EMA weights, and the validation loss at
+    # the fixed timesteps eval.val_timesteps (fractions of the noise range) with fixed noise on
+    # eval.val_records held-out records.
+    c.eval = ml_collections.ConfigDict()
+    c.eval.every = 0
+    c.eval.num_prompts = 256
+    c.eval.seed = 1_000_003
+    c.eval.batch_size = 64
+    c.eval.val_records = 64
+    c.eval.val_timesteps = (0.1, 0.3, 0.5, 0.7, 0.9)
+    # --benchmark=geneval|t2i_compbench|dpg_bench: only the first N prompts (0: all), e.g. a
+    # smoke test of the folder before a full run.
+    c.eval.benchmark_prompts = 0
 
     c.logging = ml_collections.ConfigDict()
     c.logging.tensorboard = True

@@ -1,7 +1,9 @@
 """LI-DiT-10B (arXiv 2406.11831): DiT depth 48, width 2816, 44 heads, patch 2, 512 px latents.
 
 Same text side as the 1B model (two 7-8B LLMs, layer -3, token + collaborative refiners); batch
-4096; trained at 512 px, then fine-tuned at 1024 px (`--config.data.image_size=1024`).
+4096; trained at 512 px, then fine-tuned at 1024 px: `configs/lidit_10b.py:1024` is that stage
+(1024 px buckets; set --config.train.init_from to the 512 px run's workdir or EMA export).
+`:offline` (and `:offline,1024`) swap in the offline encoders as in lidit_1b.py.
 
 Launch (TPU v5p-1024, 4 slices over DCN; see launch/tpu_vm.sh):
   python -m lidit_jax.main --config=configs/lidit_10b.py --workdir=gs://BUCKET/lidit_10b \\
@@ -13,7 +15,12 @@ from configs import lidit_1b
 
 
 def get_config(arg=None):
-    c = lidit_1b.get_config(arg)
+    args = set(arg.split(",")) if arg else set()
+    unknown = args - {"offline", "1024"}
+    if unknown:
+        raise ValueError(f"configs/lidit_10b.py: unknown argument(s) {sorted(unknown)}; "
+                         "use 'offline', '1024' or 'offline,1024'")
+    c = lidit_1b.get_config("offline" if "offline" in args else None)
     c.model.depth = 48
     c.model.width = 2816
     c.model.heads = 44
@@ -26,5 +33,8 @@ def get_config(arg=None):
     c.train.batch_size = 4096
     c.train.steps = 1_000_000
     c.mesh.fsdp = 64
+    if "1024" in args:  # The fine-tune stage: 1024 px buckets (the same aspect ratios x 2).
+        c.data.image_size = 1024
+        c.data.buckets = "1024x1024,896x1152,1152x896,768x1280,1280x768"
     c.aot.topology = "v5p:8x8x8"  # 512 chips of a v5p-1024 (one slice; --config.aot.num_slices=4).
     return c

@@ -43,6 +43,11 @@ def get_config(arg=None):
     # 0.271 s, 33.7 %, 27.2 GiB with dots_saveable (benchmarks/tpu_estimates.md, 2026-11-29).
     c.model.remat = "none"
 
+    # Epsilon prediction as in DiT, whose schedule is the linear one (DDPM's 1e-4..0.02); the
+    # paper does not name its schedule.
+    c.diffusion.objective = "epsilon"
+    c.diffusion.schedule = "linear"
+
     c.vae.path = ""  # Set to a diffusers AutoencoderKL folder (16 channels, 8x) for training.
     c.vae.latent_channels = 16
     c.vae.downsample = 8

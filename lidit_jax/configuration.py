@@ -119,6 +119,7 @@ def validate(config, num_devices=None):
             raise ConfigError(f"{key}={value!r} must be a positive integer")
     _validate_text(config)
     _validate_model(config)
+    _validate_buckets(config)
     _validate_train(config)
     try:
         validate_rules(config.mesh.rules, MESH_AXES)
@@ -149,6 +150,9 @@ def _validate_text(config):
     if config.text.fusion == "single" and len(names) != 1:
         raise ConfigError(f"text.fusion='single' needs exactly one LLM, text.encoders has {names}; "
                           "use fusion 'concat' or 'collaborative' for several")
+    if config.text.collaborative.modulation not in ("per_branch", "mean"):
+        raise ConfigError(f"text.collaborative.modulation={config.text.collaborative.modulation!r}"
+                          "; choose 'per_branch' (the paper) or 'mean'")
     if config.text.refiner.depth < 0:
         raise ConfigError(f"text.refiner.depth={config.text.refiner.depth} must be >= 0")
     if config.model.width % config.text.refiner.heads:
@@ -210,6 +214,19 @@ def _validate_attention(config, sizes):
             f"model.context_parallel=ulysses splits model.heads={m.heads} over mesh.tensor * "
             f"mesh.context = {sizes['tensor'] * context}, which does not divide it; use "
             "model.context_parallel=ring or change mesh.context")
+
+
+def _validate_buckets(config):
+    """With data.buckets set, the buckets alone give the training sizes: a data.image_size
+    outside their sides (e.g. 1024 over 512 px buckets) would silently not happen."""
+    sides = [int(p) for b in config.data.buckets.split(",") if b.strip()
+             for p in b.strip().lower().split("x")]
+    if sides and not min(sides) <= config.data.image_size <= max(sides):
+        raise ConfigError(
+            f"data.image_size={config.data.image_size} is outside the sides of data.buckets="
+            f"{config.data.buckets!r} ({min(sides)}..{max(sides)} px), which set the training "
+            "sizes: give buckets for that resolution (e.g. configs/lidit_10b.py:1024) or clear "
+            "data.buckets")
 
 
 def _validate_train(config):

@@ -24,6 +24,7 @@ MODES = {
     "describe": "lidit_jax.describe",
     "compile": "lidit_jax.aot",
     "export": "lidit_jax.export",
+    "eval": "lidit_jax.evaluate.mode",
 }
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/lidit_1b.py.",
@@ -34,13 +35,16 @@ _MODE = flags.DEFINE_string("mode", "train", f"One of {sorted(MODES)}.")
 flags.DEFINE_multi_string("prompts", None, "sample: a prompt (repeat the flag for more).")
 flags.DEFINE_string("prompt_file", None, "sample: a file with one prompt per line.")
 flags.DEFINE_string("output", None, "sample: output folder (default WORKDIR/samples/cli); "
-                    "export: output file (default WORKDIR/export/lidit_ema_step<N>.safetensors).")
+                    "export: output file (default WORKDIR/export/lidit_ema_step<N>.safetensors); "
+                    "eval: output folder (default WORKDIR/eval/<benchmark>).")
 flags.DEFINE_string("sampler", None, "sample: ddim | dpm++2m | euler | heun.")
 flags.DEFINE_integer("sample_steps", None, "sample: number of sampler steps.")
 flags.DEFINE_float("guidance_scale", None, "sample: classifier-free guidance scale.")
 flags.DEFINE_integer("seed", 0, "sample: noise seed.")
 flags.DEFINE_string("size", None, "sample: image size HxW in pixels (default data.image_size).")
 flags.DEFINE_integer("num_per_prompt", 1, "sample: images per prompt.")
+# --mode=eval options (--output, --sampler, --sample_steps, --guidance_scale, --seed apply too).
+flags.DEFINE_string("benchmark", "shapes", "eval: shapes | geneval | t2i_compbench | dpg_bench.")
 
 
 def parse_flags(argv):

@@ -246,3 +246,18 @@ def test_language_tower_under_either_layout_loads(tmp_path):
     ref_states, _ = torch_outputs(reference, ids, mask)
     ours = load_llm(tmp_path).hidden_states(ids, mask)
     assert max(relative_error(a, b, mask) for a, b in zip(ours, ref_states)) <= 1e-4
+
+
+@pytest.mark.parametrize("family", ["gemma3", "llama"])
+def test_left_padding_leaves_real_tokens_unchanged(family, tmp_path):
+    """text.padding_side='left': positions come from the mask (cumsum - 1), so a token's state
+    does not depend on how much padding its row has."""
+    build_tiny(family, tmp_path)
+    llm = load_llm(tmp_path)
+    ids, _ = random_batch(seed=4, lengths=(12, 9))
+    mask = np.ones_like(ids)
+    mask[1, :3] = 0  # Row 1: 3 padding tokens on the left, then 9 real ones.
+    padded = llm.hidden_states(ids, mask)
+    alone = llm.hidden_states(ids[1:, 3:], mask[1:, 3:])
+    for p, a in zip(padded, alone):
+        np.testing.assert_allclose(np.asarray(p)[1, 3:], np.asarray(a)[0], rtol=1e-5, atol=1e-5)

@@ -211,3 +211,26 @@ def test_bad_configuration_names_the_key():
     states, masks, prompt_masks, t_emb = inputs(0, [48], [4], [4], [0], [4])
     with pytest.raises(ValueError, match="text.encoders"):
         model(states, masks, prompt_masks, t_emb)
+
+
+@pytest.mark.parametrize("modulation", ["per_branch", "mean"])
+def test_collaborative_branch_k_is_modulated_by_its_own_pooled_text(modulation, monkeypatch):
+    """The paper: each collaborative branch takes "the same input as the gating network",
+    t + pooled_k; modulation='mean' keeps the older t + mean_k pooled_k for every branch."""
+    config = text_config("collaborative")
+    config.collaborative.modulation = modulation
+    model = randomize(refiner.TextConditioner(config, [48, 32], WIDTH, rngs=nnx.Rngs(0)), 3)
+    states, masks, prompt_masks, t_emb = inputs(4, [48, 32], [6, 5], [5, 4], [1, 1], [4, 3])
+    seen = []
+    original = refiner.CollaborativeBranch.__call__
+    monkeypatch.setattr(refiner.CollaborativeBranch, "__call__",
+                        lambda self, x, context, mask, c: seen.append(c) or original(
+                            self, x, context, mask, c))
+    model(states, masks, prompt_masks, t_emb)  # Eager, so the conditions can be recorded.
+    pooled = [r.pooled(s, m) for r, s, m in zip(model.refiners, states, masks)]
+    expected = ([t_emb + p for p in pooled] if modulation == "per_branch"
+                else [t_emb + (pooled[0] + pooled[1]) / 2] * 2)
+    assert len(seen) == 2
+    for c, want in zip(seen, expected):
+        np.testing.assert_allclose(c, want, rtol=1e-6, atol=1e-6)
+    assert float(jnp.max(jnp.abs(pooled[0] - pooled[1]))) > 1e-2  # The two modes differ.

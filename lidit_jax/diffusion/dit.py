@@ -8,7 +8,7 @@
 
 Because position comes from a zero-padded 3x3 convolution on the token grid, any height and width
 divisible by the patch size works, at any aspect ratio. `c` = timestep embedding + pooled text
-vector; each block owns its modulation (9 vectors: shift/scale/gate for 3 sublayers), gates and
+vector (timestep embedding alone with model.pooled_text=False); each block owns its modulation (9 vectors: shift/scale/gate for 3 sublayers), gates and
 the output layer start at zero (as in DiT), so the initial prediction is exactly zero.
 
 Parameter count, per block of width d (biases and norms are O(d), ignored here):
@@ -225,6 +225,7 @@ class LIDiT(nnx.Module):
         self.text = TextConditioner(config.text, list(llm_widths), m.width, dtype=dtype,
                                     param_dtype=param_dtype, rngs=rngs)
         self.backbone = DiTBackbone(m, in_channels, rngs=rngs)
+        self.pooled_text = m.pooled_text
 
     def __call__(self, x, t, text):
         """Predicts the objective's target (epsilon, v or flow velocity) for a noisy x.
@@ -241,5 +242,7 @@ class LIDiT(nnx.Module):
         t_emb = self.time_embed(t)
         tokens, token_mask, pooled = self.text(text["states"], text["masks"],
                                                text["prompt_masks"], t_emb)
-        c = t_emb.astype(jnp.float32) + pooled.astype(jnp.float32)
+        c = t_emb.astype(jnp.float32)
+        if self.pooled_text:  # Off: text reaches the DiT through cross-attention only.
+            c = c + pooled.astype(jnp.float32)
         return self.backbone(x, c, tokens, token_mask)

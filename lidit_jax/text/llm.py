@@ -260,10 +260,11 @@ def dense(spec, x, w):
 
 
 def apply_rope(x, cos, sin):
-    """x [batch, len, heads, head_dim] rotated by cos/sin [len, head_dim] (rotate-half layout)."""
+    """x [batch, len, heads, head_dim] rotated by cos/sin [batch, len, head_dim] (rotate-half
+    layout)."""
     half = x.shape[-1] // 2
     rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
-    return x * cos[None, :, None, :] + rotated * sin[None, :, None, :]
+    return x * cos[:, :, None, :] + rotated * sin[:, :, None, :]
 
 
 def _layer_params(config, dtype):
@@ -334,12 +335,14 @@ class DecoderLM(nnx.Module):
         inv_freq = np.stack([rope_inv_freq(c, t) for t in c.layer_types])  # [layers, hd / 2]
         windows = np.array([c.sliding_window if t == "sliding_attention" else _NO_WINDOW
                             for t in c.layer_types], np.int32)
-        positions = jnp.arange(input_ids.shape[1], dtype=jnp.float32)
+        # Positions count real tokens (cumsum of the mask - 1, as transformers' generate), so a
+        # left-padded row's tokens sit at 0..n-1 like the unpadded sequence's: [batch, len].
+        positions = jnp.maximum(jnp.cumsum(key_mask, axis=1) - 1, 0).astype(jnp.float32)
         weights = {name: p[...] for name, p in self.layers.items()}
 
         def layer(x, per_layer):
             params, layer_inv_freq, window = per_layer
-            angles = positions[:, None] * layer_inv_freq[None, :]
+            angles = positions[..., None] * layer_inv_freq
             angles = jnp.concatenate([angles, angles], axis=-1)
             rope = (jnp.cos(angles).astype(self.dtype), jnp.sin(angles).astype(self.dtype))
             x = self._decoder_layer(params, x, key_mask, rope,

@@ -7,7 +7,9 @@ Per LLM k, with frozen states s_k [batch, len_k, width_k] and its attention mask
   x_k      = depth x [x += g_attn(c_k) * SelfAttn(LN(x)),  x += g_ffn(c_k) * FFN(LN(x))]
              (bidirectional, padding-masked; gates zero-initialised, so each block starts as the
              identity; text.refiner.gating=False: plain residuals; causal=True: the ablation)
-Collaborative fusion (K >= 1), with c = t_emb + mean_k pooled_k:
+Collaborative fusion (K >= 1), branch k modulated by c_k = t_emb + pooled_k (the paper: "the
+same input as the gating network"; text.collaborative.modulation="mean": every branch by
+t_emb + mean_k pooled_k):
   x_k      = collaborative.depth x [x += gate * CrossAttn(query = mod(LN(x_k)),
                                                   key/value = the other branches' tokens),
                                     x += gate * FFN(mod(LN(x_k)))]   (adaLN shift/scale/gate)
@@ -40,6 +42,7 @@ from lidit_jax.text.features import LayerPool, pools_layers
 
 TEXT_TOKENS = ("batch", "text_length", "embed")
 FUSIONS = ("single", "concat", "collaborative")
+MODULATIONS = ("per_branch", "mean")  # text.collaborative.modulation
 zeros_init = nnx.initializers.zeros_init()
 
 
@@ -185,16 +188,17 @@ class CollaborativeBlock(nnx.Module):
                                 dtype=dtype, param_dtype=param_dtype, rngs=rngs)
             for _ in range(num_branches)])
 
-    def __call__(self, xs, masks, c):
-        """xs, masks: K x [batch, len_k, embed] / [batch, len_k] bool; c [batch, embed]."""
+    def __call__(self, xs, masks, cs):
+        """xs, masks: K x [batch, len_k, embed] / [batch, len_k] bool; cs: K x [batch, embed],
+        each branch's modulation condition."""
         if len(xs) == 1:
-            return [self.branches[0](xs[0], None, None, c)]
+            return [self.branches[0](xs[0], None, None, cs[0])]
         out = []
         for k, branch in enumerate(self.branches):
             others = [j for j in range(len(xs)) if j != k]
             context = jnp.concatenate([xs[j] for j in others], axis=1)
             context_mask = keep_one_key(jnp.concatenate([masks[j] for j in others], axis=1))
-            out.append(branch(xs[k], context, context_mask, c))
+            out.append(branch(xs[k], context, context_mask, cs[k]))
         return out
 
 
@@ -214,6 +218,9 @@ class TextConditioner(nnx.Module):
         if fusion == "single" and len(llm_widths) != 1:
             raise ValueError(f"text.fusion='single' needs exactly one LLM, got {len(llm_widths)}; "
                              "set text.fusion to 'concat' or 'collaborative'")
+        if text_config.collaborative.modulation not in MODULATIONS:
+            raise ValueError(f"text.collaborative.modulation="
+                             f"{text_config.collaborative.modulation!r}; known: {MODULATIONS}")
         kwargs = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.refiners = nnx.List([TokenRefiner(w, width, text_config.refiner, **kwargs)
                                   for w in llm_widths])
@@ -232,6 +239,7 @@ class TextConditioner(nnx.Module):
                              "widths given")
         self.layer_pools = nnx.Dict({str(k): LayerPool(llm_widths[k], param_dtype=param_dtype)
                                      for k in pooled})
+        self.per_branch_modulation = text_config.collaborative.modulation == "per_branch"
 
     def __call__(self, states, masks, prompt_masks, t_emb):
         """Refines, fuses and selects the text tokens the DiT cross-attends to.
@@ -258,8 +266,10 @@ class TextConditioner(nnx.Module):
               for r, s, m, p in zip(self.refiners, states, masks, pooled_k)]
         pooled = sum(pooled_k) / len(pooled_k)
         if self.collaborative is not None:
+            cs = ([t_emb + p for p in pooled_k] if self.per_branch_modulation
+                  else [t_emb + pooled] * len(xs))
             for block in self.collaborative:
-                xs = block(xs, masks, t_emb + pooled)
+                xs = block(xs, masks, cs)
 
         tokens, token_masks = [], []
         for x, mask, prompt_mask in zip(xs, masks, prompt_masks):

@@ -21,9 +21,11 @@ from lidit_jax import configuration, paths
 from lidit_jax.diffusion.dit import LIDiT
 from lidit_jax.diffusion.flops import train_step_flops
 from lidit_jax.diffusion.objectives import make_objective
+from lidit_jax.evaluate import during_training
 from lidit_jax.parallel import mesh as mesh_lib
 from lidit_jax.parallel import sharding
 from lidit_jax.train import checkpoint as checkpoint_lib
+from lidit_jax.train import init_from
 from lidit_jax.train import inputs as inputs_lib
 from lidit_jax.train import metrics as metrics_lib
 from lidit_jax.train import sampling
@@ -89,6 +91,10 @@ def run(config, workdir):
                                 rngs=nnx.Rngs(config.seed))
     graphdef, abstract_state = abstract_train_state(constructor, config, mesh)
     sampler = sampling.FixedPromptSampler(config, graphdef, objective, inputs, mesh)
+    # Shapes scores and a fixed-noise validation loss every eval.every steps (0: off); its
+    # prompts are encoded here too, before the LLMs are released.
+    evaluator = (during_training.TrainingEval(config, graphdef, objective, inputs)
+                 if config.eval.every else None)
     if inputs.cached is not None:
         inputs.release_encoders()
 
@@ -105,6 +111,8 @@ def run(config, workdir):
         logging.info("resumed from step %d", step)
     else:
         state = init_train_state(constructor, config, mesh, abstract_state)
+        if config.train.init_from:  # A new run from another run's weights (train.init_from).
+            state = init_from.initialize(state, graphdef, config, inputs.fingerprints())
     logging.info("trainable parameters: %d",
                  sum(x.size for x in jax.tree.leaves(state.params)))
     start_step = int(state.step)
@@ -153,6 +161,9 @@ def run(config, workdir):
                 progress.update(1)
                 if step % config.train.sample_every == 0 or last:
                     sampler.write(step, state.ema_params, writer, workdir / "samples")
+                    timer.skip()
+                if evaluator and (step % config.eval.every == 0 or last):
+                    evaluator.write(step, state.ema_params, writer)
                     timer.skip()
                 if step % config.checkpoint.every == 0 or last:
                     # No checkpoint past a non-finite step under nan_policy=stop.

@@ -1,0 +1,1 @@
+"""Prompt-following evaluation: the shapes scorer, probes, benchmark folders, the ablation."""

@@ -1,0 +1,44 @@
+"""The ablation runner end to end: two tiny arms x 2 seeds -> table, plots, sample grids."""
+import os
+
+import pytest
+
+from lidit_jax.evaluate import ablation
+
+
+def _tiny(tiny_llm):
+    return [f"text.llms.smollm2.path={tiny_llm}", "text.llms.smollm2.width=0",
+            "model.depth=1", "model.width=32", "model.heads=2", "text.refiner.heads=2",
+            "data.shapes_num_records=16", "train.steps=2", "train.batch_size=8",
+            "train.warmup_steps=0", "train.log_every=1", "eval.num_prompts=8",
+            "eval.batch_size=8", "diffusion.sample_steps=2",
+            "mesh.replicated_min_size=1099511627776"]
+
+
+def test_two_tiny_arms_two_seeds_write_table_plots_and_resume(tiny_llm, tmp_path):
+    workdir = str(tmp_path / "ablation")
+    failed = ablation.run_ablation(["baseline", "lidit"], 2, workdir, _tiny(tiny_llm))
+    assert failed == []
+    table = open(os.path.join(workdir, "ablation.md")).read()
+    for arm in ("baseline", "lidit"):
+        row = next(line for line in table.splitlines() if line.startswith(f"| {arm} |"))
+        assert row.split("|")[2].strip() == "2"  # Two seeds aggregated.
+        assert " ± " in row
+        assert open(os.path.join(workdir, "samples", f"{arm}.png"), "rb").read(4) == b"\x89PNG"
+    for plot in ("accuracy.png", "by_mention.png"):
+        assert open(os.path.join(workdir, plot), "rb").read(4) == b"\x89PNG"
+    assert "mention 1" in table
+    # Two text settings (instruction off / on), each cached once and shared by both seeds.
+    assert len(os.listdir(os.path.join(workdir, "text_cache"))) == 2
+    # Finished runs are skipped: a second call retrains and rescores nothing.
+    scores = os.path.join(workdir, "runs", "lidit", "seed1", "eval", "scores.json")
+    before = os.path.getmtime(scores)
+    assert ablation.run_ablation(["baseline", "lidit"], 2, workdir, _tiny(tiny_llm)) == []
+    assert os.path.getmtime(scores) == before
+
+
+def test_unknown_arm_and_override_are_refused_with_the_known_names(tmp_path):
+    with pytest.raises(ValueError, match="known arms: .*baseline"):
+        ablation.load_arm("configs/ablations", "basline")
+    with pytest.raises(ValueError, match="did you mean 'train.steps'"):
+        ablation.load_arm("configs/ablations", "baseline", ["train.setps=3"])
