@@ -113,7 +113,7 @@ def run_one(config, run_dir):
 
 @contextlib.contextmanager
 def llms_kept_loaded():
-    """Within it, each frozen LLM is read once per (path, dtype, mesh, rules) and shared.
+    """Within it, each frozen LLM is read once per (path, load options) and shared.
 
     Encoding, training (its fixed prompts) and evaluation each build PromptEncoders; reading
     and dequantising a GGUF took 30-50 s on the shared 2-core machine, three times per run
@@ -122,10 +122,10 @@ def llms_kept_loaded():
     from lidit_jax.text import encoder
     original, loaded = encoder.load_llm, {}
 
-    def load_once(path, dtype=None, mesh=None, rules=None):
-        key = (str(path), str(dtype), repr(mesh), repr(rules))
+    def load_once(path, **options):  # dtype, mesh, rules, attention: load_llm's keywords.
+        key = (str(path), *sorted((name, repr(value)) for name, value in options.items()))
         if key not in loaded:
-            loaded[key] = original(path, dtype=dtype, mesh=mesh, rules=rules)
+            loaded[key] = original(path, **options)
         return loaded[key]
     encoder.load_llm = load_once
     try:
