@@ -10,8 +10,6 @@ Two figures, each against a reference measured in the same process:
   2. photos: the pipeline over JPEG records (photo-like, 320x480 and 480x320, decoded, resized
      and center-cropped to 256 px) vs a bare loop doing the same with PIL and no Grain.
 """
-import argparse
-import json
 import os
 import tempfile
 import time
@@ -21,7 +19,8 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import numpy as np  # noqa: E402
 
 from benchmarks import train_step  # noqa: E402
-from benchmarks.timing import interleaved_seconds, load_average  # noqa: E402
+from benchmarks.timing import (  # noqa: E402
+    interleaved_seconds, load_average, smoke_and_repeats_main)
 from configs import common, demo_shapes  # noqa: E402
 from lidit_jax.data import images, pipeline, records  # noqa: E402
 
@@ -106,14 +105,5 @@ def run(smoke=False, repeats=3):
     return [dict(record, load_average=load) for record in out]
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--smoke", action="store_true", help="tiny shapes, one repeat")
-    parser.add_argument("--repeats", type=int, default=3)
-    args = parser.parse_args()
-    for record in run(args.smoke, args.repeats):
-        print(json.dumps(record))
-
-
 if __name__ == "__main__":
-    main()
+    smoke_and_repeats_main(__doc__, run, "tiny shapes, one repeat")

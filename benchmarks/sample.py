@@ -7,8 +7,6 @@ weights) draws a batch of 8 images (the demo's 4 prompts x 2) from 56-token text
 width 576, cond and uncond in one batch of 16 per step. The reference is this CPU's measured
 float32 matmul peak: the figure is the sampler's model FLOP/s (20 x 2 forwards) over it.
 """
-import argparse
-import json
 import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -17,7 +15,8 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from benchmarks.timing import interleaved_seconds, load_average  # noqa: E402
+from benchmarks.timing import (  # noqa: E402
+    interleaved_seconds, load_average, smoke_and_repeats_main)
 from configs import demo_shapes  # noqa: E402
 from lidit_jax.diffusion import flops as flops_lib  # noqa: E402
 from lidit_jax.diffusion.dit import LIDiT  # noqa: E402
@@ -77,14 +76,5 @@ def run(smoke=False, repeats=3):
     }]
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--smoke", action="store_true", help="tiny model, one repeat")
-    parser.add_argument("--repeats", type=int, default=3)
-    args = parser.parse_args()
-    for record in run(args.smoke, args.repeats):
-        print(json.dumps(record))
-
-
 if __name__ == "__main__":
-    main()
+    smoke_and_repeats_main(__doc__, run, "tiny model, one repeat")

@@ -27,3 +27,15 @@ def interleaved_seconds(contenders, repeats):
 def load_average():
     """The 1-minute load average (runnable processes), to report beside every measurement."""
     return os.getloadavg()[0]
+
+
+def smoke_and_repeats_main(doc, run, smoke_help):
+    """The command line of a benchmark whose `run(smoke, repeats)` yields JSON records."""
+    import argparse
+    import json
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--smoke", action="store_true", help=smoke_help)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    for record in run(args.smoke, args.repeats):
+        print(json.dumps(record))

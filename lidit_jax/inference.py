@@ -5,7 +5,7 @@ against the config's, as a training resume does. Only the EMA weights are restor
 """
 import dataclasses
 
-from absl import logging
+from absl import flags, logging
 from flax import nnx
 
 from lidit_jax import configuration, paths
@@ -44,3 +44,14 @@ def load_trained_run(config, workdir, mesh):
     step, state, _, _ = restored
     logging.info("using the EMA weights of step %d", step)
     return TrainedRun(step, graphdef, state["ema_params"], encoders, image_space)
+
+
+def apply_sampling_flags(config):
+    """--sampler / --sample_steps / --guidance_scale of the sample and eval modes, where given,
+    override config.diffusion."""
+    diffusion = config.diffusion
+    with diffusion.unlocked():
+        diffusion.sampler = flags.FLAGS.sampler or diffusion.sampler
+        diffusion.sample_steps = flags.FLAGS.sample_steps or diffusion.sample_steps
+        if flags.FLAGS.guidance_scale is not None:
+            diffusion.guidance_scale = flags.FLAGS.guidance_scale

@@ -15,7 +15,7 @@ from absl import flags
 
 from lidit_jax import paths
 from lidit_jax.diffusion.objectives import make_objective
-from lidit_jax.inference import load_trained_run
+from lidit_jax.inference import apply_sampling_flags, load_trained_run
 from lidit_jax.parallel import mesh as mesh_lib
 from lidit_jax.parallel import sharding
 from lidit_jax.text.encoder import as_text_inputs
@@ -47,12 +47,7 @@ def parse_size(text, default):
 
 def run(config, workdir):
     prompts = read_prompts()
-    diffusion = config.diffusion
-    with diffusion.unlocked():
-        diffusion.sampler = FLAGS.sampler or diffusion.sampler
-        diffusion.sample_steps = FLAGS.sample_steps or diffusion.sample_steps
-        if FLAGS.guidance_scale is not None:
-            diffusion.guidance_scale = FLAGS.guidance_scale
+    apply_sampling_flags(config)
     height, width = parse_size(FLAGS.size, config.data.image_size)
     mesh = mesh_lib.build_mesh(config.mesh)
     trained = load_trained_run(config, workdir, mesh)
@@ -67,7 +62,8 @@ def run(config, workdir):
         [jax.device_get(e.encode(texts)) for e in trained.encoders])
     shape = (len(repeated), height // image_space.downsample, width // image_space.downsample,
              image_space.channels)
-    generate = make_generate(trained.graphdef, make_objective(diffusion), shape, diffusion)
+    generate = make_generate(trained.graphdef, make_objective(config.diffusion), shape,
+                             config.diffusion)
     with jax.set_mesh(mesh), sharding.axis_rules(config.mesh.rules):
         latents = generate(trained.ema_params, jax.random.key(FLAGS.seed), encode(repeated),
                            encode([""]))

@@ -20,7 +20,7 @@ from absl import flags
 from lidit_jax.diffusion.objectives import make_objective
 from lidit_jax.evaluate import scorer
 from lidit_jax.evaluate.shapes_eval import ShapesEvaluator
-from lidit_jax.inference import load_trained_run
+from lidit_jax.inference import apply_sampling_flags, load_trained_run
 from lidit_jax.parallel import mesh as mesh_lib
 from lidit_jax.parallel import sharding
 from lidit_jax.text.encoder import as_text_inputs
@@ -29,16 +29,6 @@ from lidit_jax.train import metrics as metrics_lib
 NEEDS_WORKDIR = True
 FLAGS = flags.FLAGS
 BENCHMARKS = ("shapes", "geneval", "t2i_compbench", "dpg_bench")
-
-
-def apply_sampling_flags(config):
-    """--sampler / --sample_steps / --guidance_scale override config.diffusion."""
-    diffusion = config.diffusion
-    with diffusion.unlocked():
-        diffusion.sampler = FLAGS.sampler or diffusion.sampler
-        diffusion.sample_steps = FLAGS.sample_steps or diffusion.sample_steps
-        if FLAGS.guidance_scale is not None:
-            diffusion.guidance_scale = FLAGS.guidance_scale
 
 
 def encoder_fn(trained):
