@@ -152,7 +152,8 @@ def test_validation_loss_is_identical_across_calls(tiny_llm, tmp_path):
     config.text.refiner.heads = 2
     config.data.shapes_num_records, config.eval.val_records = 16, 4
     config.mesh.data, config.train.batch_size = 1, 4
-    mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]).reshape(1, 1, 1), mesh_lib.MESH_AXES)
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]).reshape(
+        (1,) * len(mesh_lib.MESH_AXES)), mesh_lib.MESH_AXES)
     inputs = TrainInputs(config, str(tmp_path), mesh)
     graphdef, params = nnx.split(LIDiT(config, inputs.llm_widths, inputs.channels,
                                        rngs=nnx.Rngs(0)))

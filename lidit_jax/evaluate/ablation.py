@@ -299,25 +299,26 @@ def summarise(workdir, arms, seeds):
     return results
 
 
-_ARMS = flags.DEFINE_list("arms", None, "Arms: config names in --configs_dir, in run order.")
-_SEEDS = flags.DEFINE_integer("seeds", 2, "Seeds per arm (0..seeds-1).")
-_WORKDIR = flags.DEFINE_string("workdir", None, "Where runs, caches and the summary go.")
-_RUN_SEEDS = flags.DEFINE_list("run_seeds", None, "Only these seeds (default: all); run one "
-                                "worker process per seed to use more cores.")
-_SET = flags.DEFINE_multi_string("set", [], "key=value config override for every arm.")
-_CONFIGS_DIR = flags.DEFINE_string("configs_dir", "configs/ablations", "Folder of arm configs.")
-
-
 def main(argv):
     del argv
-    if not _ARMS.value or not _WORKDIR.value:
+    f = flags.FLAGS
+    if not f.arms or not f.workdir:
         raise SystemExit("error: --arms=a,b,... and --workdir=DIR are required")
-    run_seeds = [int(s) for s in _RUN_SEEDS.value] if _RUN_SEEDS.value else None
-    failed = run_ablation(_ARMS.value, _SEEDS.value, _WORKDIR.value, _SET.value,
-                          _CONFIGS_DIR.value, run_seeds)
-    print(f"ablation={os.path.join(os.path.abspath(_WORKDIR.value), 'ablation.md')} "
+    run_seeds = [int(s) for s in f.run_seeds] if f.run_seeds else None
+    failed = run_ablation(f.arms, f.seeds, f.workdir, f.set, f.configs_dir, run_seeds)
+    print(f"ablation={os.path.join(os.path.abspath(f.workdir), 'ablation.md')} "
           f"failed={len(failed)}")
 
 
+if __name__ == "__main__":
+    # Defined here, not at import: lidit_jax.main defines --workdir too, and a process that
+    # imports both modules (tests, notebooks) must not see a duplicate flag.
+    flags.DEFINE_list("arms", None, "Arms: config names in --configs_dir, in run order.")
+    flags.DEFINE_integer("seeds", 2, "Seeds per arm (0..seeds-1).")
+    flags.DEFINE_string("workdir", None, "Where runs, caches and the summary go.")
+    flags.DEFINE_list("run_seeds", None, "Only these seeds (default: all); run one worker "
+                      "process per seed to use more cores.")
+    flags.DEFINE_multi_string("set", [], "key=value config override for every arm.")
+    flags.DEFINE_string("configs_dir", "configs/ablations", "Folder of arm configs.")
 if __name__ == "__main__":
     app.run(main)
