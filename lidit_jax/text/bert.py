@@ -15,12 +15,11 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from lidit_jax.nn.attention import dot_product_attention
 from lidit_jax.nn.layers import layer_norm
 from lidit_jax.parallel.sharding import constrain
-from lidit_jax.text.llm import dense
+from lidit_jax.text.llm import FrozenTextModel, dense
 
 SUPPORTED_HF_MODEL_TYPES = ("bert",)
 # Hugging Face hidden_act -> ours.
@@ -126,7 +125,7 @@ def parameter_sources(config):
     return sources
 
 
-class BertEncoder(nnx.Module):
+class BertEncoder(FrozenTextModel):
     """The encoder. Built under `nnx.eval_shape` and filled by `weights.load_llm`.
 
     Variables: embed [vocab, embed]; position_embed [positions, embed]; type_embed [types,
@@ -134,23 +133,14 @@ class BertEncoder(nnx.Module):
     """
 
     def __init__(self, config, dtype=jnp.float32, attention="xla"):
-        """attention: the `dot_product_attention` implementation (config.text.attention)."""
-        self.config = config
-        self.dtype = dtype
-        self.attention = attention
-
-        def param(shape, axes):
-            return nnx.Param(jnp.zeros(shape, dtype), out_sharding=axes)
-
+        super().__init__(config, dtype, attention)
         e = config.hidden_size
-        self.embed = param((config.vocab_size, e), ("vocab", "embed"))
-        self.position_embed = param((config.max_positions, e), (None, "embed"))
-        self.type_embed = param((config.type_vocab_size, e), (None, "embed"))
-        self.embed_norm = param((e,), ("norm",))
-        self.embed_norm_bias = param((e,), ("norm",))
-        self.layers = nnx.Dict({
-            name: param((config.num_layers, *shape), ("layers", *axes))
-            for name, (shape, axes) in _layer_params(config).items()})
+        self.embed = self.param((config.vocab_size, e), ("vocab", "embed"))
+        self.position_embed = self.param((config.max_positions, e), (None, "embed"))
+        self.type_embed = self.param((config.type_vocab_size, e), (None, "embed"))
+        self.embed_norm = self.param((e,), ("norm",))
+        self.embed_norm_bias = self.param((e,), ("norm",))
+        self.layers = self.stacked_layers(_layer_params(config))
 
     def __call__(self, input_ids, attention_mask):
         """input_ids, attention_mask [batch, len] -> (embeddings, stacked layer outputs, final).

@@ -295,7 +295,28 @@ def _layer_params(config, dtype):
     return params
 
 
-class DecoderLM(nnx.Module):
+class FrozenTextModel(nnx.Module):
+    """What the frozen text models (DecoderLM, bert.BertEncoder, t5.T5Encoder) share: built under
+    `nnx.eval_shape` from zero placeholders that `weights.load_llm` fills, every parameter with
+    its logical axes, per-layer weights stacked on a leading `layers` axis for `lax.scan`.
+    `attention` is the `dot_product_attention` implementation (config.text.attention).
+    """
+
+    def __init__(self, config, dtype, attention):
+        self.config = config
+        self.dtype = dtype
+        self.attention = attention
+
+    def param(self, shape, axes):
+        return nnx.Param(jnp.zeros(shape, self.dtype), out_sharding=axes)
+
+    def stacked_layers(self, layer_params):
+        """{name: (shape, axes)} of one layer -> nnx.Dict of [num_layers, *shape] parameters."""
+        return nnx.Dict({name: self.param((self.config.num_layers, *shape), ("layers", *axes))
+                         for name, (shape, axes) in layer_params.items()})
+
+
+class DecoderLM(FrozenTextModel):
     """The transformer. Built under `nnx.eval_shape` and filled by `weights.load_llm`.
 
     Variables: embed [vocab, embed]; final_norm [norm]; lm_head [embed, vocab] (untied only);
@@ -303,21 +324,12 @@ class DecoderLM(nnx.Module):
     """
 
     def __init__(self, config, dtype=jnp.float32, attention="xla"):
-        """attention: the `dot_product_attention` implementation (config.text.attention)."""
-        self.config = config
-        self.dtype = dtype
-        self.attention = attention
-
-        def param(shape, axes):
-            return nnx.Param(jnp.zeros(shape, dtype), out_sharding=axes)
-
-        self.embed = param((config.vocab_size, config.hidden_size), ("vocab", "embed"))
-        self.final_norm = param((config.hidden_size,), ("norm",))
+        super().__init__(config, dtype, attention)
+        self.embed = self.param((config.vocab_size, config.hidden_size), ("vocab", "embed"))
+        self.final_norm = self.param((config.hidden_size,), ("norm",))
         self.lm_head = (None if config.tie_word_embeddings else
-                        param((config.hidden_size, config.vocab_size), ("embed", "vocab")))
-        self.layers = nnx.Dict({
-            name: param((config.num_layers, *shape), ("layers", *axes))
-            for name, (shape, axes) in _layer_params(config, dtype).items()})
+                        self.param((config.hidden_size, config.vocab_size), ("embed", "vocab")))
+        self.layers = self.stacked_layers(_layer_params(config, dtype))
 
     def __call__(self, input_ids, attention_mask):
         """input_ids, attention_mask [batch, len] -> (embeddings, stacked layer outputs, final).

@@ -22,11 +22,10 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from lidit_jax.nn.attention import dot_product_attention
 from lidit_jax.parallel.sharding import constrain
-from lidit_jax.text.llm import dense, rms_norm
+from lidit_jax.text.llm import FrozenTextModel, dense, rms_norm
 
 SUPPORTED_HF_MODEL_TYPES = ("t5", "mt5", "umt5")
 ACTIVATION_NAMES = {"relu": "relu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh",
@@ -157,7 +156,7 @@ def parameter_sources(config):
 TENSOR_ALIASES = {"shared.weight": ("encoder.embed_tokens.weight",)}
 
 
-class T5Encoder(nnx.Module):
+class T5Encoder(FrozenTextModel):
     """The encoder. Built under `nnx.eval_shape` and filled by `weights.load_llm`.
 
     Variables: embed [vocab, embed]; final_norm [norm]; position_bias [buckets, heads] (T5, mT5)
@@ -165,21 +164,12 @@ class T5Encoder(nnx.Module):
     """
 
     def __init__(self, config, dtype=jnp.float32, attention="xla"):
-        """attention: the `dot_product_attention` implementation (config.text.attention)."""
-        self.config = config
-        self.dtype = dtype
-        self.attention = attention
-
-        def param(shape, axes):
-            return nnx.Param(jnp.zeros(shape, dtype), out_sharding=axes)
-
-        self.embed = param((config.vocab_size, config.hidden_size), ("vocab", "embed"))
-        self.final_norm = param((config.hidden_size,), ("norm",))
+        super().__init__(config, dtype, attention)
+        self.embed = self.param((config.vocab_size, config.hidden_size), ("vocab", "embed"))
+        self.final_norm = self.param((config.hidden_size,), ("norm",))
         self.position_bias = (None if config.per_layer_position_bias else
-                              param((config.num_buckets, config.num_heads), (None, "heads")))
-        self.layers = nnx.Dict({
-            name: param((config.num_layers, *shape), ("layers", *axes))
-            for name, (shape, axes) in _layer_params(config).items()})
+                              self.param((config.num_buckets, config.num_heads), (None, "heads")))
+        self.layers = self.stacked_layers(_layer_params(config))
 
     def __call__(self, input_ids, attention_mask):
         """input_ids, attention_mask [batch, len] -> (embeddings, stacked layer outputs, final).
