@@ -133,14 +133,15 @@ def _cost(compiled):
     return cost.get("flops", float("nan")), seconds if seconds >= 0 else float("nan")
 
 
-def loop_counted_cost(config, devices, compiled):
+def loop_counted_cost(config, devices, compiled=None):
     """(FLOPs per chip, estimated seconds) of one step with every loop counted.
 
-    Without scanned layers or micro-batches `compiled` is already loop-free; otherwise from two
-    unrolled twins (depth 1 and 2, one micro-batch of the same per-micro-batch size).
+    Without scanned layers or micro-batches `compiled` (the step's own executable) is already
+    loop-free; otherwise, or with compiled=None, from two unrolled twins (depth 1 and 2, one
+    micro-batch of the same per-micro-batch size): the speed without compiling the full step.
     """
     micro = config.train.microbatches
-    if not config.model.scan_layers and micro == 1:
+    if compiled is not None and not config.model.scan_layers and micro == 1:
         return _cost(compiled)
     costs = []
     for depth in (1, 2):
@@ -157,9 +158,15 @@ def loop_counted_cost(config, devices, compiled):
 
 def step_report(config, devices, compiled, state):
     """Everything `--mode=compile` prints, as a dict (bytes, FLOPs and seconds per chip)."""
-    kind = devices[0].device_kind
-    memory = memory_report(compiled, kind)
+    memory = memory_report(compiled, devices[0].device_kind)
     memory.update(state_bytes_per_chip(state))
+    return dict(memory, **speed_report(config, devices, compiled))
+
+
+def speed_report(config, devices, compiled=None):
+    """The step's loop-counted FLOPs, their check against the model count, the estimated
+    seconds and MFU per chip (compiled=None: from the twins alone, see loop_counted_cost)."""
+    kind = devices[0].device_kind
     flops, seconds = loop_counted_cost(config, devices, compiled)
     llm_widths = configuration.llm_widths_from_config(config)
     side = config.data.image_size // config.vae.downsample
@@ -176,7 +183,7 @@ def step_report(config, devices, compiled, state):
     else:
         why = "beyond 10 %: element-wise work, padding or recomputation the model count omits"
     mfu = model_flops / (seconds * peak) if peak and seconds == seconds else float("nan")
-    return dict(memory, kind=kind, chips=len(devices), compiler_flops=flops,
+    return dict(kind=kind, chips=len(devices), compiler_flops=flops,
                 model_flops=model_flops, flops_ratio=ratio, flops_check=why, seconds=seconds,
                 peak_flops=peak, est_mfu=mfu)
 

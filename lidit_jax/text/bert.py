@@ -19,7 +19,7 @@ import numpy as np
 from lidit_jax.nn.attention import dot_product_attention
 from lidit_jax.nn.layers import layer_norm
 from lidit_jax.parallel.sharding import constrain
-from lidit_jax.text.llm import FrozenTextModel, dense
+from lidit_jax.text.llm import FrozenTextModel, dense, transformer_layer_params
 
 SUPPORTED_HF_MODEL_TYPES = ("bert",)
 # Hugging Face hidden_act -> ours.
@@ -80,16 +80,14 @@ def affine_layer_norm(x, weight, bias, eps):
 
 
 def _layer_params(config):
-    """name -> (per-layer shape, logical axes) of one BERT layer's weights."""
+    """name -> (per-layer shape, logical axes) of one BERT layer's weights: the shared table
+    plus a bias for every projection and LayerNorm."""
     e, h, d, f = config.hidden_size, config.num_heads, config.head_dim, config.intermediate_size
-    params = {name: ((e, h, d), ("embed", "heads", "head_dim")) for name in ("q", "k", "v")}
+    params = transformer_layer_params(e, h, h, d, f, gated=False)
     params.update({f"{name}_bias": ((h, d), ("heads", "head_dim")) for name in ("q", "k", "v")})
-    params.update(
-        o=((h, d, e), ("heads", "head_dim", "embed")), o_bias=((e,), ("embed",)),
-        attn_norm=((e,), ("norm",)), attn_norm_bias=((e,), ("norm",)),
-        up=((e, f), ("embed", "mlp")), up_bias=((f,), ("mlp",)),
-        down=((f, e), ("mlp", "embed")), down_bias=((e,), ("embed",)),
-        mlp_norm=((e,), ("norm",)), mlp_norm_bias=((e,), ("norm",)))
+    params.update(o_bias=((e,), ("embed",)), attn_norm_bias=((e,), ("norm",)),
+                  up_bias=((f,), ("mlp",)), down_bias=((e,), ("embed",)),
+                  mlp_norm_bias=((e,), ("norm",)))
     return params
 
 

@@ -267,10 +267,10 @@ def apply_rope(x, cos, sin):
     return x * cos[:, :, None, :] + rotated * sin[:, :, None, :]
 
 
-def _layer_params(config, dtype):
-    """name -> (per-layer shape, logical axes) of one decoder layer's weights."""
-    e, h, kv, d, f = (config.hidden_size, config.num_heads, config.num_kv_heads, config.head_dim,
-                      config.intermediate_size)
+def transformer_layer_params(e, h, kv, d, f, *, gated):
+    """name -> (per-layer shape, logical axes) of what every family's layer has: the two
+    pre-norm scales, q/k/v/o projections (kv heads for k/v) and the MLP (gate only if `gated`).
+    e width, h heads, kv key/value heads, d head_dim, f MLP width."""
     params = {
         "attn_norm": ((e,), ("norm",)),
         "q": ((e, h, d), ("embed", "heads", "head_dim")),
@@ -278,10 +278,18 @@ def _layer_params(config, dtype):
         "v": ((e, kv, d), ("embed", "kv_heads", "head_dim")),
         "o": ((h, d, e), ("heads", "head_dim", "embed")),
         "mlp_norm": ((e,), ("norm",)),
-        "gate": ((e, f), ("embed", "mlp")),
         "up": ((e, f), ("embed", "mlp")),
         "down": ((f, e), ("mlp", "embed")),
     }
+    if gated:
+        params["gate"] = ((e, f), ("embed", "mlp"))
+    return params
+
+
+def _layer_params(config):
+    """name -> (per-layer shape, logical axes) of one decoder layer's weights."""
+    e, h, kv, d = config.hidden_size, config.num_heads, config.num_kv_heads, config.head_dim
+    params = transformer_layer_params(e, h, kv, d, config.intermediate_size, gated=True)
     if config.qkv_bias:
         params.update(q_bias=((h, d), ("heads", "head_dim")),
                       k_bias=((kv, d), ("kv_heads", "head_dim")),
@@ -329,7 +337,7 @@ class DecoderLM(FrozenTextModel):
         self.final_norm = self.param((config.hidden_size,), ("norm",))
         self.lm_head = (None if config.tie_word_embeddings else
                         self.param((config.hidden_size, config.vocab_size), ("embed", "vocab")))
-        self.layers = self.stacked_layers(_layer_params(config, dtype))
+        self.layers = self.stacked_layers(_layer_params(config))
 
     def __call__(self, input_ids, attention_mask):
         """input_ids, attention_mask [batch, len] -> (embeddings, stacked layer outputs, final).

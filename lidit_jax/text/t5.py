@@ -25,7 +25,7 @@ import numpy as np
 
 from lidit_jax.nn.attention import dot_product_attention
 from lidit_jax.parallel.sharding import constrain
-from lidit_jax.text.llm import FrozenTextModel, dense, rms_norm
+from lidit_jax.text.llm import FrozenTextModel, dense, rms_norm, transformer_layer_params
 
 SUPPORTED_HF_MODEL_TYPES = ("t5", "mt5", "umt5")
 ACTIVATION_NAMES = {"relu": "relu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh",
@@ -101,19 +101,9 @@ def relative_position_buckets(length, num_buckets, max_distance):
 
 def _layer_params(config):
     """name -> (per-layer shape, logical axes) of one encoder layer's weights."""
-    e, h, d, f = config.hidden_size, config.num_heads, config.head_dim, config.intermediate_size
-    params = {
-        "attn_norm": ((e,), ("norm",)),
-        "q": ((e, h, d), ("embed", "heads", "head_dim")),
-        "k": ((e, h, d), ("embed", "heads", "head_dim")),
-        "v": ((e, h, d), ("embed", "heads", "head_dim")),
-        "o": ((h, d, e), ("heads", "head_dim", "embed")),
-        "mlp_norm": ((e,), ("norm",)),
-        "up": ((e, f), ("embed", "mlp")),
-        "down": ((f, e), ("mlp", "embed")),
-    }
-    if config.gated:
-        params["gate"] = ((e, f), ("embed", "mlp"))
+    h = config.num_heads
+    params = transformer_layer_params(config.hidden_size, h, h, config.head_dim,
+                                      config.intermediate_size, gated=config.gated)
     if config.per_layer_position_bias:
         params["position_bias"] = ((config.num_buckets, h), (None, "heads"))
     return params
