@@ -30,34 +30,39 @@ from lidit_jax import aot  # noqa: E402
 # (config module, topology) -> list of (setting name, {dotted key: value}).
 SWEEP = {
     ("lidit_1b", "v5p:4x4x4"): [
-        ("fsdp8 x data8, dots_saveable, xla (config)", {}),
-        ("fsdp64, dots_saveable, xla", {"mesh.fsdp": 64}),
-        ("fsdp8 x data8, remat none, xla", {"model.remat": "none"}),
+        ("fsdp8 x data8, remat none, xla (config)", {}),
+        ("fsdp8 x data8, dots_saveable, xla", {"model.remat": "dots_saveable"}),
         ("fsdp8 x data8, remat full, xla", {"model.remat": "full"}),
-        ("fsdp16 x data4, dots_saveable, xla", {"mesh.fsdp": 16}),
-        ("fsdp8 x data4 x tensor2, dots_saveable", {"mesh.tensor": 2}),
-        ("fsdp8 x data8, dots_saveable, splash 256/256",
-         {"model.attention": "splash", "model.splash_block_q": 256,
-          "model.splash_block_kv": 256}),
-        ("batch 4096 (64/chip), fsdp8 x data8, dots_saveable", {"train.batch_size": 4096}),
+        ("fsdp64, remat none, xla", {"mesh.fsdp": 64}),
+        ("fsdp2 x data32, remat none, xla", {"mesh.fsdp": 2}),
+        ("data64 (no FSDP), remat none, xla", {"mesh.fsdp": 1, "mesh.check_replicated": False}),
+        ("fsdp8 x data4 x tensor2, remat none", {"mesh.tensor": 2}),
+        ("batch 4096 (64/chip), fsdp8 x data8, remat none", {"train.batch_size": 4096}),
+        ("batch 4096 (64/chip), fsdp8 x data8, dots_saveable",
+         {"train.batch_size": 4096, "model.remat": "dots_saveable"}),
     ],
     ("lidit_1b", "v6e:8x8"): [
-        ("fsdp8 x data8, dots_saveable, xla (config)", {}),
-        ("fsdp8 x data8, remat full, xla", {"model.remat": "full"}),
+        ("fsdp8 x data8, remat none, xla (config)", {}),
+        ("fsdp8 x data8, dots_saveable, xla", {"model.remat": "dots_saveable"}),
     ],
     ("lidit_10b", "v5p:8x8x8"): [
-        ("512px fsdp64 x data8, full remat (config)", {}),
-        ("512px fsdp64 x data8, dots_saveable", {"model.remat": "dots_saveable"}),
+        ("512px fsdp64 x data8, full remat, auto = splash (config)", {}),
+        ("512px fsdp64 x data8, full remat, xla", {"model.attention": "xla"}),
+        ("512px fsdp64 x data8, dots_saveable, xla",
+         {"model.remat": "dots_saveable", "model.attention": "xla"}),
         ("1024px fsdp64 x data8, full remat, splash",
          {"data.image_size": 1024, "data.buckets": "1024x1024", "model.attention": "splash"}),
+        ("1024px fsdp64 x data8, full remat, xla",
+         {"data.image_size": 1024, "data.buckets": "1024x1024", "model.attention": "xla"}),
         ("1024px fsdp64 x data4 x context2 ulysses, full remat, splash",
          {"data.image_size": 1024, "data.buckets": "1024x1024", "model.attention": "splash",
           "mesh.context": 2, "model.context_parallel": "ulysses"}),
     ],
     ("lidit_10b", "v6e:16x16"): [
-        ("512px fsdp64 x data4, full remat (config)", {}),
-        ("1024px fsdp64 x data4, full remat, splash",
-         {"data.image_size": 1024, "data.buckets": "1024x1024", "model.attention": "splash"}),
+        ("512px fsdp64 x data4, full remat, auto = splash (config)", {}),
+        ("512px fsdp64 x data4, full remat, xla", {"model.attention": "xla"}),
+        ("1024px fsdp64 x data4, full remat, xla",
+         {"data.image_size": 1024, "data.buckets": "1024x1024", "model.attention": "xla"}),
     ],
 }
 
@@ -99,7 +104,8 @@ def row(name, topology, setting, report, seconds):
               if "per_chip_bytes" in report else "not compiled (speed only) | -")
     return (f"| {name} | {topology} | {setting} | {memory} | {report['compiler_flops']:.3g} | "
             f"{report['flops_ratio']:.3f} | {report['seconds']:.3f} | "
-            f"{100 * report['est_mfu']:.1f} % | {seconds:.0f} |\n")
+            f"{100 * report['est_mfu']:.1f} %{'' if report['attention_counted'] else ' *'} | "
+            f"{seconds:.0f} |\n")
 
 
 def main():
