@@ -49,3 +49,16 @@ def test_mfu_memory_and_last_line(report, capsys):
     last = capsys.readouterr().out.strip().splitlines()[-1]
     assert last.startswith("fits=True hbm_per_chip_gib=")
     assert float(last.split("est_mfu=")[1]) == pytest.approx(result["est_mfu"], abs=1e-4)
+
+
+def test_self_attention_kernel_follows_auto_on_the_topology():
+    # On the v5e devices libtpu describes, `auto` keeps XLA below 1024 image tokens and picks
+    # splash from 1024 (512 px with an 8x VAE and patch 2), the kernel the cost model cannot see.
+    config = small_config()
+    device = aot.topology_devices(config.aot.topology)[0]
+    config.model.attention = "auto"
+    assert aot.self_attention_kernel(config, device) == "xla"  # 256 tokens
+    config.data.image_size, config.vae.downsample, config.model.patch_size = 512, 8, 2
+    assert aot.self_attention_kernel(config, device) == "splash"
+    config.model.attention = "xla"
+    assert aot.self_attention_kernel(config, device) == "xla"
