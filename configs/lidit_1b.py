@@ -39,8 +39,9 @@ def get_config(arg=None):
     c.model.width = 1152
     c.model.heads = 16
     c.model.patch_size = 2
-    # No remat: est. 0.234 s/step, 39.0 % MFU, 61.1 of 95 GiB per chip on v5p 4x4x4, against
-    # 0.271 s, 33.7 %, 27.2 GiB with dots_saveable (benchmarks/tpu_estimates.md, 2026-11-29).
+    # No remat, FSDP over 32 chips: est. 0.214 s/step, 42.8 % MFU, 59.3 of 95 GiB per chip
+    # on v5p 4x4x4, against 39.0 % with fsdp 8 and 33.7 % with dots_saveable; fsdp 1-64 all
+    # measured (benchmarks/tpu_estimates.md, 2026-11-30).
     c.model.remat = "none"
 
     # Epsilon prediction as in DiT, whose schedule is the linear one (DDPM's 1e-4..0.02); the
@@ -66,5 +67,5 @@ def get_config(arg=None):
     c.checkpoint.keep_period = 50_000
 
     c.mesh.data = -1
-    c.mesh.fsdp = 8
+    c.mesh.fsdp = 32
     return c

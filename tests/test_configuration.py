@@ -9,7 +9,8 @@ from lidit_jax.configuration import ConfigError, validate
 def test_shipped_configs_validate():
     validate(common.get_config(), num_devices=8)
     validate(lidit_1b.get_config(), num_devices=256)
-    validate(lidit_1b.get_config("offline"), num_devices=8)
+    validate(lidit_1b.get_config("offline"), num_devices=32)  # fsdp 32: a v5p-64 at least
+    validate(lidit_10b.get_config("1024"), num_devices=512)
     validate(lidit_10b.get_config(), num_devices=1024)
 
 
