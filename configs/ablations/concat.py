@@ -1,10 +1,10 @@
-"""Ablation arm: two LLMs fused by concatenation (token refiners, no collaborative block)."""
-from configs.ablations import lidit
+"""Ablation arm: the `collaborative` arm's two LLMs fused by concatenation instead (token
+refiners, no collaborative block): the paper's concat vs collaborative comparison."""
+from configs.ablations import collaborative
 
 
 def get_config(arg=None):
     del arg
-    c = lidit.get_config()
-    c.text.encoders = "smollm2,gemma3"
+    c = collaborative.get_config()
     c.text.fusion = "concat"
     return c
