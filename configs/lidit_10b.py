@@ -27,7 +27,8 @@ def get_config(arg=None):
     # dots_saveable at 512 px, on v5p 8x8x8: 72.9 of 95 GiB per chip (13.5 with full remat), and
     # est. 41.8 % MFU (38.7 % with full remat) timed with XLA attention, the one the cost model
     # sees whole; `auto` runs splash, assumed no slower (benchmarks/tpu_estimates.md,
-    # 2026-11-30). The 1024 px stage needs full remat (below).
+    # 2026-11-30). The 1024 px stage needs full remat (below), and so does v6e 16x16 (32 GiB
+    # chips, 16 images each): dots_saveable 139 GiB, full remat 22.2 GiB per chip.
     c.model.remat = "dots_saveable"
     c.text.refiner.heads = 22
     c.text.collaborative.heads = 22
