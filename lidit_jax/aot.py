@@ -191,7 +191,7 @@ def speed_report(config, devices, compiled=None):
     attention_counted = self_attention_kernel(config, devices[0]) != "splash"
     if not attention_counted:
         why = ("splash attention is a Mosaic custom call whose FLOPs the cost model does not "
-               "count, nor (fully) its time: est_mfu is optimistic; "
+               "count, so its step time may leave the kernel out: est_mfu is optimistic; "
                "--config.model.attention=xla counts everything")
     elif abs(ratio - 1) <= FLOPS_TOLERANCE:
         why = "ok"

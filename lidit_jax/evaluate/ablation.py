@@ -320,5 +320,4 @@ if __name__ == "__main__":
                       "process per seed to use more cores.")
     flags.DEFINE_multi_string("set", [], "key=value config override for every arm.")
     flags.DEFINE_string("configs_dir", "configs/ablations", "Folder of arm configs.")
-if __name__ == "__main__":
     app.run(main)
