@@ -107,7 +107,7 @@ def row(name, topology, setting, report, seconds):
               if "per_chip_bytes" in report else "not compiled (speed only) | -")
     return (f"| {name} | {topology} | {setting} | {memory} | {report['compiler_flops']:.3g} | "
             f"{report['flops_ratio']:.3f} | {report['seconds']:.3f} | "
-            f"{100 * report['est_mfu']:.1f} %{'' if report['attention_counted'] else ' *'} | "
+            f"{100 * report['est_mfu']:.1f} %{' *' if report['splash_flops'] else ''} | "
             f"{seconds:.0f} |\n")
 
 

@@ -135,6 +135,7 @@ def get_config(arg=None):
     c.model.qk_norm = True
     c.model.dtype = "bfloat16"  # Compute dtype; parameters stay in param_dtype.
     c.model.param_dtype = "float32"
+    c.model.residual_dtype = "float32"  # The DiT's residual stream: float32 | bfloat16.
     c.model.scan_layers = True
     c.model.remat = "none"  # none | full | dots_saveable
     # Attention kernel of the DiT: auto | xla | cudnn | splash (the refiners' short text: auto).

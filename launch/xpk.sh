@@ -8,9 +8,9 @@
 # xpk layers this checkout onto the pinned base image, starts one pod per TPU host (JobSet) and
 # runs the command in each; JAX finds its peers from the pod environment GKE sets
 # (TPU_WORKER_HOSTNAMES, MEGASCALE_*; lidit_jax.parallel.mesh.initialize_distributed).
-# LIBTPU_INIT_ARGS carries the XLA TPU flags that overlap FSDP collectives with compute for the
-# generation (the async-collective-fusion presets MaxText uses); with N > 1 slices,
-# --config.mesh.dcn_data=N is added unless the arguments set a dcn axis.
+# The trainer compiles with the generation's XLA TPU flags itself (lidit_jax/parallel/tpu_flags.py),
+# whichever launcher starts it. With N > 1 slices, --config.mesh.dcn_data=N is added unless the
+# arguments set a dcn axis.
 # --dry-run prints the xpk command instead of running it and exits 0.
 set -euo pipefail
 
@@ -52,24 +52,11 @@ done
 [ -n "$WORKDIR" ] || { echo "error: --workdir=gs://BUCKET/run is required" >&2; exit 2; }
 [ "${#MAIN_ARGS[@]}" -gt 0 ] || { echo "error: give the trainer's flags after --" >&2; exit 2; }
 
-# XLA TPU flags per generation: async collective fusion lets the FSDP all-gathers and
-# reduce-scatters run under the matmuls; v6e also gets a larger scoped VMEM for its bigger MXUs.
-ASYNC="--xla_tpu_enable_async_collective_fusion=true \
---xla_tpu_enable_async_collective_fusion_fuse_all_gather=true \
---xla_tpu_enable_async_collective_fusion_multiple_steps=true \
---xla_tpu_overlap_compute_collective_tc=true --xla_enable_async_all_gather=true"
-case "$TYPE" in
-  v4-*|v5p-*) LIBTPU_ARGS="$ASYNC" ;;
-  v5litepod-*|v5e-*) LIBTPU_ARGS="$ASYNC --xla_tpu_enable_data_parallel_all_reduce_opt=true" ;;
-  v6e-*) LIBTPU_ARGS="$ASYNC --xla_tpu_scoped_vmem_limit_kib=98304" ;;
-  *) echo "error: no LIBTPU_INIT_ARGS preset for --type=$TYPE (v4, v5e, v5p, v6e)" >&2; exit 2 ;;
-esac
-
 if [ "$NUM_SLICES" -gt 1 ] && ! printf '%s\n' "${MAIN_ARGS[@]}" | grep -q '^--config.mesh.dcn_'; then
   MAIN_ARGS+=("--config.mesh.dcn_data=$NUM_SLICES")
 fi
 main="python3 -m lidit_jax.main $(printf '%q ' "--workdir=$WORKDIR" "${MAIN_ARGS[@]}" | sed 's/ $//')"
-command="pip install -q -e \".[tpu]\" && bash scripts/install_models.sh && LIBTPU_INIT_ARGS=\"$LIBTPU_ARGS\" $main"
+command="pip install -q -e \".[tpu]\" && bash scripts/install_models.sh && $main"
 
 xpk=(xpk workload create --cluster="$CLUSTER" --workload="$WORKLOAD" --tpu-type="$TYPE"
      --num-slices="$NUM_SLICES" --base-docker-image="$IMAGE" --script-dir=.

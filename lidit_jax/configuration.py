@@ -22,6 +22,7 @@ CHOICES = {
     "model.context_parallel": ("none", "ulysses", "ring"),
     "model.dtype": ("float32", "bfloat16", "float16"),
     "model.param_dtype": ("float32", "bfloat16"),
+    "model.residual_dtype": ("float32", "bfloat16"),
     "diffusion.objective": ("epsilon", "v", "flow"),
     "diffusion.schedule": ("linear", "scaled_linear", "cosine"),
     "diffusion.sampler": ("ddim", "dpm++2m", "euler", "heun"),

@@ -1,8 +1,12 @@
 """The --mode=compile report for a TPU v5e 2x2 slice (libtpu on this CPU host, no TPU)."""
+import jax
+import jax.numpy as jnp
+import numpy as np
 import pytest
 
-from configs import demo_shapes
+from configs import demo_shapes, lidit_10b
 from lidit_jax import aot
+from lidit_jax.nn.attention import dot_product_attention
 
 # Three TPU compiles of the demo step (scanned, and the depth-1 and depth-2 twins): ~1 min on 2
 # idle cores, 21 min on 2 cores shared by six sessions.
@@ -62,3 +66,33 @@ def test_self_attention_kernel_follows_auto_on_the_topology():
     assert aot.self_attention_kernel(config, device) == "splash"
     config.model.attention = "xla"
     assert aot.self_attention_kernel(config, device) == "xla"
+
+
+def test_splash_matmul_count_matches_the_kernel():
+    # The interpret-mode lowering runs the kernels' own code as XLA ops, one loop iteration per
+    # grid point. One tile and two heads: each kernel's body is one head's work, and XLA's cost
+    # analysis counts a loop body once, so the FLOPs are one head's matmuls. (With one head the
+    # loops vanish and XLA merges the QK^T that the dq and dkv kernels each recompute, which
+    # the TPU, running them as two Mosaic calls, cannot.)
+    n, head_dim = 128, 128
+    rng = np.random.default_rng(0)
+    q, k, v = (jnp.asarray(rng.standard_normal((1, n, 2, head_dim)), jnp.float32)
+               for _ in range(3))
+
+    def loss(q, k, v):
+        return jnp.sum(dot_product_attention(q, k, v, implementation="splash") ** 2)
+
+    cost = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(q, k, v).compile().cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    matmuls = cost["flops"] / (2 * n * n * head_dim)
+    expected = aot.SPLASH_FORWARD_MATMULS + aot.SPLASH_BACKWARD_MATMULS
+    assert expected <= matmuls <= 1.03 * expected  # Plus the softmax's element-wise FLOPs.
+
+
+def test_splash_flops_of_the_1024px_stage():
+    # LI-DiT-10B at 1024 px: 4096 image tokens, full remat (forward twice), on 512 chips.
+    config = lidit_10b.get_config("1024")
+    assert config.model.remat == "full"
+    per_example = 48 * (2 * 2 + 7) * 2 * 4096**2 * 2816
+    assert aot.splash_flops_per_chip(config, 512) == pytest.approx(
+        config.train.batch_size * per_example / 512)

@@ -162,6 +162,14 @@ def _round_up(n, multiple):
     return -(-n // multiple) * multiple
 
 
+def splash_tiles(q_len, kv_len, block_sizes):
+    """((block_q, block_kv), (q_pad, kv_pad)): the tiles splash runs (no larger than the
+    lane-rounded sequence) and the sequence lengths padded to whole tiles."""
+    block_q = min(block_sizes[0], _round_up(q_len, _LANE))
+    block_kv = min(block_sizes[1], _round_up(kv_len, _LANE))
+    return (block_q, block_kv), (_round_up(q_len, block_q), _round_up(kv_len, block_kv))
+
+
 def _splash_sharded(query, key, value, key_mask, causal, sliding_window, scale, block_sizes):
     """Splash attention inside shard_map over the mesh's batch and head axes (from the rules).
 
@@ -214,9 +222,7 @@ def _splash_local(query, key, value, key_mask, sliding_window, *, causal, scale,
     """
     batch, q_len, heads, head_dim = query.shape
     kv_len, kv_heads = key.shape[1], key.shape[2]
-    block_q = min(block_sizes[0], _round_up(q_len, _LANE))
-    block_kv = min(block_sizes[1], _round_up(kv_len, _LANE))
-    q_pad, kv_pad = _round_up(q_len, block_q), _round_up(kv_len, block_kv)
+    (block_q, block_kv), (q_pad, kv_pad) = splash_tiles(q_len, kv_len, block_sizes)
     blocks = splash.BlockSizes(
         block_q=block_q, block_kv=block_kv, block_kv_compute=block_kv,
         block_q_dkv=block_q, block_kv_dkv=block_kv, block_kv_dkv_compute=block_kv,

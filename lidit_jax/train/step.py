@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from lidit_jax.parallel import tpu_flags
 from lidit_jax.parallel.sharding import constrain
 from lidit_jax.train.state import TrainState, learning_rate_schedule, make_optimizer
 
@@ -112,7 +113,10 @@ def timestep_bucket_losses(losses, model_t, max_time=1000.0):
 
 
 def jit_train_step(step_fn, state_shardings, batch_shardings, mesh):
-    """jit with explicit shardings and the state donated (updated in place on device)."""
+    """jit with explicit shardings, the state donated (updated in place on device), and on TPU
+    the generation's compiler flags (`parallel.tpu_flags`): the trainer and `--mode=compile`
+    compile the same program."""
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     return jax.jit(step_fn, in_shardings=(state_shardings, batch_shardings),
-                   out_shardings=(state_shardings, replicated), donate_argnums=(0,))
+                   out_shardings=(state_shardings, replicated), donate_argnums=(0,),
+                   compiler_options=tpu_flags.compiler_options(mesh.devices.flat[0]))

@@ -1,0 +1,25 @@
+"""Each TPU generation's compiler flags compile the train step (libtpu on this CPU host)."""
+import jax
+import pytest
+
+from lidit_jax import aot
+from lidit_jax.parallel import tpu_flags
+from test_aot import small_config
+
+
+def test_no_tpu_flags_off_tpu():
+    assert tpu_flags.compiler_options(jax.devices("cpu")[0]) is None
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("topology", ["v4:2x2x1", "v5p:2x2x1", "v6e:2x2"])  # v5e: test_aot.
+def test_generation_flags_compile_the_step(topology):
+    # libtpu validates the flags as it compiles: all-gather continuation fusion (v5e's set) is
+    # refused on v5p and v6e with FAILED_PRECONDITION, so a wrong preset fails here, not on a pod.
+    config = small_config()
+    config.mesh.data = -1  # libtpu describes v4 2x2x1 as 8 devices (megacore), the others as 4.
+    devices = aot.topology_devices(topology)
+    options = tpu_flags.compiler_options(devices[0])
+    assert options and options["xla_tpu_enable_async_collective_fusion"]
+    compiled, _ = aot.compile_train_step(config, devices)
+    assert aot.memory_report(compiled, devices[0].device_kind)["fits"]
