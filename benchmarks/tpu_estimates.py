@@ -31,7 +31,9 @@ from lidit_jax import aot  # noqa: E402
 _1024 = {"data.image_size": 1024, "data.buckets": "1024x1024", "model.remat": "full"}
 SWEEP = {
     ("lidit_1b", "v5p:4x4x4"): [
-        ("fsdp32 x data2, remat none, xla (config)", {}),
+        ("fsdp32 x data2, remat none, bf16 residual, xla (config)", {}),
+        ("fsdp32 x data2, remat none, float32 residual, xla",
+         {"model.residual_dtype": "float32"}),
         ("fsdp16 x data4, remat none, xla", {"mesh.fsdp": 16}),
         ("fsdp8 x data8, remat none, xla", {"mesh.fsdp": 8}),
         ("fsdp8 x data8, dots_saveable, xla", {"mesh.fsdp": 8, "model.remat": "dots_saveable"}),

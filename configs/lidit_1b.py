@@ -39,10 +39,11 @@ def get_config(arg=None):
     c.model.width = 1152
     c.model.heads = 16
     c.model.patch_size = 2
-    # No remat, FSDP over 32 chips: est. 0.214 s/step, 42.8 % MFU, 59.3 of 95 GiB per chip
-    # on v5p 4x4x4, against 39.0 % with fsdp 8 and 33.7 % with dots_saveable; fsdp 1-64 all
-    # measured (benchmarks/tpu_estimates.md, 2026-11-30).
+    # No remat, FSDP over 32 chips, a bf16 residual stream: est. 0.207 s/step, 44.0 % MFU, 59.2
+    # of 95 GiB per chip on v5p 4x4x4, against 42.8 % with a float32 stream, 39.0 % with fsdp 8
+    # and 33.7 % with dots_saveable; fsdp 1-64 all measured (benchmarks/tpu_estimates.md).
     c.model.remat = "none"
+    c.model.residual_dtype = "bfloat16"
 
     # Epsilon prediction as in DiT, whose schedule is the linear one (DDPM's 1e-4..0.02); the
     # paper does not name its schedule.

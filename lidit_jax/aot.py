@@ -55,7 +55,9 @@ BF16_PEAK_FLOPS_PER_CHIP = {
     "TPU v5": 459e12,
     "TPU v6 lite": 918e12,
 }
-# Matmuls of one splash attention call, forward and backward (`splash_flops_per_chip`;
+# Systolic array width of the chip's MXUs: a matmul axis shorter than it still takes a full pass.
+MXU_WIDTH = {"TPU v4": 128, "TPU v5 lite": 128, "TPU v5p": 128, "TPU v5": 128, "TPU v6 lite": 256}
+# Matmuls of one splash attention call, forward and backward (`splash_cost_per_chip`;
 # tests/test_aot.py counts them in the kernel's interpret-mode lowering).
 SPLASH_FORWARD_MATMULS = 2
 SPLASH_BACKWARD_MATMULS = 7
@@ -168,33 +170,49 @@ def step_report(config, devices, compiled, state):
     return dict(memory, **speed_report(config, devices, compiled))
 
 
-def self_attention_kernel(config, device):
-    """The kernel the DiT's self-attention runs on `device` for the config's image size."""
-    if config.model.attention != "auto":
-        return config.model.attention
-    tokens = (config.data.image_size // config.vae.downsample // config.model.patch_size) ** 2
-    return select_implementation(tokens, tokens, config.model.width // config.model.heads,
-                                 config.model.dtype, device.platform, device.device_kind)
+def dit_attention_kernels(config, device):
+    """[(kernel, q_len, kv_len)] of the DiT's self-attention and cross-attention on `device`:
+    what `model.attention` resolves to for the config's image tokens and text tokens (all
+    branches, as `diffusion.flops` counts them)."""
+    m = config.model
+    tokens = (config.data.image_size // config.vae.downsample // m.patch_size) ** 2
+    text = config.text.max_length * len(configuration.llm_widths_from_config(config))
+    calls = []
+    for q_len, kv_len in ((tokens, tokens), (tokens, text)):
+        kernel = m.attention if m.attention != "auto" else select_implementation(
+            q_len, kv_len, m.width // m.heads, m.dtype, device.platform, device.device_kind)
+        calls.append((kernel, q_len, kv_len))
+    return calls
 
 
-def splash_flops_per_chip(config, chips):
-    """FLOPs per chip of the step's splash kernels, which XLA's cost model does not see.
+def splash_cost_per_chip(config, device, chips):
+    """(FLOPs, seconds) per chip of the step's splash kernels, which XLA's cost model does not
+    see; seconds at the roofline, the cost model's own rule for every matmul.
 
     A Pallas kernel reaches XLA as an opaque Mosaic custom call: no FLOPs, no time (LI-DiT-10B,
     full remat: the compiler's count is 1.26 of the model's at 512 px and 1.08 at 1024 px where
     about 4/3 is due). Counted from the kernels' matmuls instead, each 2 N_q N_kv d FLOPs over
     the tile-padded lengths (d = width, all heads): 2 forward (QK^T, PV), 7 backward (the dq
     kernel: QK^T, dO V^T, dS K; the dkv kernel: QK^T, dO V^T, P^T dO, dS^T Q), and the forward
-    again under remat. Only the DiT's self-attention runs splash under `auto` (text is shorter
-    than nn.attention.AUTO_MIN_SEQ_LEN).
+    again under remat, for each of the DiT's attentions that runs splash on `device`. (The
+    text refiners' `auto` keeps XLA: text is shorter than nn.attention.AUTO_MIN_SEQ_LEN.) The
+    time is those matmuls at the chip's bf16 peak with each head padded to the MXU's width:
+    every matmul of the kernel has head_dim as its contraction or output axis, so a head of 64
+    on a 128-wide MXU takes as long as one of 128.
     """
     m = config.model
-    tokens = (config.data.image_size // config.vae.downsample // m.patch_size) ** 2
-    _, (q_pad, kv_pad) = splash_tiles(tokens, tokens, (m.splash_block_q, m.splash_block_kv))
+    head_dim = m.width // m.heads
+    mxu_head_dim = -(-head_dim // _by_kind(MXU_WIDTH, device.device_kind)) * _by_kind(
+        MXU_WIDTH, device.device_kind)
     forward = SPLASH_FORWARD_MATMULS * (1 if m.remat == "none" else 2)
-    matmuls = forward + SPLASH_BACKWARD_MATMULS
-    per_example = m.depth * matmuls * 2 * q_pad * kv_pad * m.width
-    return config.train.batch_size * per_example / chips
+    per_example = 0
+    for kernel, q_len, kv_len in dit_attention_kernels(config, device):
+        if kernel == "splash":
+            _, (q_pad, kv_pad) = splash_tiles(q_len, kv_len, (m.splash_block_q, m.splash_block_kv))
+            per_example += (forward + SPLASH_BACKWARD_MATMULS) * 2 * q_pad * kv_pad * m.width
+    flops = config.train.batch_size * m.depth * per_example / chips
+    return flops, flops * mxu_head_dim / head_dim / _by_kind(BF16_PEAK_FLOPS_PER_CHIP,
+                                                              device.device_kind)
 
 
 def speed_report(config, devices, compiled=None):
@@ -202,7 +220,7 @@ def speed_report(config, devices, compiled=None):
     seconds and MFU per chip (compiled=None: from the twins alone, see loop_counted_cost).
 
     Splash kernels, opaque to the cost model, are added at the roofline, the cost model's own
-    rule for every matmul: their FLOPs (`splash_flops_per_chip`) at the chip's bf16 peak.
+    rule for every matmul (`splash_cost_per_chip`).
     """
     kind = devices[0].device_kind
     flops, seconds = loop_counted_cost(config, devices, compiled)
@@ -213,14 +231,12 @@ def speed_report(config, devices, compiled=None):
         text_lengths=[config.text.max_length] * len(llm_widths),
         in_channels=config.vae.latent_channels) / len(devices)
     peak = _by_kind(BF16_PEAK_FLOPS_PER_CHIP, kind)
-    splash_flops = (splash_flops_per_chip(config, len(devices))
-                    if self_attention_kernel(config, devices[0]) == "splash" else 0.0)
-    splash_seconds = splash_flops / peak if peak else float("nan")
+    splash_flops, splash_seconds = splash_cost_per_chip(config, devices[0], len(devices))
     flops, seconds = flops + splash_flops, seconds + splash_seconds
     ratio = flops / model_flops
     if splash_flops:
-        why = ("splash kernels counted from their matmuls at the bf16 peak (the cost model "
-               "cannot see them); their backward recomputes the logits, so above the model")
+        why = ("splash kernels counted from their matmuls at the bf16 peak, heads padded to the "
+               "MXU (the cost model cannot see them); their backward recomputes the logits")
     elif abs(ratio - 1) <= FLOPS_TOLERANCE:
         why = "ok"
     elif config.model.remat == "full" and ratio > 1:

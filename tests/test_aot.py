@@ -55,17 +55,28 @@ def test_mfu_memory_and_last_line(report, capsys):
     assert float(last.split("est_mfu=")[1]) == pytest.approx(result["est_mfu"], abs=1e-4)
 
 
-def test_self_attention_kernel_follows_auto_on_the_topology():
+def test_dit_attention_kernels_follow_auto_on_the_topology():
     # On the v5e devices libtpu describes, `auto` keeps XLA below 1024 image tokens and picks
-    # splash from 1024 (512 px with an 8x VAE and patch 2), the kernel the cost model cannot see.
+    # splash from 1024 (512 px with an 8x VAE and patch 2), the kernel the cost model cannot
+    # see; the cross-attention to 56 text tokens stays XLA.
     config = small_config()
     device = aot.topology_devices(config.aot.topology)[0]
     config.model.attention = "auto"
-    assert aot.self_attention_kernel(config, device) == "xla"  # 256 tokens
+    kernels = lambda: [k for k, _, _ in aot.dit_attention_kernels(config, device)]  # noqa: E731
+    assert kernels() == ["xla", "xla"]  # 256 image tokens
+    assert aot.splash_cost_per_chip(config, device, 4) == (0, 0)
     config.data.image_size, config.vae.downsample, config.model.patch_size = 512, 8, 2
-    assert aot.self_attention_kernel(config, device) == "splash"
+    assert kernels() == ["splash", "xla"]
+    config.model.attention = "splash"  # Forced: the cross-attention's tiles count too.
+    (_, q, kv), (_, q2, kv2) = aot.dit_attention_kernels(config, device)
+    assert (q, kv, q2, kv2) == (1024, 1024, 1024, 56)
+    flops, seconds = aot.splash_cost_per_chip(config, device, 4)
+    tiles = 1024 * 1024 + 1024 * 128  # 56 text tokens padded to one 128-lane tile.
+    assert flops == pytest.approx(32 * 4 * 9 * 2 * tiles * 128 / 4)
+    # Heads of 32 run on v5e's 128-wide MXU as heads of 128 would: 4x the time of the FLOPs.
+    assert seconds == pytest.approx(4 * flops / aot.BF16_PEAK_FLOPS_PER_CHIP["TPU v5 lite"])
     config.model.attention = "xla"
-    assert aot.self_attention_kernel(config, device) == "xla"
+    assert kernels() == ["xla", "xla"]
 
 
 def test_splash_matmul_count_matches_the_kernel():
@@ -93,6 +104,8 @@ def test_splash_flops_of_the_1024px_stage():
     # LI-DiT-10B at 1024 px: 4096 image tokens, full remat (forward twice), on 512 chips.
     config = lidit_10b.get_config("1024")
     assert config.model.remat == "full"
-    per_example = 48 * (2 * 2 + 7) * 2 * 4096**2 * 2816
-    assert aot.splash_flops_per_chip(config, 512) == pytest.approx(
-        config.train.batch_size * per_example / 512)
+    device = aot.topology_devices("v5p:2x2x1")[0]
+    per_example = 48 * (2 * 2 + 7) * 2 * 4096**2 * 2816  # Text (512 tokens) stays XLA.
+    flops, seconds = aot.splash_cost_per_chip(config, device, 512)
+    assert flops == pytest.approx(config.train.batch_size * per_example / 512)
+    assert seconds == pytest.approx(2 * flops / 459e12)  # 44 heads of 64 on 128-wide MXUs.
