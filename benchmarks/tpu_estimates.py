@@ -34,6 +34,8 @@ SWEEP = {
         ("fsdp32 x data2, remat none, bf16 residual, xla (config)", {}),
         ("fsdp32 x data2, remat none, float32 residual, xla",
          {"model.residual_dtype": "float32"}),
+        ("fsdp32 x data2, remat none, splash (self- and cross-attention)",
+         {"model.attention": "splash"}),
         ("fsdp16 x data4, remat none, xla", {"mesh.fsdp": 16}),
         ("fsdp8 x data8, remat none, xla", {"mesh.fsdp": 8}),
         ("fsdp8 x data8, dots_saveable, xla", {"mesh.fsdp": 8, "model.remat": "dots_saveable"}),
