@@ -201,9 +201,8 @@ def splash_cost_per_chip(config, device, chips):
     on a 128-wide MXU takes as long as one of 128.
     """
     m = config.model
-    head_dim = m.width // m.heads
-    mxu_head_dim = -(-head_dim // _by_kind(MXU_WIDTH, device.device_kind)) * _by_kind(
-        MXU_WIDTH, device.device_kind)
+    head_dim, mxu = m.width // m.heads, _by_kind(MXU_WIDTH, device.device_kind)
+    mxu_head_dim = -(-head_dim // mxu) * mxu
     forward = SPLASH_FORWARD_MATMULS * (1 if m.remat == "none" else 2)
     per_example = 0
     for kernel, q_len, kv_len in dit_attention_kernels(config, device):
@@ -211,8 +210,8 @@ def splash_cost_per_chip(config, device, chips):
             _, (q_pad, kv_pad) = splash_tiles(q_len, kv_len, (m.splash_block_q, m.splash_block_kv))
             per_example += (forward + SPLASH_BACKWARD_MATMULS) * 2 * q_pad * kv_pad * m.width
     flops = config.train.batch_size * m.depth * per_example / chips
-    return flops, flops * mxu_head_dim / head_dim / _by_kind(BF16_PEAK_FLOPS_PER_CHIP,
-                                                              device.device_kind)
+    peak = _by_kind(BF16_PEAK_FLOPS_PER_CHIP, device.device_kind)
+    return flops, flops * mxu_head_dim / head_dim / peak
 
 
 def speed_report(config, devices, compiled=None):

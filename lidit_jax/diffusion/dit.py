@@ -90,7 +90,8 @@ class DiTBlock(nnx.Module):
         return jnp.split(self.modulation(jax.nn.silu(c)), 9, axis=-1)
 
     def __call__(self, x, c, context, context_mask):
-        """x [batch, len, embed] in model.residual_dtype; c [batch, embed]; context [batch, text_len, embed]."""
+        """x [batch, len, embed] in model.residual_dtype; c [batch, embed]; context
+        [batch, text_len, embed]."""
         (sa_shift, sa_scale, sa_gate, ca_shift, ca_scale, ca_gate,
          ff_shift, ff_scale, ff_gate) = self.modulation_vectors(c)
         h = self.self_attention(modulate(layer_norm(x), sa_shift, sa_scale))

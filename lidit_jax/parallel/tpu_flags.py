@@ -4,9 +4,9 @@ One table serves every path that compiles the step: the trainer on a pod (whiche
 started it) and `--mode=compile` on a CPU host, so the ahead-of-time check compiles exactly what
 a pod runs and libtpu validates the flags for the generation before any pod is rented. The
 flags let the FSDP all-gathers and reduce-scatters run under the matmuls (async collective
-fusion, as MaxText sets them). Continuation fusion of all-gathers is v5e-only: libtpu refuses it
-for v5p and v6e ("not supported/recommended on platforms other than TPU v5e"), measured with libtpu
-0.0.52 through `--mode=compile` (tests/test_tpu_flags.py compiles each generation's set).
+fusion, as MaxText sets them). Continuation fusion of all-gathers is v5e-only: libtpu 0.0.52
+refuses it for v5p and v6e ("not supported/recommended on platforms other than TPU v5e"), found
+through `--mode=compile`; tests/test_tpu_flags.py compiles each generation's set.
 """
 _OVERLAP_COLLECTIVES = {
     "xla_tpu_enable_async_collective_fusion": True,
