@@ -35,7 +35,9 @@ from lidit_jax.train.step import jit_train_step, make_train_step  # noqa: E402
 # (name, depth, width, heads, image size, patch, text tokens, LLM width, batch)
 SHAPES = {
     "pixart": dict(depth=6, width=384, heads=6, image=32, patch=2, text=64, llm=576, batch=32),
-    "large": dict(depth=12, width=768, heads=12, image=32, patch=2, text=64, llm=576, batch=32),
+    # Batch 16: at 32 the two models and their optimizer states need more than 24 GiB together
+    # (the out-of-memory killer stopped it at 24.4 GiB resident, 2026-11-30).
+    "large": dict(depth=12, width=768, heads=12, image=32, patch=2, text=64, llm=576, batch=16),
     "smoke": dict(depth=1, width=32, heads=2, image=8, patch=2, text=8, llm=24, batch=4),
 }
 
