@@ -25,10 +25,10 @@ def get_config(arg=None):
     c.model.width = 2816
     c.model.heads = 44
     # dots_saveable at 512 px, on v5p 8x8x8: 72.9 of 95 GiB per chip (13.5 with full remat), and
-    # est. 41.8 % MFU (38.7 % with full remat) timed with XLA attention, the one the cost model
-    # sees whole; `auto` runs splash, assumed no slower (benchmarks/tpu_estimates.md,
-    # 2026-11-30). The 1024 px stage needs full remat (below), and so does v6e 16x16 (32 GiB
-    # chips, 16 images each): dots_saveable 139 GiB, full remat 22.2 GiB per chip.
+    # est. 45.0 % MFU with `auto`'s splash counted at the roofline, 41.8 % with XLA attention
+    # (38.7 % with full remat; benchmarks/tpu_estimates.md, 2026-11-30). The 1024 px stage needs
+    # full remat (below), and so does v6e 16x16 (32 GiB chips, 16 images each): dots_saveable
+    # 139 GiB, full remat 22.2 GiB per chip.
     c.model.remat = "dots_saveable"
     c.text.refiner.heads = 22
     c.text.collaborative.heads = 22
@@ -41,7 +41,8 @@ def get_config(arg=None):
     if "1024" in args:  # The fine-tune stage: 1024 px buckets (the same aspect ratios x 2).
         c.data.image_size = 1024
         c.data.buckets = "1024x1024,896x1152,1152x896,768x1280,1280x768"
-        # 4096 image tokens: dots_saveable would need 264 GiB per chip; full remat 37.4 GiB.
+        # 4096 image tokens: dots_saveable would need 264 GiB per chip; full remat 37.4 GiB, est.
+        # 43.1 % MFU with splash at the roofline (23.1 % with XLA attention).
         c.model.remat = "full"
     c.aot.topology = "v5p:8x8x8"  # 512 chips of a v5p-1024 (one slice; --config.aot.num_slices=4).
     return c
