@@ -27,8 +27,8 @@ def test_cpu_dense_matches_dot_general_forward_and_gradients():
 
 
 def test_cpu_dense_is_what_cpu_compiles():
-    # The CPU program carries the barrier; a non-CPU target (or another contraction) would get
-    # plain lax.dot_general.
+    # The CPU program's weight gradient carries the barrier (a TPU or GPU target gets plain
+    # lax.dot_general: the layer tests compiled for v5e in test_aot run that path).
     dense = layers.linear(16, 8, ("embed", "mlp"), rngs=nnx.Rngs(0))
     x = jnp.ones((4, 16))
     grad = jax.jit(jax.grad(lambda m, x: jnp.sum(m(x) ** 2)))  # The weight gradient.

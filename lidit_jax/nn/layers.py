@@ -46,7 +46,7 @@ def dense_dot_general(inputs, kernel, dimension_numbers, precision=None,
     for CPU, where `_dense_backward` spares XLA:CPU its strided transposing fusions. The choice
     follows the compile target (`target_device`), so TPU and GPU programs are unchanged."""
     plain = (dimension_numbers == (((inputs.ndim - 1,), (0,)), ((), ()))
-             and preferred_element_type is None and out_sharding is None)
+             and precision is None and preferred_element_type is None and out_sharding is None)
     if plain and target_device()[0] == "cpu":
         return _dense_with_separate_transposes(inputs, kernel)
     return jax.lax.dot_general(inputs, kernel, dimension_numbers, precision=precision,
