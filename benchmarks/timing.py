@@ -1,27 +1,102 @@
 """Timing shared by the benchmarks: warm up every contender, then alternate their repeats.
 
-Alternating (ours, reference, ours, reference, ...) in one process puts both under the same
-background load, so the ratio stays fair on a shared machine even when absolute rates drift.
+Alternating (ours, reference, ours, reference, ...) puts both under the same background load, so
+the ratio stays fair on a shared machine even when absolute rates drift. Contenders from
+different frameworks each run in a process of their own (`interleaved_seconds_apart`): in one
+process, after PyTorch's step has run, XLA:CPU's step was ~30 % slower than alone (glibc's
+allocator state; docs/performance.md), which biased every same-process ratio against ours.
+
+    python -m benchmarks.timing --worker=MODULE:FACTORY --kwargs=JSON
+
+is the worker side: it calls `FACTORY(**kwargs)` -> (fn, info), prints {"ready": info} and then
+times one `fn()` per "run" line on stdin, printing {"seconds": s}; an empty line ends it.
 """
+import argparse
+import importlib
+import json
 import os
+import subprocess
+import sys
 import time
 
 
-def interleaved_seconds(contenders, repeats):
-    """{name: fn()} -> {name: best seconds of one call}, after one warm-up call of each.
+def _timed(fn):
+    def seconds():
+        start = time.perf_counter()
+        fn()
+        return time.perf_counter() - start
+    return seconds
+
+
+def _best_of_alternation(timers, repeats):
+    """{name: () -> seconds} -> {name: best of `repeats`}, after one warm-up call of each.
 
     The warm-up absorbs compilation (jit), allocator and thread-pool start-up. The minimum is
     reported: on a shared machine every other statistic measures the neighbours' load.
     """
-    for fn in contenders.values():
-        fn()
-    best = {name: float("inf") for name in contenders}
+    for timer in timers.values():
+        timer()
+    best = {name: float("inf") for name in timers}
     for _ in range(repeats):
-        for name, fn in contenders.items():
-            start = time.perf_counter()
-            fn()
-            best[name] = min(best[name], time.perf_counter() - start)
+        for name, timer in timers.items():
+            best[name] = min(best[name], timer())
     return best
+
+
+def interleaved_seconds(contenders, repeats):
+    """{name: fn()} -> {name: best seconds of one call}, all in this process (one framework)."""
+    return _best_of_alternation({name: _timed(fn) for name, fn in contenders.items()}, repeats)
+
+
+class _Worker:
+    """One contender in its own Python process, driven line by line over its stdin/stdout."""
+
+    def __init__(self, factory, kwargs):
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "benchmarks.timing", f"--worker={factory}",
+             f"--kwargs={json.dumps(kwargs)}"],
+            cwd=root, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self.info = self._reply("ready")
+
+    def _reply(self, key):
+        # Libraries may print to stdout too; the protocol's lines are JSON objects with `key`.
+        for line in self.process.stdout:
+            if line.startswith("{"):
+                message = json.loads(line)
+                if key in message:
+                    return message[key]
+        raise RuntimeError(f"benchmark worker {self.process.args[3]} exited "
+                           f"({self.process.wait()}) before answering {key!r}; see its stderr")
+
+    def seconds(self):
+        self.process.stdin.write("run\n")
+        self.process.stdin.flush()
+        return self._reply("seconds")
+
+    def close(self):
+        if self.process.poll() is None:
+            self.process.stdin.write("\n")
+            self.process.stdin.close()
+        self.process.wait()
+
+
+def interleaved_seconds_apart(contenders, repeats):
+    """{name: ("module:factory", kwargs)} -> ({name: best seconds}, {name: factory's info}).
+
+    Each contender is built by `factory(**kwargs)` -> (fn, info: JSON-able dict) in a worker
+    process of its own; the workers start one after the other (set-up and compilation are not
+    timed), then take turns: only one runs at a time, the others wait on their stdin.
+    """
+    workers = {}
+    try:
+        for name, (factory, kwargs) in contenders.items():
+            workers[name] = _Worker(factory, kwargs)
+        best = _best_of_alternation({name: w.seconds for name, w in workers.items()}, repeats)
+        return best, {name: w.info for name, w in workers.items()}
+    finally:
+        for worker in workers.values():
+            worker.close()
 
 
 def load_average():
@@ -31,11 +106,28 @@ def load_average():
 
 def smoke_and_repeats_main(doc, run, smoke_help):
     """The command line of a benchmark whose `run(smoke, repeats)` yields JSON records."""
-    import argparse
-    import json
     parser = argparse.ArgumentParser(description=doc.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help=smoke_help)
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     for record in run(args.smoke, args.repeats):
         print(json.dumps(record))
+
+
+def _serve(factory, kwargs):
+    module, function = factory.split(":")
+    fn, info = getattr(importlib.import_module(module), function)(**kwargs)
+    timed = _timed(fn)
+    print(json.dumps({"ready": info}), flush=True)
+    for line in sys.stdin:
+        if line.strip() != "run":
+            break
+        print(json.dumps({"seconds": timed()}), flush=True)
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description="a benchmark contender's worker process")
+    parser.add_argument("--worker", required=True, help="module:factory")
+    parser.add_argument("--kwargs", default="{}", help="the factory's keyword arguments, JSON")
+    args = parser.parse_args()
+    _serve(args.worker, json.loads(args.kwargs))

@@ -8,8 +8,8 @@ weights, float32 throughout. Ours is the LI-DiT with the text refiner at depth 0
 projection of the LLM states, like PixArt's caption projection) and fusion 'single'; PixArt
 uses adaLN-single and a sin-cos position table where we use per-block adaLN and a 3x3-conv
 position ResBlock, so ours does slightly more matmul work per image (its FLOPs are reported).
-Timing alternates the two in one process (benchmarks/timing.py); torch runs with as many
-threads as XLA:CPU uses (all cores).
+Each runs in a process of its own and the two take turns (benchmarks/timing.py); torch runs
+with as many threads as XLA:CPU uses (all cores).
 """
 import argparse
 import json
@@ -22,7 +22,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from benchmarks.timing import interleaved_seconds, load_average  # noqa: E402
+from benchmarks.timing import interleaved_seconds_apart, load_average  # noqa: E402
 from configs import common  # noqa: E402
 from lidit_jax.diffusion import flops as flops_lib  # noqa: E402
 from lidit_jax.diffusion.dit import LIDiT  # noqa: E402
@@ -134,17 +134,30 @@ def diffusers_step(shape, arrays):
     return run
 
 
-def measure(shape_name, repeats):
+def ours_contender(shape_name):
+    """benchmarks.timing factory: our step at SHAPES[shape_name] -> (run, {flops})."""
+    shape = SHAPES[shape_name]
+    run, flops = ours_step(model_config(shape), batch_arrays(shape), shape["llm"])
+    return run, {"flops": flops}
+
+
+def diffusers_contender(shape_name):
+    """benchmarks.timing factory: diffusers' step at SHAPES[shape_name] -> (run, {threads})."""
     import torch
 
     torch.set_num_threads(os.cpu_count())
     shape = SHAPES[shape_name]
-    arrays = batch_arrays(shape)
-    ours, flops = ours_step(model_config(shape), arrays, shape["llm"])
-    reference = diffusers_step(shape, arrays)
+    return diffusers_step(shape, batch_arrays(shape)), {"torch_threads": torch.get_num_threads()}
+
+
+def measure(shape_name, repeats):
+    shape = SHAPES[shape_name]
     load = load_average()
-    seconds = interleaved_seconds({"ours": ours, "diffusers": reference}, repeats)
-    images = shape["batch"]
+    contender = {"shape_name": shape_name}
+    seconds, info = interleaved_seconds_apart(
+        {"ours": ("benchmarks.train_step:ours_contender", contender),
+         "diffusers": ("benchmarks.train_step:diffusers_contender", contender)}, repeats)
+    images, flops = shape["batch"], info["ours"]["flops"]
     ours_rate, reference_rate = images / seconds["ours"], images / seconds["diffusers"]
     peak = metrics.measure_cpu_peak_flops()
     return {
@@ -156,7 +169,7 @@ def measure(shape_name, repeats):
         "ours_flops_per_s": flops / seconds["ours"],
         "cpu_peak_flops_per_s": peak,
         "fraction_of_peak": flops / seconds["ours"] / peak,
-        "torch_threads": torch.get_num_threads(),
+        "torch_threads": info["diffusers"]["torch_threads"],
         "repeats": repeats,
         "load_average": load,
     }
