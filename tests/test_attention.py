@@ -46,6 +46,67 @@ def _assert_matches_xla(implementation, q, k, v, cotangent, **kwargs):
     return out
 
 
+def _jax_nn_reference(q, k, v, key_mask=None, causal=False, sliding_window=None):
+    """jax.nn.dot_product_attention (autodiff through its softmax) with our masks' meaning."""
+    t, s = q.shape[1], k.shape[1]
+    mask = jnp.ones((1, 1, t, s), bool)
+    if key_mask is not None:
+        mask = mask & key_mask[:, None, None, :]
+    positions_q, positions_k = jnp.arange(t)[:, None], jnp.arange(s)[None]
+    if causal:
+        mask = mask & (positions_k <= positions_q)
+    if sliding_window is not None:
+        mask = mask & (positions_k > positions_q - sliding_window)
+    out = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="xla")
+    if key_mask is not None:
+        out = jnp.where(jnp.any(key_mask, -1)[:, None, None, None], out, 0)
+    return out
+
+
+# (q_len, kv_len, heads, kv_heads, kwargs)
+XLA_CASES = {
+    "cross_attention_with_an_all_masked_row": (12, 40, 2, 2, "key_mask"),
+    "causal_gqa": (24, 24, 4, 2, {"causal": True}),
+    "sliding_window_mqa": (24, 24, 4, 1, {"causal": True, "sliding_window": 5}),
+}
+
+
+@pytest.mark.parametrize("case", sorted(XLA_CASES))
+def test_xla_backward_from_log_sum_exp_matches_jax_nn(case):
+    # "xla" keeps only the log-sum-exp for its backward and recomputes the probabilities;
+    # jax.nn keeps them. Same function: forward and gradients to float32 rounding.
+    q_len, kv_len, heads, kv_heads, kwargs = XLA_CASES[case]
+    q, k, v, cotangent = _inputs(2, q_len, kv_len, heads, kv_heads, seed=3)
+    if kwargs == "key_mask":
+        kwargs = {"key_mask": jnp.asarray(np.arange(kv_len)[None] < np.array([[17], [0]]))}
+
+    def grads(attend):
+        return jax.jit(jax.value_and_grad(lambda q, k, v: jnp.sum(attend(q, k, v) * cotangent),
+                                          argnums=(0, 1, 2)))(q, k, v)
+
+    (loss, ours) = grads(lambda q, k, v: attention.dot_product_attention(q, k, v, **kwargs))
+    (expected_loss, expected) = grads(lambda q, k, v: _jax_nn_reference(q, k, v, **kwargs))
+    assert abs(float(loss - expected_loss)) < 1e-5 * abs(float(expected_loss)) + 1e-5
+    for name, g_ref, g in zip("qkv", expected, ours):
+        assert _relative_error(g_ref, g) < 1e-5, name
+
+
+def test_xla_attention_in_bfloat16_keeps_float32_softmax():
+    q, k, v, cotangent = (x.astype(jnp.bfloat16) for x in _inputs(2, 16, 32, 4, 2, seed=4))
+
+    def grads(attend):
+        return jax.grad(lambda q, k, v: jnp.sum(attend(q, k, v).astype(jnp.float32)
+                                                * cotangent.astype(jnp.float32)),
+                        argnums=(0, 1, 2))(q, k, v)
+
+    ours = grads(lambda q, k, v: attention.dot_product_attention(q, k, v))
+    expected = grads(lambda q, k, v: _jax_nn_reference(q, k, v))
+    for name, g_ref, g in zip("qkv", expected, ours):
+        assert g.dtype == jnp.bfloat16
+        # bf16 rounding of the probabilities and logit gradients (8 bits of mantissa).
+        assert _relative_error(g_ref.astype(jnp.float32), g.astype(jnp.float32)) < 2e-2, name
+
+
 # (q_len, kv_len, heads, kv_heads, kwargs): lengths that are not whole 128-token tiles are padded.
 SPLASH_CASES = {
     "self_attention_padded_to_tiles": (100, 100, 2, 2, {}),
