@@ -4,7 +4,7 @@
 
 Each benchmark runs in its own process (`python -m benchmarks.<name> --smoke?`), so one's XLA
 flags (fsdp_memory's 8 fake devices) and memory never affect another's timing; each prints one
-JSON record per line. Every figure is a ratio against a reference measured in the same process
+JSON record per line. Every figure is a ratio against a reference measured in the same run
 (diffusers, transformers, a bare PIL loop, the demo's step, the ideal 1/N) or against this CPU's
 measured float32 matmul peak. `--smoke` runs tiny shapes with one repeat (CI: checks that every
 benchmark runs and reports every field; its timings mean nothing).
