@@ -24,9 +24,9 @@ def get_config(arg=None):
     c.model.depth = 48
     c.model.width = 2816
     c.model.heads = 44
-    # dots_saveable at 512 px, on v5p 8x8x8: 72.9 of 95 GiB per chip (13.5 with full remat), and
-    # est. 45.0 % MFU with `auto`'s splash counted at the roofline, 41.8 % with XLA attention
-    # (38.7 % with full remat; benchmarks/tpu_estimates.md, 2026-11-30). The 1024 px stage needs
+    # dots_saveable at 512 px, on v5p 8x8x8: 70.6 of 95 GiB per chip (13.5 with full remat), and
+    # est. 49.1 % MFU with `auto`'s splash counted at the roofline (41.8 % with XLA attention and
+    # jax.nn's backward, 38.7 % with full remat; benchmarks/tpu_estimates.md, 2026-11-30). The 1024 px stage needs
     # full remat (below), and so does v6e 16x16 (32 GiB chips, 16 images each): dots_saveable
     # 139 GiB, full remat 22.2 GiB per chip.
     c.model.remat = "dots_saveable"
@@ -42,7 +42,7 @@ def get_config(arg=None):
         c.data.image_size = 1024
         c.data.buckets = "1024x1024,896x1152,1152x896,768x1280,1280x768"
         # 4096 image tokens: dots_saveable would need 264 GiB per chip; full remat 37.4 GiB, est.
-        # 43.1 % MFU with splash at the roofline (23.1 % with XLA attention).
+        # 43.4 % MFU with splash at the roofline (23.1 % with XLA attention).
         c.model.remat = "full"
     c.aot.topology = "v5p:8x8x8"  # 512 chips of a v5p-1024 (one slice; --config.aot.num_slices=4).
     return c
