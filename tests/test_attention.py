@@ -72,9 +72,11 @@ XLA_CASES = {
 
 
 @pytest.mark.parametrize("case", sorted(XLA_CASES))
-def test_xla_backward_from_log_sum_exp_matches_jax_nn(case):
-    # "xla" keeps only the log-sum-exp for its backward and recomputes the probabilities;
-    # jax.nn keeps them. Same function: forward and gradients to float32 rounding.
+def test_xla_backward_from_log_sum_exp_matches_jax_nn(case, monkeypatch):
+    # Compiled for TPU/GPU, "xla" keeps only the log-sum-exp for its backward and recomputes the
+    # probabilities (CPU runs jax.nn's, which keeps them). Same function: forward and gradients
+    # to float32 rounding.
+    monkeypatch.setattr(attention, "target_device", lambda: ("tpu", ""))
     q_len, kv_len, heads, kv_heads, kwargs = XLA_CASES[case]
     q, k, v, cotangent = _inputs(2, q_len, kv_len, heads, kv_heads, seed=3)
     if kwargs == "key_mask":
@@ -84,14 +86,18 @@ def test_xla_backward_from_log_sum_exp_matches_jax_nn(case):
         return jax.jit(jax.value_and_grad(lambda q, k, v: jnp.sum(attend(q, k, v) * cotangent),
                                           argnums=(0, 1, 2)))(q, k, v)
 
-    (loss, ours) = grads(lambda q, k, v: attention.dot_product_attention(q, k, v, **kwargs))
+    attend = lambda q, k, v: attention.dot_product_attention(q, k, v, **kwargs)  # noqa: E731
+    primitives = {e.primitive.name for e in jax.make_jaxpr(attend)(q, k, v).eqns}
+    assert "custom_vjp_call" in primitives  # The log-sum-exp path, not jax.nn's.
+    (loss, ours) = grads(attend)
     (expected_loss, expected) = grads(lambda q, k, v: _jax_nn_reference(q, k, v, **kwargs))
     assert abs(float(loss - expected_loss)) < 1e-5 * abs(float(expected_loss)) + 1e-5
     for name, g_ref, g in zip("qkv", expected, ours):
         assert _relative_error(g_ref, g) < 1e-5, name
 
 
-def test_xla_attention_in_bfloat16_keeps_float32_softmax():
+def test_xla_attention_in_bfloat16_keeps_float32_softmax(monkeypatch):
+    monkeypatch.setattr(attention, "target_device", lambda: ("tpu", ""))
     q, k, v, cotangent = (x.astype(jnp.bfloat16) for x in _inputs(2, 16, 32, 4, 2, seed=4))
 
     def grads(attend):

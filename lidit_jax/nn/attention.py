@@ -3,9 +3,10 @@
 Every attention in lidit_jax (LLM encoders, refiners, DiT, VAE) calls `dot_product_attention`, so
 the kernel choice is made in one place:
 
-  xla     XLA ops that materialise [batch, heads, q_len, kv_len] logits, with a backward that
-          recomputes the probabilities from a saved log-sum-exp (`_xla_attention`); right for
-          short sequences (text, 256 px images) and on CPU. With a `bias` (T5): jax.nn's.
+  xla     XLA ops that materialise [batch, heads, q_len, kv_len] logits; on TPU and GPU with a
+          backward that recomputes the probabilities from a saved log-sum-exp
+          (`_xla_attention`), on CPU (or with a `bias`, T5) jax.nn's. Right for short sequences
+          (text, 256 px images) and on CPU.
   cudnn   cuDNN flash attention through jax.nn.dot_product_attention (NVIDIA GPUs only).
   splash  Pallas TPU splash attention (flash attention with block-sparse masks): never builds
           the logits; inside `shard_map` over the mesh's batch and head axes. Off TPU the same
@@ -132,8 +133,8 @@ def dot_product_attention(
 def _materialized_attention(query, key, value, key_mask, causal, sliding_window, scale, bias,
                       implementation):
     """The xla and cudnn implementations, masks built from `key_mask`, `causal` and the window:
-    cuDNN through jax.nn.dot_product_attention; XLA through `_xla_attention` (jax.nn's XLA path
-    when there is a bias).
+    cuDNN through jax.nn.dot_product_attention; XLA through `_xla_attention` when compiling for
+    TPU or GPU, else (CPU, or a bias) jax.nn's XLA path.
 
     Padding goes in as a boolean mask, not `key_value_seq_lengths`: the DiT's text context is
     several right-padded branches concatenated, which no single length per row describes. A
@@ -153,7 +154,7 @@ def _materialized_attention(query, key, value, key_mask, causal, sliding_window,
             k_pos = jnp.arange(kv_len)[None, :]
             window = (k_pos <= q_pos) & (k_pos > q_pos - sliding_window)
             mask = window[None, None] if mask is None else mask & window[None, None]
-    if implementation == "xla" and bias is None:
+    if implementation == "xla" and bias is None and target_device()[0] != "cpu":
         if causal:
             causal_mask = jnp.tril(jnp.ones((q_len, kv_len), bool))[None, None]
             mask = causal_mask if mask is None else mask & causal_mask
@@ -170,7 +171,10 @@ def _materialized_attention(query, key, value, key_mask, causal, sliding_window,
 # here the backward recomputes the probabilities from q, k and the float32 log-sum-exp per query
 # row, as flash attention does, so nothing of [q_len, kv_len] size outlives the forward. For
 # LI-DiT-1B on TPU v5p (256 image and 512 text tokens, head_dim 72) the cost model's time for a
-# DiT block falls from 6.30 to 6.04 ms per chip (benchmarks/tpu_estimates.md).
+# DiT block falls from 6.30 to 6.04 ms per chip (benchmarks/tpu_estimates.md). On CPU, where the
+# step is bound by compute rather than memory traffic, jax.nn's path stays: the recomputation
+# made the PixArt-shape train step 4.5 % slower, and this function even with the probabilities
+# kept 3 % (best of 3, three runs each).
 
 
 def _grouped(query, kv_heads):
@@ -180,20 +184,24 @@ def _grouped(query, kv_heads):
 
 
 def _masked_logits(query, key, mask, scale):
-    """float32 logits [b, kv_heads, group, t, s], masked entries at float32's minimum."""
-    logits = jnp.einsum("btkgd,bskd->bkgts", _grouped(query, key.shape[2]), key,
+    """float32 logits [b, kv_heads, t, group, s] (the order dot_general emits, so no transposed
+    copy), masked entries at float32's minimum."""
+    logits = jnp.einsum("btkgd,bskd->bktgs", _grouped(query, key.shape[2]), key,
                         preferred_element_type=jnp.float32) * scale
-    if mask is not None:  # [b | 1, 1, t, s] -> [b | 1, 1, 1, t, s]
-        logits = jnp.where(mask[:, :, None], logits, jnp.finfo(jnp.float32).min)
+    if mask is not None:  # [b | 1, 1, t, s] -> [b | 1, 1, t, 1, s]
+        logits = jnp.where(mask[:, :, :, None], logits, jnp.finfo(jnp.float32).min)
     return logits
 
 
 def _attention_with_lse(query, key, value, mask, scale):
+    """(output [b, t, heads, d], float32 log-sum-exp per query row [b, k, t, g, 1])."""
     logits = _masked_logits(query, key, mask, scale)
-    lse = jax.nn.logsumexp(logits, axis=-1, keepdims=True)
-    probs = jnp.exp(logits - lse).astype(value.dtype)
-    out = jnp.einsum("bkgts,bskd->btkgd", probs, value, preferred_element_type=jnp.float32)
-    return out.reshape(query.shape).astype(query.dtype), lse
+    peak = jnp.max(logits, axis=-1, keepdims=True)
+    unnormalized = jnp.exp(logits - peak)  # One exp per logit, as a softmax.
+    total = jnp.sum(unnormalized, axis=-1, keepdims=True)
+    probs = (unnormalized / total).astype(value.dtype)
+    out = jnp.einsum("bktgs,bskd->btkgd", probs, value, preferred_element_type=jnp.float32)
+    return out.reshape(query.shape).astype(query.dtype), peak + jnp.log(total)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
@@ -214,16 +222,16 @@ def _xla_attention_backward(scale, residuals, d_out):
     kv_heads = key.shape[2]
     probs = jnp.exp(_masked_logits(query, key, mask, scale) - lse)  # float32, recomputed
     d_out_grouped = _grouped(d_out, kv_heads)
-    d_value = jnp.einsum("bkgts,btkgd->bskd", probs.astype(value.dtype), d_out_grouped,
+    d_value = jnp.einsum("bktgs,btkgd->bskd", probs.astype(value.dtype), d_out_grouped,
                          preferred_element_type=jnp.float32)
-    d_probs = jnp.einsum("btkgd,bskd->bkgts", d_out_grouped, value,
+    d_probs = jnp.einsum("btkgd,bskd->bktgs", d_out_grouped, value,
                          preferred_element_type=jnp.float32)
     # softmax backward: dS = P * (dP - sum_s P dP), and sum_s P dP = sum_d out * d_out.
-    row = jnp.einsum("btkgd,btkgd->bkgt", _grouped(out, kv_heads).astype(jnp.float32),
+    row = jnp.einsum("btkgd,btkgd->bktg", _grouped(out, kv_heads).astype(jnp.float32),
                      d_out_grouped.astype(jnp.float32))
     d_logits = (probs * (d_probs - row[..., None]) * scale).astype(query.dtype)
-    d_query = jnp.einsum("bkgts,bskd->btkgd", d_logits, key, preferred_element_type=jnp.float32)
-    d_key = jnp.einsum("bkgts,btkgd->bskd", d_logits, _grouped(query, kv_heads),
+    d_query = jnp.einsum("bktgs,bskd->btkgd", d_logits, key, preferred_element_type=jnp.float32)
+    d_key = jnp.einsum("bktgs,btkgd->bskd", d_logits, _grouped(query, kv_heads),
                        preferred_element_type=jnp.float32)
     return (d_query.reshape(query.shape).astype(query.dtype), d_key.astype(key.dtype),
             d_value.astype(value.dtype), None)
