@@ -131,7 +131,7 @@ def dot_product_attention(
 
 
 def _materialized_attention(query, key, value, key_mask, causal, sliding_window, scale, bias,
-                      implementation):
+                            implementation):
     """The xla and cudnn implementations, masks built from `key_mask`, `causal` and the window:
     cuDNN through jax.nn.dot_product_attention; XLA through `_xla_attention` when compiling for
     TPU or GPU, else (CPU, or a bias) jax.nn's XLA path.
