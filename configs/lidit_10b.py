@@ -25,7 +25,7 @@ def get_config(arg=None):
     c.model.width = 2816
     c.model.heads = 44
     # dots_saveable at 512 px, on v5p 8x8x8: 70.6 of 95 GiB per chip (13.5 with full remat), and
-    # est. 49.1 % MFU with `auto`'s splash counted at the roofline (41.8 % with XLA attention and
+    # est. 48.7 % MFU with `auto`'s splash counted at the roofline (41.8 % with XLA attention and
     # jax.nn's backward, 38.7 % with full remat; benchmarks/tpu_estimates.md, 2026-11-30). The 1024 px stage needs
     # full remat (below), and so does v6e 16x16 (32 GiB chips, 16 images each): dots_saveable
     # 139 GiB, full remat 22.2 GiB per chip.
