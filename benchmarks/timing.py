@@ -4,7 +4,10 @@ Alternating (ours, reference, ours, reference, ...) puts both under the same bac
 the ratio stays fair on a shared machine even when absolute rates drift. Contenders from
 different frameworks each run in a process of their own (`interleaved_seconds_apart`): in one
 process, after PyTorch's step has run, XLA:CPU's step was ~30 % slower than alone (glibc's
-allocator state; docs/performance.md), which biased every same-process ratio against ours.
+allocator state; docs/performance.md), which biased every same-process ratio against ours. Even
+apart, the first step after the other framework's turn runs slow (PixArt shape: 9.6 s, then 7.9,
+against 7.4 back to back; not threads spinning: a 2 s pause does not help), so each turn runs a
+few calls back to back, as a training run's steps do, and the best call counts.
 
     python -m benchmarks.timing --worker=MODULE:FACTORY --kwargs=JSON
 
@@ -28,8 +31,9 @@ def _timed(fn):
     return seconds
 
 
-def _best_of_alternation(timers, repeats):
-    """{name: () -> seconds} -> {name: best of `repeats`}, after one warm-up call of each.
+def _best_of_alternation(timers, repeats, calls_per_turn=1):
+    """{name: () -> seconds} -> {name: best call}, after one warm-up call of each; `repeats`
+    rounds in which each contender makes `calls_per_turn` calls in a row.
 
     The warm-up absorbs compilation (jit), allocator and thread-pool start-up. The minimum is
     reported: on a shared machine every other statistic measures the neighbours' load.
@@ -39,7 +43,7 @@ def _best_of_alternation(timers, repeats):
     best = {name: float("inf") for name in timers}
     for _ in range(repeats):
         for name, timer in timers.items():
-            best[name] = min(best[name], timer())
+            best[name] = min([best[name]] + [timer() for _ in range(calls_per_turn)])
     return best
 
 
@@ -81,18 +85,20 @@ class _Worker:
         self.process.wait()
 
 
-def interleaved_seconds_apart(contenders, repeats):
+def interleaved_seconds_apart(contenders, repeats, calls_per_turn=3):
     """{name: ("module:factory", kwargs)} -> ({name: best seconds}, {name: factory's info}).
 
     Each contender is built by `factory(**kwargs)` -> (fn, info: JSON-able dict) in a worker
     process of its own; the workers start one after the other (set-up and compilation are not
-    timed), then take turns: only one runs at a time, the others wait on their stdin.
+    timed), then take turns of `calls_per_turn` calls: only one runs at a time, the others wait
+    on their stdin.
     """
     workers = {}
     try:
         for name, (factory, kwargs) in contenders.items():
             workers[name] = _Worker(factory, kwargs)
-        best = _best_of_alternation({name: w.seconds for name, w in workers.items()}, repeats)
+        best = _best_of_alternation({name: w.seconds for name, w in workers.items()}, repeats,
+                                    calls_per_turn)
         return best, {name: w.info for name, w in workers.items()}
     finally:
         for worker in workers.values():
