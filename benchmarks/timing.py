@@ -22,6 +22,8 @@ import subprocess
 import sys
 import time
 
+from lidit_jax import host_allocator
+
 
 def _timed(fn):
     def seconds():
@@ -60,7 +62,8 @@ class _Worker:
         self.process = subprocess.Popen(
             [sys.executable, "-m", "benchmarks.timing", f"--worker={factory}",
              f"--kwargs={json.dumps(kwargs)}"],
-            cwd=root, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+            cwd=root, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+            env=host_allocator.with_settings())  # Both frameworks: same environment.
         self.info = self._reply("ready")
 
     def _reply(self, key):
@@ -112,6 +115,7 @@ def load_average():
 
 def smoke_and_repeats_main(doc, run, smoke_help):
     """The command line of a benchmark whose `run(smoke, repeats)` yields JSON records."""
+    host_allocator.reexec_with_settings()
     parser = argparse.ArgumentParser(description=doc.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help=smoke_help)
     parser.add_argument("--repeats", type=int, default=3)

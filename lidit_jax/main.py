@@ -14,7 +14,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from lidit_jax import configuration
+from lidit_jax import configuration, host_allocator
 from lidit_jax.parallel import mesh as mesh_lib
 
 MODES = {
@@ -110,4 +110,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    host_allocator.reexec_with_settings()  # On CPU only; see lidit_jax/host_allocator.py.
     app.run(main, flags_parser=parse_flags)

@@ -1,4 +1,6 @@
-"""nnx.Linear's contraction on CPU (`nn.layers.dense_dot_general`): same values and gradients."""
+"""nnx.Linear's and nnx.Conv's contractions on CPU (`nn.layers.dense_dot_general`,
+`nn.layers.conv_general_dilated`): the same values and gradients as lax's."""
+import pytest
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -33,3 +35,28 @@ def test_cpu_dense_is_what_cpu_compiles():
     x = jnp.ones((4, 16))
     grad = jax.jit(jax.grad(lambda m, x: jnp.sum(m(x) ** 2)))  # The weight gradient.
     assert "opt-barrier" in grad.lower(dense, x).as_text(dialect="hlo")
+
+
+@pytest.mark.parametrize("kernel_size,strides", [((3, 3), 1), ((5, 3), 1), ((3, 3), 2)])
+def test_cpu_conv_matches_lax_forward_and_gradients(kernel_size, strides):
+    # Stride 1 takes the patch-matmul backward (a custom_vjp); stride 2 falls back to lax.
+    rng = np.random.default_rng(1)
+    x = jnp.asarray(rng.standard_normal((2, 7, 6, 8)), jnp.float32)
+    kwargs = dict(strides=strides, padding="SAME", rngs=nnx.Rngs(0))
+    ours = nnx.Conv(8, 12, kernel_size, conv_general_dilated=layers.conv_general_dilated,
+                    **kwargs)
+    plain = nnx.Conv(8, 12, kernel_size, **kwargs)
+    nnx.update(plain, nnx.state(ours))
+
+    def loss(module, x):
+        return jnp.sum(jnp.tanh(module(x)) * jnp.arange(12.0))
+
+    value, (grad_module, grad_x) = jax.value_and_grad(loss, argnums=(0, 1))(ours, x)
+    expected, (expected_module, expected_x) = jax.value_and_grad(loss, argnums=(0, 1))(plain, x)
+    np.testing.assert_allclose(value, expected, rtol=1e-5)
+    np.testing.assert_allclose(grad_x, expected_x, rtol=1e-4, atol=1e-5)
+    for got, want in zip(jax.tree.leaves(nnx.state(grad_module)),
+                         jax.tree.leaves(nnx.state(expected_module))):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+    primitives = {e.primitive.name for e in jax.make_jaxpr(lambda x: ours(x))(x).eqns}
+    assert ("custom_vjp_call" in primitives) == (strides == 1)

@@ -153,8 +153,10 @@ def test_right_padding_leaves_real_tokens_unchanged(tmp_path):
     ids, mask = random_batch(seed=2, lengths=(12, 9))
     padded = llm.hidden_states(ids, mask)
     alone = llm.hidden_states(ids[1:, :9], mask[1:, :9])
+    # Masked keys add exact zeros, but matmuls over 12 keys and over 9 accumulate in different
+    # orders: float32 rounding (~2e-6 absolute after the layers), nothing more.
     for p, a in zip(padded, alone):
-        np.testing.assert_allclose(np.asarray(p)[1, :9], np.asarray(a)[0], rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(np.asarray(p)[1, :9], np.asarray(a)[0], rtol=1e-5, atol=1e-5)
 
 
 def test_sharded_load_matches_and_is_sharded(tmp_path):

@@ -38,8 +38,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from lidit_jax.nn.layers import (MLP, Attention, RMSNorm, TimestepEmbedder, layer_norm, linear,
-                                 modulate)
+from lidit_jax.nn.attention import target_device
+from lidit_jax.nn.layers import (MLP, Attention, RMSNorm, TimestepEmbedder, conv_general_dilated,
+                                 layer_norm, linear, modulate)
 from lidit_jax.parallel.sharding import constrain
 from lidit_jax.text.refiner import TextConditioner
 
@@ -116,7 +117,8 @@ class PositionResBlock(nnx.Module):
                 width, width, (3, 3), padding="SAME", dtype=dtype, param_dtype=param_dtype,
                 kernel_init=nnx.with_partitioning(nnx.initializers.lecun_normal(),
                                                   ("kernel_h", "kernel_w", "conv_in", "conv_out")),
-                bias_init=nnx.with_partitioning(zeros_init, ("conv_out",)), rngs=rngs)
+                bias_init=nnx.with_partitioning(zeros_init, ("conv_out",)),
+                conv_general_dilated=conv_general_dilated, rngs=rngs)
 
         self.norm1 = RMSNorm(width, param_dtype=param_dtype)
         self.conv1 = conv()
@@ -193,8 +195,14 @@ class DiTBackbone(nnx.Module):
         if self.remat != "none":
             apply_block = nnx.remat(apply_block, policy=REMAT_POLICIES[self.remat])
         if self.scan_layers:
+            # XLA:CPU runs a loop body's ops one after another and copies every layer's
+            # residuals into stacked buffers: compiled for CPU the scan is unrolled (the same
+            # stacked parameters), 17 % faster at the benchmarks' PixArt shape. TPU and GPU keep
+            # the loop, for compile time and memory.
+            unroll = self.depth if target_device()[0] == "cpu" else 1
             scan = nnx.scan(apply_block, in_axes=(nnx.Carry, 0, None, None, None),
-                            out_axes=nnx.Carry, transform_metadata={nnx.PARTITION_NAME: "layers"})
+                            out_axes=nnx.Carry, unroll=unroll,
+                            transform_metadata={nnx.PARTITION_NAME: "layers"})
             return scan(x, self.blocks, c, context, context_mask)
         for block in self.blocks:
             x = apply_block(x, block, c, context, context_mask)
