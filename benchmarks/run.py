@@ -17,10 +17,6 @@ import platform
 import subprocess
 import sys
 
-os.environ.setdefault("JAX_PLATFORMS", "cpu")  # CPU benchmarks, inherited by each one's process.
-
-from lidit_jax import host_allocator  # noqa: E402
-
 BENCHMARKS = ("train_step", "llm_forward", "input_pipeline", "fsdp_memory", "sample")
 
 # name -> (record -> (label, figure, reference, ratio, target)); target None: no goal.
@@ -84,7 +80,6 @@ def summary_table(results):
 
 
 def main():
-    host_allocator.reexec_with_settings()  # Inherited by every benchmark process it starts.
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="tiny shapes, one repeat (CI)")
     parser.add_argument("--out", default="benchmarks.json", help="the JSON file to write")

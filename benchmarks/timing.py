@@ -22,8 +22,6 @@ import subprocess
 import sys
 import time
 
-from lidit_jax import host_allocator
-
 
 def _timed(fn):
     def seconds():
@@ -57,13 +55,12 @@ def interleaved_seconds(contenders, repeats):
 class _Worker:
     """One contender in its own Python process, driven line by line over its stdin/stdout."""
 
-    def __init__(self, factory, kwargs):
+    def __init__(self, factory, kwargs, environ):
         root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         self.process = subprocess.Popen(
             [sys.executable, "-m", "benchmarks.timing", f"--worker={factory}",
              f"--kwargs={json.dumps(kwargs)}"],
-            cwd=root, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-            env=host_allocator.with_settings())  # Both frameworks: same environment.
+            cwd=root, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=environ)
         self.info = self._reply("ready")
 
     def _reply(self, key):
@@ -88,18 +85,18 @@ class _Worker:
         self.process.wait()
 
 
-def interleaved_seconds_apart(contenders, repeats, calls_per_turn=3):
+def interleaved_seconds_apart(contenders, repeats, calls_per_turn=3, environ=None):
     """{name: ("module:factory", kwargs)} -> ({name: best seconds}, {name: factory's info}).
 
     Each contender is built by `factory(**kwargs)` -> (fn, info: JSON-able dict) in a worker
-    process of its own; the workers start one after the other (set-up and compilation are not
-    timed), then take turns of `calls_per_turn` calls: only one runs at a time, the others wait
-    on their stdin.
+    process of its own, every one with the same `environ` (default: this process's); the
+    workers start one after the other (set-up and compilation are not timed), then take turns
+    of `calls_per_turn` calls: only one runs at a time, the others wait on their stdin.
     """
     workers = {}
     try:
         for name, (factory, kwargs) in contenders.items():
-            workers[name] = _Worker(factory, kwargs)
+            workers[name] = _Worker(factory, kwargs, environ)
         best = _best_of_alternation({name: w.seconds for name, w in workers.items()}, repeats,
                                     calls_per_turn)
         return best, {name: w.info for name, w in workers.items()}
@@ -115,7 +112,6 @@ def load_average():
 
 def smoke_and_repeats_main(doc, run, smoke_help):
     """The command line of a benchmark whose `run(smoke, repeats)` yields JSON records."""
-    host_allocator.reexec_with_settings()
     parser = argparse.ArgumentParser(description=doc.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help=smoke_help)
     parser.add_argument("--repeats", type=int, default=3)

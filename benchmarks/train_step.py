@@ -24,6 +24,7 @@ from flax import nnx  # noqa: E402
 
 from benchmarks.timing import interleaved_seconds_apart, load_average  # noqa: E402
 from configs import common  # noqa: E402
+from lidit_jax import host_allocator  # noqa: E402
 from lidit_jax.diffusion import flops as flops_lib  # noqa: E402
 from lidit_jax.diffusion.dit import LIDiT  # noqa: E402
 from lidit_jax.diffusion.objectives import make_objective  # noqa: E402
@@ -156,7 +157,10 @@ def measure(shape_name, repeats):
     contender = {"shape_name": shape_name}
     seconds, info = interleaved_seconds_apart(
         {"ours": ("benchmarks.train_step:ours_contender", contender),
-         "diffusers": ("benchmarks.train_step:diffusers_contender", contender)}, repeats)
+         "diffusers": ("benchmarks.train_step:diffusers_contender", contender)}, repeats,
+        # What `--mode=train` runs under on CPU (lidit_jax/host_allocator.py); PyTorch's step
+        # measured the same with and without it.
+        environ=host_allocator.with_settings())
     images, flops = shape["batch"], info["ours"]["flops"]
     ours_rate, reference_rate = images / seconds["ours"], images / seconds["diffusers"]
     peak = metrics.measure_cpu_peak_flops()

@@ -10,9 +10,12 @@ stays in the heap and the next step reuses it: no faults, the step 15 % faster, 
 unchanged. The cost is the one an accelerator's caching allocator has: the process keeps its
 peak heap until it exits.
 
-glibc reads these variables only when a process starts, so `python -m lidit_jax.main` and the
-benchmarks re-execute themselves with them (`reexec_with_settings`) when they run on CPU.
-Other C libraries ignore them; on TPU and GPU hosts nothing changes.
+One arena has a price too: every thread takes the same lock. Sampling the demo model (many
+small executions) ran 12 % slower with it (12.3 against 14.0 images/s), the demo's own train
+step the same either way (104 images/s). So only training gets the settings: glibc reads them
+when a process starts, and `python -m lidit_jax.main --mode=train` re-executes itself with them
+(`reexec_with_settings`) when it runs on CPU; the train-step benchmark starts both frameworks'
+workers with them. Other C libraries ignore them; on TPU and GPU hosts nothing changes.
 """
 import importlib.util
 import os

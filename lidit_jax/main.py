@@ -98,6 +98,9 @@ def main(argv):
         configuration.validate(config)
     except configuration.ConfigError as e:
         sys.exit(f"error: invalid config: {e}")
+    if _MODE.value == "train":
+        # Before any device is touched; a no-op off CPU (lidit_jax/host_allocator.py).
+        host_allocator.reexec_with_settings()
     module = importlib.import_module(MODES[_MODE.value])
     if getattr(module, "NEEDS_WORKDIR", True) and not _WORKDIR.value:
         sys.exit(f"error: --mode={_MODE.value} needs --workdir=DIR")
@@ -110,5 +113,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    host_allocator.reexec_with_settings()  # On CPU only; see lidit_jax/host_allocator.py.
     app.run(main, flags_parser=parse_flags)
