@@ -3,8 +3,8 @@
 Pixel space (32 x 32), the paper's instruction before every caption, one linguistic token
 refiner (depth 2) over SmolLM2's third-to-last layer, a depth-4 DiT of width 128. The text states
 are cached once (`--mode=encode`), then training never runs the LLM. On 2 CPU cores the whole
-demo took 9 minutes (encode 2 min, 800 steps at ~75 images/s); samples for fixed prompts land in
-WORKDIR/samples.
+demo took 9 minutes (encode 3.5 min, 800 steps at ~95-100 images/s); samples for fixed prompts
+land in WORKDIR/samples.
 
   python -m lidit_jax.main --config=configs/demo_shapes.py --workdir=workdir/demo_shapes \
       --mode=encode
