@@ -1,31 +1,37 @@
 """nnx.Linear's and nnx.Conv's contractions on CPU (`nn.layers.dense_dot_general`,
 `nn.layers.conv_general_dilated`): the same values and gradients as lax's."""
-import pytest
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from flax import nnx
 
 from lidit_jax.nn import layers
+
+
+def _assert_same_loss_and_gradients(ours, plain, x, outputs, rtol, atol):
+    """`plain` takes `ours`' parameters; then a loss over `outputs` channels, its gradients
+    for the parameters and for x agree to rtol / atol."""
+    nnx.update(plain, nnx.state(ours))
+
+    def loss(module, x):
+        return jnp.sum(jnp.tanh(module(x)) * jnp.arange(float(outputs)))
+
+    value, (grad_module, grad_x) = jax.value_and_grad(loss, argnums=(0, 1))(ours, x)
+    expected, (expected_module, expected_x) = jax.value_and_grad(loss, argnums=(0, 1))(plain, x)
+    np.testing.assert_allclose(value, expected, rtol=rtol)
+    np.testing.assert_allclose(grad_x, expected_x, rtol=rtol, atol=atol)
+    for got, want in zip(jax.tree.leaves(nnx.state(grad_module)),
+                         jax.tree.leaves(nnx.state(expected_module))):
+        np.testing.assert_allclose(got, want, rtol=rtol, atol=atol)
 
 
 def test_cpu_dense_matches_dot_general_forward_and_gradients():
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.standard_normal((3, 5, 16)), jnp.float32)
     dense = layers.linear(16, 8, ("embed", "mlp"), rngs=nnx.Rngs(0))
-    plain = nnx.Linear(16, 8, rngs=nnx.Rngs(0))
-    nnx.update(plain, nnx.state(dense))
-
-    def loss(module, x):
-        return jnp.sum(jnp.tanh(module(x)) * jnp.arange(8.0))
-
-    value, (grad_module, grad_x) = jax.value_and_grad(loss, argnums=(0, 1))(dense, x)
-    expected, (expected_module, expected_x) = jax.value_and_grad(loss, argnums=(0, 1))(plain, x)
-    np.testing.assert_allclose(value, expected, rtol=1e-6)
-    np.testing.assert_allclose(grad_x, expected_x, rtol=1e-5, atol=1e-6)
-    for got, want in zip(jax.tree.leaves(nnx.state(grad_module)),
-                         jax.tree.leaves(nnx.state(expected_module))):
-        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    _assert_same_loss_and_gradients(dense, nnx.Linear(16, 8, rngs=nnx.Rngs(0)), x, 8,
+                                    rtol=1e-5, atol=1e-6)
 
 
 def test_cpu_dense_is_what_cpu_compiles():
@@ -45,18 +51,7 @@ def test_cpu_conv_matches_lax_forward_and_gradients(kernel_size, strides):
     kwargs = dict(strides=strides, padding="SAME", rngs=nnx.Rngs(0))
     ours = nnx.Conv(8, 12, kernel_size, conv_general_dilated=layers.conv_general_dilated,
                     **kwargs)
-    plain = nnx.Conv(8, 12, kernel_size, **kwargs)
-    nnx.update(plain, nnx.state(ours))
-
-    def loss(module, x):
-        return jnp.sum(jnp.tanh(module(x)) * jnp.arange(12.0))
-
-    value, (grad_module, grad_x) = jax.value_and_grad(loss, argnums=(0, 1))(ours, x)
-    expected, (expected_module, expected_x) = jax.value_and_grad(loss, argnums=(0, 1))(plain, x)
-    np.testing.assert_allclose(value, expected, rtol=1e-5)
-    np.testing.assert_allclose(grad_x, expected_x, rtol=1e-4, atol=1e-5)
-    for got, want in zip(jax.tree.leaves(nnx.state(grad_module)),
-                         jax.tree.leaves(nnx.state(expected_module))):
-        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+    _assert_same_loss_and_gradients(ours, nnx.Conv(8, 12, kernel_size, **kwargs), x, 12,
+                                    rtol=1e-4, atol=1e-5)
     primitives = {e.primitive.name for e in jax.make_jaxpr(lambda x: ours(x))(x).eqns}
     assert ("custom_vjp_call" in primitives) == (strides == 1)
