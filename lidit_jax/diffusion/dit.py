@@ -197,7 +197,7 @@ class DiTBackbone(nnx.Module):
         if self.scan_layers:
             # XLA:CPU runs a loop body's ops one after another and copies every layer's
             # residuals into stacked buffers: compiled for CPU the scan is unrolled (the same
-            # stacked parameters), 17 % faster at the benchmarks' PixArt shape. TPU and GPU keep
+            # stacked parameters), 16 % faster at the benchmarks' PixArt shape. TPU and GPU keep
             # the loop, for compile time and memory.
             unroll = self.depth if target_device()[0] == "cpu" else 1
             scan = nnx.scan(apply_block, in_axes=(nnx.Carry, 0, None, None, None),

@@ -58,12 +58,6 @@ _NHWC_HWIO = jax.lax.ConvDimensionNumbers(lhs_spec=(0, 3, 1, 2), rhs_spec=(3, 2,
                                           out_spec=(0, 3, 1, 2))
 
 
-def _same_padded(x, kernel_hw):
-    """x [b, h, w, c] zero-padded for a stride-1 'SAME' convolution with a kernel_hw (odd) window."""
-    (kh, kw) = kernel_hw
-    return jnp.pad(x, ((0, 0), (kh // 2, kh // 2), (kw // 2, kw // 2), (0, 0)))
-
-
 def _same_conv(x, kernel):
     return jax.lax.conv_general_dilated(x, kernel, (1, 1), "SAME", dimension_numbers=_NHWC_HWIO)
 
@@ -87,7 +81,7 @@ def _same_conv_backward(residuals, grad):
     # 3x3 patches [b, h, w, kh*kw*in] (9x the input) times grad [b, h, w, out] is that matmul.
     # The input gradient is the forward convolution of grad with the kernel flipped in space,
     # in and out swapped. A 384-wide 3x3 convolution's backward: 1.2x faster (docs/performance.md).
-    padded = _same_padded(x, (kh, kw))
+    padded = jnp.pad(x, ((0, 0), (kh // 2, kh // 2), (kw // 2, kw // 2), (0, 0)))  # 'SAME'
     patches = jnp.concatenate([padded[:, i:i + h, j:j + w] for i in range(kh) for j in range(kw)],
                               axis=-1)
     d_kernel = jnp.einsum("bhwk,bhwo->ko", patches, grad).reshape(kernel.shape)
