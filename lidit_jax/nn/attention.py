@@ -135,7 +135,7 @@ def _materialized_attention(query, key, value, key_mask, causal, sliding_window,
                             implementation):
     """The xla and cudnn implementations, masks built from `key_mask`, `causal` and the window:
     cuDNN through jax.nn.dot_product_attention; XLA through `_xla_attention` when compiling for
-    TPU or GPU, else (CPU, or a bias) jax.nn's XLA path.
+    TPU or GPU, `_head_major_attention` for CPU, and jax.nn's XLA path with a bias.
 
     Padding goes in as a boolean mask, not `key_value_seq_lengths`: the DiT's text context is
     several right-padded branches concatenated, which no single length per row describes. A
