@@ -9,7 +9,8 @@ from lidit_jax.diffusion.dit import LIDiT
 from lidit_jax.diffusion.objectives import make_objective
 from lidit_jax.parallel import sharding
 from lidit_jax.train.state import create_train_state, make_optimizer, shardings_of
-from lidit_jax.train.step import jit_train_step, make_train_step
+from lidit_jax.train.step import (jit_train_step, make_train_step, merge_microbatches,
+                                  split_microbatches)
 from train_helpers import LLM_WIDTH, make_mesh, random_batch, tiny_config
 
 
@@ -52,10 +53,52 @@ def test_one_and_eight_devices_agree_for_three_steps():
 
 def test_gradient_accumulation_equals_the_large_batch():
     batches = [random_batch(7)]
-    whole, whole_losses, _ = train(tiny_config(microbatches=1), make_mesh(1, 1, 1), batches)
-    accumulated, acc_losses, _ = train(tiny_config(microbatches=4), make_mesh(1, 1, 1), batches)
-    np.testing.assert_allclose(acc_losses, whole_losses, rtol=1e-5)
-    assert_trees_close(accumulated.params, whole.params, rtol=1e-4, atol=1e-6)
+    whole, whole_losses, whole_metrics = train(tiny_config(microbatches=1), make_mesh(1, 1, 1),
+                                               batches)
+    for mesh in (make_mesh(1, 1, 1), make_mesh(2, 4, 1)):
+        accumulated, acc_losses, acc_metrics = train(tiny_config(microbatches=4), mesh, batches)
+        np.testing.assert_allclose(acc_losses, whole_losses, rtol=1e-5)
+        assert_trees_close(accumulated.params, whole.params, rtol=1e-4, atol=1e-6)
+        # Per-timestep-bucket losses pair each example's loss with its own timestep: the
+        # micro-batches' losses come back in batch order.
+        for name in ("loss_t0", "loss_t1", "loss_t2", "loss_t3"):
+            np.testing.assert_allclose(acc_metrics[name], whole_metrics[name], rtol=1e-5)
+
+
+def test_micro_batches_stay_sharded_over_every_batch_axis():
+    """Each micro-batch is split over data x fsdp like the whole batch (no gather, no duplicate
+    work on the `data` axis), and merging gives back the batch order."""
+    mesh, rules = make_mesh(2, 4, 1), tiny_config().mesh.rules
+    batch = jnp.arange(64 * 3, dtype=jnp.float32).reshape(64, 3)
+    with jax.set_mesh(mesh), sharding.axis_rules(rules):
+        batch = jax.device_put(batch, batch_shardings(batch, mesh, rules))
+        micro = jax.jit(lambda x: split_microbatches(x, 4))(batch)
+        merged = jax.jit(merge_microbatches)(micro)
+    batch_spec = sharding.logical_to_mesh_spec(("batch",), rules)
+    assert micro.sharding.is_equivalent_to(NamedSharding(mesh, PartitionSpec(None, *batch_spec)), 3)
+    assert micro.addressable_shards[0].data.shape == (4, 2, 3)  # 64 / 4 micro / 8 devices
+    np.testing.assert_array_equal(micro[1], batch[1::4])
+    np.testing.assert_array_equal(merged, batch)
+
+
+def test_accumulation_adds_no_collective_on_the_batch():
+    """With data x fsdp, the accumulating step gathers only what the single-batch step gathers
+    (the FSDP parameters): a contiguous split all-gathered the inputs over `data`."""
+    mesh = make_mesh(2, 4, 1)
+    batch = random_batch(3, batch=64)
+
+    def all_gathers(microbatches):
+        config = tiny_config(microbatches=microbatches, batch_size=64)
+        constructor = lambda: LIDiT(config, [LLM_WIDTH], 3, rngs=nnx.Rngs(0))  # noqa: E731
+        graphdef, state = create_train_state(constructor, config, mesh)
+        shardings = batch_shardings(batch, mesh, config.mesh.rules)
+        step = jit_train_step(make_train_step(graphdef, config, make_objective(config.diffusion)),
+                              shardings_of(state), shardings, mesh)
+        with jax.set_mesh(mesh), sharding.axis_rules(config.mesh.rules):
+            hlo = step.lower(state, jax.device_put(batch, shardings)).compile().as_text()
+        return hlo.count(" all-gather(")
+
+    assert all_gathers(2) == all_gathers(1)
 
 
 def test_non_finite_step_leaves_the_state_untouched():

@@ -18,8 +18,27 @@ from lidit_jax.train.state import TrainState, learning_rate_schedule, make_optim
 NUM_TIMESTEP_BUCKETS = 4
 
 
-def _split_microbatches(tree, num_micro):
-    return jax.tree.map(lambda x: x.reshape(num_micro, x.shape[0] // num_micro, *x.shape[1:]), tree)
+def split_microbatches(tree, num_micro):
+    """Leaves [batch, ...] -> [num_micro, batch / num_micro, ...]; micro-batch j holds examples
+    j, j + num_micro, j + 2 num_micro, ...
+
+    Strided, not contiguous: each device's shard of the batch splits into num_micro local pieces,
+    so every micro-batch stays sharded over all the batch's mesh axes with no communication. A
+    contiguous split ([num_micro, batch / num_micro] by reshape) lets sharding propagation put the
+    first batch mesh axis (`data`) on the micro-batch dimension: the scan then all-gathers the
+    batch over `data`, whose devices compute the same micro-batch, each as many examples as with
+    no accumulation (LI-DiT-10B at 1024 px on v6e 16x16, fsdp 64 x data 4: 51.1 GiB per chip with
+    2 micro-batches against 36.4 with none).
+    """
+    def split(x):
+        micro = x.reshape(x.shape[0] // num_micro, num_micro, *x.shape[1:]).swapaxes(0, 1)
+        return constrain(micro, (None, "batch") + (None,) * (x.ndim - 1))
+    return jax.tree.map(split, tree)
+
+
+def merge_microbatches(x):
+    """[num_micro, batch / num_micro, ...] from `split_microbatches` -> [batch, ...] in batch order."""
+    return x.swapaxes(0, 1).reshape(x.shape[0] * x.shape[1], *x.shape[2:])
 
 
 def make_train_step(graphdef, config, objective):
@@ -64,9 +83,10 @@ def make_train_step(graphdef, config, objective):
             grads, losses = grad_fn(state.params, inputs)
         else:
             zeros = jax.tree.map(jnp.zeros_like, state.params)
-            grads, losses = jax.lax.scan(accumulate, zeros, _split_microbatches(inputs, num_micro))
+            grads, micro_losses = jax.lax.scan(accumulate, zeros,
+                                               split_microbatches(inputs, num_micro))
+            losses = merge_microbatches(micro_losses)
         grads = jax.tree.map(lambda g: g / global_batch, grads)
-        losses = losses.reshape(global_batch)
         loss = jnp.mean(losses)
 
         updates, new_opt_state = tx.update(grads, state.opt_state, state.params)
