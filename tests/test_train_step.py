@@ -19,11 +19,17 @@ def batch_shardings(batch, mesh, rules):
     return jax.tree.map(lambda x: NamedSharding(mesh, PartitionSpec(*spec, *([None] * (x.ndim - 1)))), batch)
 
 
-def train(config, mesh, batches):
+def jitted_step_and_state(config, mesh, batch):
+    """(the jitted train step for batches shaped like `batch`, a fresh sharded train state)."""
     constructor = lambda: LIDiT(config, [LLM_WIDTH], 3, rngs=nnx.Rngs(0))  # noqa: E731
     graphdef, state = create_train_state(constructor, config, mesh)
     step = jit_train_step(make_train_step(graphdef, config, make_objective(config.diffusion)),
-                          shardings_of(state), batch_shardings(batches[0], mesh, config.mesh.rules), mesh)
+                          shardings_of(state), batch_shardings(batch, mesh, config.mesh.rules), mesh)
+    return step, state
+
+
+def train(config, mesh, batches):
+    step, state = jitted_step_and_state(config, mesh, batches[0])
     losses = []
     with jax.set_mesh(mesh), sharding.axis_rules(config.mesh.rules):
         for batch in batches:
@@ -89,13 +95,10 @@ def test_accumulation_adds_no_collective_on_the_batch():
 
     def all_gathers(microbatches):
         config = tiny_config(microbatches=microbatches, batch_size=64)
-        constructor = lambda: LIDiT(config, [LLM_WIDTH], 3, rngs=nnx.Rngs(0))  # noqa: E731
-        graphdef, state = create_train_state(constructor, config, mesh)
-        shardings = batch_shardings(batch, mesh, config.mesh.rules)
-        step = jit_train_step(make_train_step(graphdef, config, make_objective(config.diffusion)),
-                              shardings_of(state), shardings, mesh)
+        step, state = jitted_step_and_state(config, mesh, batch)
         with jax.set_mesh(mesh), sharding.axis_rules(config.mesh.rules):
-            hlo = step.lower(state, jax.device_put(batch, shardings)).compile().as_text()
+            placed = jax.device_put(batch, batch_shardings(batch, mesh, config.mesh.rules))
+            hlo = step.lower(state, placed).compile().as_text()
         return hlo.count(" all-gather(")
 
     assert all_gathers(2) == all_gathers(1)
