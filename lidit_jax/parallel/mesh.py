@@ -105,9 +105,13 @@ def _named_mesh(device_array):
 def build_mesh(mesh_config, devices=None):
     """The ('data', 'fsdp', 'context', 'tensor') mesh described by `config.mesh`.
 
-    With `dcn_data` or `dcn_fsdp` > 1 (multi-slice), the per-slice sizes come from the ICI part
-    and the mesh is built by `create_hybrid_device_mesh`, so slower DCN links carry only the
-    data-parallel and FSDP traffic across slices.
+    Each axis is the ICI part (`mesh.data`, ...) times its DCN part (`mesh.dcn_data`,
+    `mesh.dcn_fsdp`; 1 for context and tensor): slice s holds block s of the DCN axes, so the
+    slower links between slices carry only data-parallel (and dcn_fsdp) traffic.
+
+    On TPU each slice gets a physical layout from the chips' coordinates (`_tpu_slice_layout`),
+    never the devices' list order, which on a pod follows process ids, not the torus. Other
+    platforms have no torus: devices in id order (on GPU XLA's global numbering, as mesh_utils).
     """
     devices = jax.devices() if devices is None else list(devices)
     dcn = {"data": mesh_config.dcn_data, "fsdp": mesh_config.dcn_fsdp, "context": 1, "tensor": 1}
@@ -118,13 +122,42 @@ def build_mesh(mesh_config, devices=None):
     ici = resolve_axis_sizes({axis: mesh_config[axis] for axis in MESH_AXES},
                              len(devices) // num_slices, "mesh (per slice)")
     ici_shape = [ici[axis] for axis in MESH_AXES]
-    if num_slices > 1:
-        device_array = mesh_utils.create_hybrid_device_mesh(
-            ici_shape, [dcn[axis] for axis in MESH_AXES], devices)
-    else:
-        try:
-            device_array = mesh_utils.create_device_mesh(ici_shape, devices)
-        except (NotImplementedError, AssertionError, ValueError):
-            # Topologies mesh_utils has no physical layout for (e.g. CPU): plain order is fine.
-            device_array = np.asarray(devices).reshape(ici_shape)
-    return _named_mesh(device_array)
+    dcn_shape = [dcn[axis] for axis in MESH_AXES]
+    if devices[0].platform != "tpu":
+        device_array = np.asarray(sorted(devices, key=lambda d: d.id))
+        return _named_mesh(device_array.reshape(np.multiply(ici_shape, dcn_shape)))
+    return _named_mesh(_tpu_slice_layout(ici, dcn_shape, devices))
+
+
+def _tpu_slice_layout(ici, dcn_shape, devices):
+    """TPU devices as the mesh array: per slice, each axis on whole or split torus axes.
+
+    mesh_utils serves the most communication-heavy axis first (tensor, context, fsdp, then data)
+    with physical axes whose sizes multiply to its size, so each tensor, context and FSDP group
+    is a box of neighbouring chips. `allow_split_physical_axes` lets it cut one physical axis in
+    two, the heavier logical axis on the minor (contiguous) part: LI-DiT-1B's fsdp 32 is no
+    product of whole axes of a 4x4x4 slice (it gets 4x4x2, data the other factor 2), and without
+    the split mesh_utils raises. List order is no fallback (it is not the torus on a pod), so a
+    slice with no layout is an error. docs/pods.md lists the layout of each shipped config.
+    """
+    sizes = ", ".join(f"{axis}={size}" for axis, size in ici.items())
+    # libtpu's one-slice topology devices have no slice_index.
+    slices = {getattr(d, "slice_index", 0) for d in devices}
+    num_slices = int(np.prod(dcn_shape))
+    if len(slices) != num_slices:
+        raise ValueError(
+            f"mesh: the {len(devices)} TPU chips are in {len(slices)} slice(s) but "
+            f"mesh.dcn_data * mesh.dcn_fsdp = {num_slices}; set --config.mesh.dcn_data="
+            f"{len(slices)} (launch/tpu_vm.sh and launch/xpk.sh add it for several slices)")
+    ici_shape = list(ici.values())
+    try:
+        if num_slices == 1:
+            return mesh_utils.create_device_mesh(ici_shape, devices,
+                                                 allow_split_physical_axes=True)
+        return mesh_utils.create_hybrid_device_mesh(ici_shape, dcn_shape, devices,
+                                                    allow_split_physical_axes=True)
+    except (NotImplementedError, AssertionError, ValueError) as e:
+        raise ValueError(
+            f"mesh: no physical layout of {sizes} on each of {num_slices} slice(s) of "
+            f"{len(devices) // num_slices} TPU chips ({devices[0].device_kind}); give build_mesh "
+            f"whole slices (all of jax.devices()), each a box of chips. mesh_utils: {e}") from e
