@@ -21,7 +21,6 @@ CHOICES = {
     "text.attention": ("auto", "xla", "cudnn", "splash"),
     "model.context_parallel": ("none", "ulysses", "ring"),
     "model.dtype": ("float32", "bfloat16", "float16"),
-    "model.param_dtype": ("float32", "bfloat16"),
     "model.residual_dtype": ("float32", "bfloat16"),
     "diffusion.objective": ("epsilon", "v", "flow"),
     "diffusion.schedule": ("linear", "scaled_linear", "cosine"),
@@ -165,6 +164,16 @@ def _validate_text(config):
 
 
 def _validate_model(config):
+    if config.model.param_dtype != "float32":
+        # The AdamW moments and the EMA take the parameters' dtype. bfloat16 rounds away any
+        # change below 2^-9 of a weight: the EMA at decay 0.9999 moves 1e-4 of the gap and never
+        # changes, AdamW steps of ~lr vanish on weights above ~lr * 2^9 (docs/pods.md: one step
+        # at lr 1e-4 left 57 % of a DiT's weights and 99.99 % of its EMA unchanged).
+        raise ConfigError(
+            f"model.param_dtype={config.model.param_dtype!r}: the parameters, AdamW moments and "
+            "EMA would be stored in it, and bfloat16 rounds away updates of 1e-4 of a weight (the "
+            "EMA at train.ema_decay=0.9999 would never move, most AdamW steps at lr 1e-4 would "
+            "vanish); keep model.param_dtype='float32' (matmuls already run in model.dtype)")
     if config.model.width % config.model.heads:
         raise ConfigError(f"model.width={config.model.width} is not divisible by "
                           f"model.heads={config.model.heads}")

@@ -1,4 +1,4 @@
-"""Logical rules -> PartitionSpecs, sharded state creation, the replication check."""
+"""Logical rules -> PartitionSpecs, sharded state creation, the parameter and batch-row checks."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -6,10 +6,14 @@ import pytest
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from configs import common
+from configs import common, demo_shapes, lidit_1b, lidit_10b
+from configs.ablations import base as ablation_base
+from lidit_jax import aot, configuration
+from lidit_jax.diffusion.dit import LIDiT
 from lidit_jax.nn.layers import MLP
 from lidit_jax.parallel import mesh as mesh_lib
 from lidit_jax.parallel import sharding
+from lidit_jax.train.state import abstract_train_state
 
 RULES = common.DEFAULT_SHARDING_RULES
 
@@ -28,7 +32,7 @@ def test_rules_to_partition_specs():
         sharding.logical_to_mesh_spec(("nonexistent",), RULES)
 
 
-def test_dimension_not_divisible_is_replicated():
+def test_activation_dimension_not_divisible_is_replicated():
     mesh = make_mesh(1, 8, 1)
     assert sharding.logical_to_mesh_spec(("embed", "mlp"), RULES, mesh, (12, 16)) == P(None, "tensor")
     assert sharding.logical_to_mesh_spec(("embed", "mlp"), RULES, mesh, (16, 16)) == P("fsdp", "tensor")
@@ -76,9 +80,91 @@ def test_large_replicated_parameter_fails_the_check():
     with pytest.raises(ValueError, match="replicated on every device.*up.kernel"):
         sharding.create_sharded(lambda: MLP(512, 2048, rngs=nnx.Rngs(0)), mesh, rules,
                                 replicated_min_size=512 * 1024)
+    # Also when its spec names only a mesh axis of size 1: P(None, 'tensor') at tensor=1.
+    only_tensor = tuple((k, None if k == "embed" else v) for k, v in RULES)
+    with pytest.raises(ValueError, match="replicated on every device.*up.kernel"):
+        sharding.create_sharded(lambda: MLP(512, 2048, rngs=nnx.Rngs(0)), mesh, only_tensor,
+                                replicated_min_size=512 * 1024)
     model = sharding.create_sharded(lambda: MLP(512, 2048, rngs=nnx.Rngs(0)), mesh, rules,
                                     check_replicated=False)
     assert model.up.kernel[...].sharding.is_fully_replicated
+
+
+def test_parameter_dimension_not_divisible_fails_naming_parameter_and_axis():
+    # Before: 12 rows of `embed` over fsdp=8 were silently replicated (only fully replicated
+    # parameters of 4M+ elements failed).
+    mesh = make_mesh(1, 8, 1)
+    make = lambda: MLP(12, 16, rngs=nnx.Rngs(0))  # noqa: E731
+    with pytest.raises(ValueError, match=r"up\.kernel \(12, 16\): dimension 0 \('embed', 12\) "
+                                          r"over mesh axes \('fsdp',\) of size 8.*"
+                                          r"mesh\.check_replicated=False"):
+        sharding.create_sharded(make, mesh, RULES)
+    model = sharding.create_sharded(make, mesh, RULES, check_replicated=False)
+    assert model.up.kernel[...].sharding.spec == P(None, "tensor")
+
+
+def _batch_sharding(devices, **sizes):
+    config = common.get_config()
+    config.mesh.update(sizes)
+    mesh = mesh_lib.build_mesh(config.mesh, devices)
+    return jax.sharding.NamedSharding(mesh, sharding.logical_to_mesh_spec(("batch",), RULES))
+
+
+def test_hosts_own_distinct_batch_rows_only_when_tensor_stays_within_a_host():
+    # libtpu's v5p 4x4x4: 16 hosts of 2x2x1 chips, each device with its process_index.
+    devices = aot.topology_devices("v5p:4x4x4")
+    assert len({d.process_index for d in devices}) == 16
+    within = _batch_sharding(devices, data=-1, fsdp=8, tensor=2)
+    rows = sharding.batch_rows_by_process(within, 2048)
+    assert sorted(rows) == list(range(16)) and all(len(r) == 128 for r in rows.values())
+    assert set().union(*rows.values()) == set(range(2048))
+    sharding.check_batch_rows_per_process(within, 2048)
+    # tensor=8 spans two hosts; so does tensor=4, as many chips as a host has: the mesh lays it
+    # along the physical 4-chip x ring, which two hosts share.
+    for sizes, axis in [(dict(tensor=8), "tensor"), (dict(tensor=4), "tensor"),
+                        (dict(context=4), "context")]:
+        spanning = _batch_sharding(devices, data=-1, **sizes)
+        assert any(len(r) != 128 for r in sharding.batch_rows_by_process(spanning, 2048).values())
+        with pytest.raises(ValueError, match=rf"16 equal shares.*mesh axes \['{axis}'\].*"
+                                             r"span processes.*lower mesh\.tensor / mesh\.context"):
+            sharding.check_batch_rows_per_process(spanning, 2048)
+
+
+def test_compile_refuses_a_mesh_whose_hosts_would_share_batch_rows():
+    config = demo_shapes.get_config()
+    config.text.llms.smollm2.width = 576
+    config.mesh.data, config.mesh.tensor = -1, 8
+    config.model.heads, config.train.batch_size = 8, 64
+    with pytest.raises(ValueError, match=r"mesh axes \['tensor'\].*span processes"):
+        aot.compile_train_step(config, aot.topology_devices("v5p:4x4x4"))
+
+
+def _shipped_configs():
+    """(name, config, devices): each shipped config on the devices it is meant for."""
+    cpu = jax.devices()
+    yield "demo_shapes", demo_shapes.get_config(), cpu
+    yield "ablations", ablation_base.get_config(), cpu
+    for name, config in [("lidit_1b", lidit_1b.get_config()),
+                         ("lidit_1b:offline", lidit_1b.get_config("offline")),
+                         ("lidit_10b", lidit_10b.get_config()),
+                         ("lidit_10b:1024", lidit_10b.get_config("1024"))]:
+        yield name, config, aot.topology_devices(config.aot.topology)
+
+
+def test_every_shipped_config_builds_its_abstract_state_and_batch_on_its_mesh():
+    # The strict checks (no undivided parameter dimension, no large replicated parameter, each
+    # host its own batch rows) pass for every config we ship, on its topology.
+    for name, config, devices in _shipped_configs():
+        assert config.mesh.check_replicated, name
+        mesh = mesh_lib.build_mesh(config.mesh, devices)
+        widths = configuration.llm_widths_from_config(config)
+        _, state = abstract_train_state(
+            lambda c=config, w=widths: LIDiT(c, w, c.vae.latent_channels, rngs=nnx.Rngs(0)),
+            config, mesh)
+        assert state.params, name
+        batch = jax.sharding.NamedSharding(
+            mesh, sharding.logical_to_mesh_spec(("batch",), config.mesh.rules))
+        sharding.check_batch_rows_per_process(batch, config.train.batch_size)
 
 
 def test_constrain_is_noop_outside_mesh():

@@ -1,4 +1,5 @@
-"""Logical axis names -> mesh PartitionSpecs, activation constraints, sharded state creation.
+"""Logical axis names -> mesh PartitionSpecs, activation constraints, sharded state creation,
+and the checks that parameters and batch rows land on the devices as the config intends.
 
 Parameters are annotated with logical names by the layers (`nnx.with_partitioning`); the config's
 rules table (`config.mesh.rules`) says which mesh axes each logical name is sharded over. State is
@@ -44,12 +45,19 @@ def logical_to_mesh_spec(logical_axes, rules, mesh=None, shape=None):
     """PartitionSpec for one array whose dimensions carry `logical_axes` (names or None).
 
     A mesh axis is used at most once per array (later dimensions drop it). With `mesh` and
-    `shape`, a dimension that the mesh axes do not divide is replicated instead of failing, so
-    small test models run on any mesh; the replication check catches it where it matters.
+    `shape`, a dimension that its mesh axes do not divide is replicated instead of failing: the
+    lenient rule for activations (`constrain`), whose shapes the model fixes. Parameters must
+    not rely on it; `check_parameter_shardings` fails on such a dimension.
     """
+    return _resolve(logical_axes, rules, mesh, shape)[0]
+
+
+def _resolve(logical_axes, rules, mesh, shape):
+    """(PartitionSpec, [(dimension, logical name, mesh axes, their size)] of the dimensions
+    those mesh axes do not divide, which the spec replicates)."""
     table = rules if isinstance(rules, dict) else dict((k, _as_axes(v)) for k, v in rules)
     used = set()
-    spec = []
+    spec, undivided = [], []
     for dim, name in enumerate(logical_axes):
         if name is None:
             spec.append(None)
@@ -61,10 +69,11 @@ def logical_to_mesh_spec(logical_axes, rules, mesh=None, shape=None):
         if mesh is not None and shape is not None and axes:
             size = math.prod(mesh.shape[a] for a in axes)
             if shape[dim] % size:
+                undivided.append((dim, name, axes, size))
                 axes = ()
         used.update(axes)
         spec.append(axes[0] if len(axes) == 1 else (axes or None))
-    return PartitionSpec(*spec)
+    return PartitionSpec(*spec), undivided
 
 
 _current_rules = flax_spmd.get_logical_axis_rules
@@ -112,16 +121,14 @@ def state_shardings(abstract_state, mesh, rules):
 def create_sharded(constructor, mesh, rules, *, check_replicated=True, replicated_min_size=2**22):
     """Builds `constructor()` (an nnx.Module or any nnx graph) directly sharded over `mesh`.
 
-    Returns the module. Raises if a parameter with >= replicated_min_size elements is fully
-    replicated on a multi-device mesh and `check_replicated` is on: such a run would waste memory
-    on every device, usually because a rules entry is missing or a dimension does not divide.
+    Returns the module. With `check_replicated` on, raises as `check_parameter_shardings` does.
     """
     validate_rules(rules, mesh.axis_names)
     abstract = nnx.eval_shape(constructor)
     graphdef, abstract_state = nnx.split(abstract)
     shardings = state_shardings(abstract_state, mesh, rules)
     if check_replicated:
-        check_not_replicated(abstract_state, shardings, mesh, replicated_min_size)
+        check_parameter_shardings(abstract_state, shardings, mesh, rules, replicated_min_size)
 
     state = init_in_shards(lambda: nnx.state(constructor()), shardings, mesh, rules)
     return nnx.merge(graphdef, state)
@@ -135,24 +142,93 @@ def init_in_shards(init, shardings, mesh, rules):
         return jax.jit(init, out_shardings=shardings)()
 
 
-def check_not_replicated(abstract_state, shardings, mesh, min_size):
-    """Raises naming the parameters of >= min_size elements that no mesh axis shards."""
+def check_parameter_shardings(abstract_state, shardings, mesh, rules, replicated_min_size):
+    """Raises unless every parameter is sharded as `rules` say (config key
+    mesh.check_replicated=False turns this off).
+
+    Two failures, each naming the parameters: a dimension that its mesh axes do not divide
+    (`logical_to_mesh_spec` would silently replicate it over them, whatever its size), and a
+    parameter of >= replicated_min_size elements that no mesh axis of size > 1 shards (a rules
+    entry missing, or its axes at size 1). Either way every device holds memory the run sized
+    for one shard.
+    """
     if mesh.size == 1:
         return
-    flat_vars = dict(nnx.to_flat_state(abstract_state))
+    flat_vars = nnx.to_flat_state(abstract_state)
+    undivided = []
+    for path, variable in flat_vars:
+        for dim, name, axes, size in _resolve(_logical_axes_of(variable), rules, mesh,
+                                              variable.shape)[1]:
+            undivided.append(
+                f"{_dotted(path)} {tuple(variable.shape)}: dimension {dim} ({name!r}, "
+                f"{variable.shape[dim]}) over mesh axes {axes} of size {size}")
+    if undivided:
+        raise ValueError(
+            "parameter dimensions not divisible by their mesh axes would be replicated over "
+            f"them: {'; '.join(undivided[:10])}. Pick mesh sizes (mesh.fsdp, mesh.tensor, ...) "
+            "or model sizes that divide them, map the logical axis to other mesh axes in "
+            "mesh.rules, or set mesh.check_replicated=False to replicate them")
     flat_shardings = dict(nnx.to_flat_state(shardings))
     offenders = []
-    for path, variable in flat_vars.items():
-        size = int(np.prod(variable.shape))
-        spec = flat_shardings[path]
-        spec = getattr(spec, "value", spec).spec
-        if size >= min_size and all(entry is None for entry in spec):
-            offenders.append(f"{'.'.join(map(str, path))} {tuple(variable.shape)}")
+    for path, variable in flat_vars:
+        named = flat_shardings[path]
+        # Fully replicated also when the spec names only size-1 mesh axes (`tensor` at 1).
+        replicated = getattr(named, "value", named).is_fully_replicated
+        if math.prod(variable.shape) >= replicated_min_size and replicated:
+            offenders.append(f"{_dotted(path)} {tuple(variable.shape)}")
     if offenders:
         raise ValueError(
             "parameters replicated on every device (add or fix their logical axes in "
-            "mesh.rules, pick mesh sizes that divide them, or set mesh.check_replicated=False): "
-            + "; ".join(offenders[:10]))
+            "mesh.rules, or set mesh.check_replicated=False): " + "; ".join(offenders[:10]))
+
+
+def _dotted(path):
+    return ".".join(map(str, path))
+
+
+def batch_rows_by_process(batch_sharding, global_batch):
+    """{process_index: set of batch rows} that each process's devices hold of a [global_batch, ...]
+    array sharded by `batch_sharding` (a NamedSharding; only its first dimension matters).
+    Works for devices this host does not drive: each device carries its process_index."""
+    rows_only = NamedSharding(batch_sharding.mesh, PartitionSpec(*batch_sharding.spec[:1]))
+    rows = {}
+    for device, index in rows_only.devices_indices_map((global_batch,)).items():
+        rows.setdefault(device.process_index, set()).update(range(*index[0].indices(global_batch)))
+    return rows
+
+
+def check_batch_rows_per_process(batch_sharding, global_batch):
+    """Raises unless each process holds its own global_batch / process_count rows of the batch.
+
+    The input pipeline's contract: every process loads a different share of the global batch
+    and `jax.make_array_from_process_local_data` places it on that process's devices. When a
+    mesh axis that does not shard the batch (`tensor`, `context`) spans processes, processes
+    along it hold the same rows but load different ones: the batch is built at the wrong size
+    and the first step fails on a shape, or trains on the wrong rows.
+    """
+    rows = batch_rows_by_process(batch_sharding, global_batch)
+    processes = len(rows)
+    if all(len(r) * processes == global_batch for r in rows.values()):
+        return  # Equal shares that together cover every row exactly once: disjoint.
+    mesh = batch_sharding.mesh
+    batch_axes = _as_axes(batch_sharding.spec[0] if batch_sharding.spec else None)
+    process_ids = np.vectorize(lambda d: d.process_index)(mesh.devices)
+    spanning = [name for i, name in enumerate(mesh.axis_names)
+                if name not in batch_axes and (np.ptp(process_ids, axis=i) > 0).any()]
+    shares = sorted({len(r) for r in rows.values()})
+    if not spanning:
+        raise ValueError(f"the {processes} processes hold unequal shares of the "
+                         f"{global_batch} batch rows ({shares} rows); give every process as many "
+                         "devices on the batch's mesh axes")
+    raise ValueError(
+        f"the batch rows do not split into {processes} equal shares of {global_batch} / "
+        f"{processes}, one per process (shares of {shares} rows): mesh axes {spanning} (sizes "
+        f"{[mesh.shape[a] for a in spanning]}) do not shard the batch (mesh.rules maps 'batch' "
+        f"to {batch_axes}) yet span processes, so processes along them need the same rows while "
+        f"each loads its own. Keep them within a host ({mesh.devices.size // processes} devices "
+        "per process here; the mesh lays an axis along a physical ring, which can cross hosts "
+        "even at that size): lower mesh.tensor / mesh.context and raise mesh.fsdp or mesh.data "
+        "instead")
 
 
 def bytes_per_device(tree):

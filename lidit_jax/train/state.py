@@ -91,8 +91,8 @@ def abstract_train_state(model_constructor, config, mesh):
     graphdef, abstract_params = _split_params(nnx.eval_shape(model_constructor))
     param_shardings = sharding.state_shardings(abstract_params, mesh, rules)
     if config.mesh.check_replicated:
-        sharding.check_not_replicated(abstract_params, param_shardings, mesh,
-                                      config.mesh.replicated_min_size)
+        sharding.check_parameter_shardings(abstract_params, param_shardings, mesh, rules,
+                                           config.mesh.replicated_min_size)
     tx = make_optimizer(config.train)
     abstract = jax.eval_shape(lambda p: _init_state(p, tx, config.seed), abstract_params)
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
