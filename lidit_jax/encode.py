@@ -1,8 +1,9 @@
 """`--mode=encode`: run the frozen encoders once over the data set, so training never does.
 
   python -m lidit_jax.main --config=configs/demo_shapes.py --workdir=DIR --mode=encode
-Fills `text.cache_dir` (one cache per LLM of `text.encoders`, plus the empty prompt) from the
-captions of `config.data`, and, when `vae.latent_cache_dir` is set, the latent cache from its
+Fills `text.cache_dir` (one cache per LLM of `text.encoders`, plus the empty prompt and the
+fixed prompts that training encodes at start: `fixed_prompts`) from the captions of
+`config.data`, and, when `vae.latent_cache_dir` is set, the latent cache from its
 images (`lidit_jax/diffusion/latent_cache.py`). Resumable: run it again after a kill and it
 continues with the first incomplete shard. On several hosts each process encodes its own shards
 (shard k goes to process k mod process_count). Prints one line per cache:
@@ -16,8 +17,10 @@ from lidit_jax import configuration
 from lidit_jax.data import array_cache, pipeline
 from lidit_jax.diffusion import latent_cache
 from lidit_jax.diffusion.vae import make_image_space
+from lidit_jax.evaluate import during_training
 from lidit_jax.text import cache as text_cache
 from lidit_jax.text.encoder import PromptEncoder
+from lidit_jax.train import sampling
 
 NEEDS_WORKDIR = True
 ENCODE_BATCH_SIZE = 64
@@ -38,16 +41,25 @@ def _progress(total, desc):
     return tqdm.tqdm(total=total, desc=desc, disable=jax.process_index() != 0)
 
 
+def fixed_prompts(config):
+    """Every prompt a training run of `config` encodes at start, once each: the sampler's and
+    the evaluation's (with the empty prompt). Training reads them from the text cache, so it
+    never loads the LLMs."""
+    return list(dict.fromkeys(sampling.fixed_prompts(config)
+                              + during_training.fixed_prompts(config)))
+
+
 def _encode_text(config, workdir, source):
     num_records = len(source)
     root = text_cache.cache_root(config, workdir)
+    prompts = fixed_prompts(config)
     for name in configuration.encoder_names(config):
         encoder = PromptEncoder.from_config(config, name)
-        logging.info("encoding %d captions with %s (layer %d) into %s", num_records,
-                     encoder.llm.name, encoder.layer, root)
+        logging.info("encoding %d captions and %d fixed prompts with %s (layer %s) into %s",
+                     num_records, len(prompts), encoder.llm_name, encoder.layer, root)
         with _progress(num_records, f"encode {name}") as progress:
             written = text_cache.write_text_cache(
-                encoder, config, workdir, source.caption, num_records,
+                encoder, config, workdir, source.caption, num_records, prompts=prompts,
                 batch_size=ENCODE_BATCH_SIZE, process_index=jax.process_index(),
                 process_count=jax.process_count(), progress=progress.update)
         print(f"text_cache={root / name} records={num_records} written={written}")

@@ -1,7 +1,9 @@
 """Text-state and latent caches: what training reads from them equals online encoding; a cache
 made with other settings is refused naming the field; --mode=encode fills both."""
 import io
+import logging
 import re
+import shutil
 
 import jax
 import numpy as np
@@ -112,6 +114,120 @@ def test_text_cache_of_other_data_is_refused(tiny_llm, text_cache_dir, change, n
         text_cache.CachedTextStates(str(text_cache_dir / "smollm2"), config.text.max_length,
                                     expected=text_cache.expected_metadata(encoder, config,
                                                                           num_records))
+
+
+# ---- Start-up from the text cache: no LLM weights read ------------------------------------------
+def _tiny_run_config(tiny_llm, cache_dir):
+    """The demo config, tiny (as tests/test_train_loop.py's runs), with evals and samples."""
+    from configs import demo_shapes
+
+    config = demo_shapes.get_config()
+    config.text.llms.smollm2.path = str(tiny_llm)
+    config.text.cache_dir = str(cache_dir)
+    config.text.max_length = 48
+    config.text.refiner.depth, config.text.refiner.heads = 1, 2
+    config.model.depth, config.model.width, config.model.heads = 1, 32, 2
+    config.model.patch_size = 8
+    config.data.shapes_num_records = 64
+    config.train.batch_size = 8
+    config.train.steps = 2
+    config.train.sample_every = 2
+    config.train.samples_per_prompt = 1
+    config.diffusion.sample_steps = 2
+    config.eval.every = 2
+    config.eval.num_prompts, config.eval.batch_size, config.eval.val_records = 4, 4, 4
+    config.checkpoint.every = 2
+    config.logging.progress_bar = False
+    return config
+
+
+@pytest.fixture(scope="module")
+def encoded_run(tiny_llm, tmp_path_factory):
+    """(config, workdir) whose text cache `--mode=encode` filled (in process)."""
+    workdir = tmp_path_factory.mktemp("startup")
+    config = _tiny_run_config(tiny_llm, workdir / "text_cache")
+    encode.run(config, str(workdir))
+    return config, workdir
+
+
+@pytest.fixture
+def weights_read(monkeypatch):
+    """Counts the LLM weight tensors read (the loader's one reader of parameters)."""
+    from lidit_jax.text import weights
+
+    calls = []
+    original = weights._read_parameter
+    monkeypatch.setattr(weights, "_read_parameter",
+                        lambda *args: calls.append(args[2]) or original(*args))
+    return calls
+
+
+@pytest.mark.slow
+def test_training_from_the_text_cache_reads_no_llm_weights(encoded_run, monkeypatch, tmp_path):
+    """Start-up (widths, fingerprints, the sampler's and evals' fixed prompts) and training
+    take everything from the LLM's metadata and the text cache: its weights are never read."""
+    from lidit_jax.text import weights
+    from lidit_jax.train import loop
+
+    config, workdir = encoded_run
+    run = tmp_path / "run"  # The cache is an absolute path: shared with the encode workdir.
+
+    def refuse(*args):
+        raise AssertionError(f"LLM weights read during training: {args[2]}")
+    monkeypatch.setattr(weights, "_read_parameter", refuse)
+    loop.run(config, str(run))
+    assert (run / "samples" / "step_0000002.png").exists()
+    metrics = (run / "metrics.jsonl").read_text()
+    assert "eval/prompt_accuracy" in metrics and "eval/val_loss" in metrics
+    assert (run / "checkpoints" / "2").is_dir()
+
+
+def test_fixed_prompts_come_from_the_cache_and_a_miss_loads_the_llm(encoded_run, weights_read,
+                                                                     caplog):
+    from lidit_jax.train import sampling
+    from lidit_jax.train.inputs import TrainInputs
+    from train_helpers import make_mesh
+
+    config, workdir = encoded_run
+    inputs = TrainInputs(config, str(workdir), make_mesh(1, 1, 1))
+    prompts = [*config.train.sample_prompts, ""]
+    assert prompts == sampling.fixed_prompts(config)
+    cached = inputs.encode_prompts(prompts)
+    assert not weights_read
+    # What the LLM makes of the same prompts (bf16 states: one rounding apart at most).
+    encoder = inputs.encoders[0]
+    online = jax.device_get(encoder.encode(prompts))
+    assert weights_read  # Now it had to load.
+    np.testing.assert_array_equal(cached["masks"][0], online["mask"])
+    np.testing.assert_array_equal(cached["prompt_masks"][0], online["prompt_mask"])
+    mask = online["mask"]  # Padding: zeros in the cache, whatever the LLM made of pad tokens.
+    np.testing.assert_allclose(cached["states"][0][mask].astype(np.float32),
+                               online["states"][mask].astype(np.float32), rtol=2 ** -7, atol=1e-3)
+    inputs.release_encoders()
+    weights_read.clear()
+
+    # A prompt added after encoding: the LLM loads again and encodes it, and the log says so.
+    caplog.set_level(logging.INFO)
+    new = inputs.encode_prompts(["a small red circle in the middle", ""])
+    assert weights_read and new["states"][0].shape == cached["states"][0][:2].shape
+    assert re.search(r"1 of 2 fixed prompts .* not in the text cache .*/smollm2/prompts: the LLM "
+                     r"encodes them instead, loading its weights; run --mode=encode again",
+                     caplog.text)
+    assert "loading the weights of llama:" in caplog.text
+    inputs.close()
+
+
+def test_encode_rewrites_the_fixed_prompts_when_they_changed(encoded_run, tmp_path):
+    config, workdir = encoded_run
+    other = tmp_path / "cache"
+    shutil.copytree(workdir / "text_cache", other)
+    config = config.copy_and_resolve_references()
+    config.text.cache_dir = str(other)
+    config.train.sample_prompts = ("a large red circle on the left",)
+    encode.run(config, str(tmp_path))
+    stored = array_cache.ArrayCache(other / "smollm2" / text_cache.PROMPTS_DIR)
+    assert stored.metadata["prompts"] == encode.fixed_prompts(config)
+    assert len(stored) == len(encode.fixed_prompts(config))
 
 
 # ---- Latent cache -----------------------------------------------------------------------------

@@ -17,7 +17,7 @@ import numpy as np
 from flax import nnx
 
 from lidit_jax.data import pipeline
-from lidit_jax.evaluate.shapes_eval import ShapesEvaluator
+from lidit_jax.evaluate.shapes_eval import ShapesEvaluator, heldout_records
 from lidit_jax.evaluate.scorer import METRICS
 
 
@@ -34,6 +34,18 @@ def validation_records(config):
                          f"{len(source)} records")
     records = [source[i] for i in range(config.eval.val_records)]
     return np.stack([r["image"] for r in records]), [r["caption"] for r in records]
+
+
+def fixed_prompts(config):
+    """The prompts `TrainingEval` encodes (none with eval.every = 0): the shapes held-out
+    prompts and the empty one (guidance), and the validation records' captions.
+    `--mode=encode` stores them in the text cache."""
+    if not config.eval.every:
+        return []
+    prompts = []
+    if config.data.source == "shapes":
+        prompts = [record["caption"] for record in heldout_records(config)] + [""]
+    return prompts + validation_records(config)[1]
 
 
 def fixed_times(objective, fractions):
@@ -58,7 +70,8 @@ def make_validation_loss(graphdef, objective):
 
 
 class TrainingEval:
-    """Built once before the loop (prompts encoded, records fixed); `write` per evaluation."""
+    """Built once before the loop (prompts encoded, from the text cache where `--mode=encode`
+    stored them: `fixed_prompts`; records fixed); `write` per evaluation."""
 
     def __init__(self, config, graphdef, objective, inputs):
         self.config = config

@@ -5,14 +5,23 @@ One directory per LLM under `text.cache_dir` (relative paths are inside the work
                                     (bf16 [length, width]) and the prompt span [start, stop)
   <cache_dir>/<llm name>/empty/     the empty prompt (the unconditional branch of guidance and
                                     the caption-dropout target), encoded once
-Both are `lidit_jax.data.array_cache` directories, whose metadata.json records the LLM id and
+  <cache_dir>/<llm name>/prompts/   the fixed prompts a training run encodes at start (samples,
+                                    evals, the empty prompt), listed by text in its metadata
+All are `lidit_jax.data.array_cache` directories, whose metadata.json records the LLM id and
 weights fingerprint, layer, final norm, template and the data set; a config that differs in any
-of these is refused with the field that differs.
+of these is refused with the field that differs. A fixed prompt missing from prompts/ (prompts
+changed after encoding, or a cache made before prompts/ existed) is encoded by the LLM instead,
+whose weights then load: a warning says so.
 """
+import json
+
 import numpy as np
+from absl import logging
 
 from lidit_jax.data import array_cache, pipeline
 from lidit_jax.text.encoder import pad_entry, trim_entry
+
+PROMPTS_DIR = "prompts"
 
 
 def cache_root(config, workdir):
@@ -31,9 +40,10 @@ def _encode_to_entries(encoder, captions):
     return [trim_entry(s, m, p) for s, m, p in zip(states, masks, prompt_masks)]
 
 
-def write_text_cache(encoder, config, workdir, caption_of, num_records, *, batch_size=64,
-                     process_index=0, process_count=1, progress=None):
-    """Encodes captions 0..num_records-1 (`caption_of(i)` -> str) and the empty prompt.
+def write_text_cache(encoder, config, workdir, caption_of, num_records, *, prompts=(),
+                     batch_size=64, process_index=0, process_count=1, progress=None):
+    """Encodes captions 0..num_records-1 (`caption_of(i)` -> str), the empty prompt and the
+    fixed `prompts` (process 0 writes these two).
 
     Resumable: complete shards are kept, so a killed run continues where it stopped.
     Returns the number of records written by this process.
@@ -46,9 +56,31 @@ def write_text_cache(encoder, config, workdir, caption_of, num_records, *, batch
     if process_index == 0:
         array_cache.write_cache(directory / "empty", 1,
                                 lambda _: _encode_to_entries(encoder, [""]), metadata)
+        if prompts:
+            _write_prompts(encoder, directory / PROMPTS_DIR, _identity(metadata), prompts)
     return array_cache.write_cache(directory, num_records, encode_batch, metadata,
                                    batch_size=batch_size, process_index=process_index,
                                    process_count=process_count, progress=progress)
+
+
+def _identity(metadata):
+    """The fields of `expected_metadata` that fixed prompts depend on (not the data set)."""
+    return {k: v for k, v in metadata.items() if k != "data"}
+
+
+def _write_prompts(encoder, directory, identity, prompts):
+    """The fixed prompts' store; rewritten whole (it is small) when the prompts changed."""
+    prompts = list(dict.fromkeys(prompts))
+    metadata_path = directory / array_cache.METADATA_FILE
+    if (metadata_path.exists()
+            and json.loads(metadata_path.read_text()).get("prompts") != prompts):
+        logging.info("the fixed prompts changed since %s was written: writing it again",
+                     directory)
+        directory.rmtree()
+    array_cache.write_cache(
+        directory, len(prompts),
+        lambda indices: _encode_to_entries(encoder, [prompts[i] for i in indices]),
+        dict(identity, prompts=prompts))
 
 
 class CachedTextStates:
@@ -61,6 +93,12 @@ class CachedTextStates:
             self.cache.check(expected)
         self.max_length = max_length
         self._empty_entry = pad_entry(self.empty[0], max_length)
+        self._prompts, self._prompt_index = None, {}
+        if (self.cache.directory / PROMPTS_DIR / array_cache.METADATA_FILE).exists():
+            self._prompts = array_cache.ArrayCache(self.cache.directory / PROMPTS_DIR)
+            if expected is not None:
+                self._prompts.check(_identity(expected))
+            self._prompt_index = {p: i for i, p in enumerate(self._prompts.metadata["prompts"])}
 
     @property
     def metadata(self):
@@ -76,6 +114,17 @@ class CachedTextStates:
                    for i, empty in zip(record_ids, use_empty)]
         return {k: np.stack([e[k] for e in entries]) for k in ("states", "mask", "prompt_mask")}
 
-    def empty_prompt(self):
-        """The empty prompt's arrays with a batch axis of 1."""
-        return {k: v[None] for k, v in self._empty_entry.items()}
+    def fixed_prompts(self, prompts):
+        """Fixed prompts (list of str) -> dict(states [b, L, w], mask, prompt_mask) from
+        prompts/, or None, with a warning, when any of them is not there: the caller then
+        encodes them with the LLM."""
+        missing = [p for p in dict.fromkeys(prompts) if p not in self._prompt_index]
+        if missing:
+            logging.warning(
+                "%d of %d fixed prompts (e.g. %r) are not in the text cache %s: the LLM encodes "
+                "them instead, loading its weights; run --mode=encode again to store them",
+                len(missing), len(prompts), missing[0], self.cache.directory / PROMPTS_DIR)
+            return None
+        entries = [pad_entry(self._prompts[self._prompt_index[p]], self.max_length)
+                   for p in prompts]
+        return {k: np.stack([e[k] for e in entries]) for k in ("states", "mask", "prompt_mask")}

@@ -6,17 +6,25 @@
   {"states": [[batch, max_length, width_k] per LLM], "masks": [...], "prompt_masks": [...]}
 with states chosen by `text.llms.<name>.layer` (one layer, several, all of them averaged or
 all of them for a learned pool: `text/features.py`), optionally through the LLM's final norm.
+
+What identifies an encoder and shapes its states (name, widths, the weights' fingerprint, the
+template) comes from the model's metadata (config.json or the GGUF header) and its tokenizer;
+the weights load on the first `encode`, so training from the text cache never reads them.
 """
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import logging
 
 from lidit_jax import configuration
+from lidit_jax.fingerprint import file_fingerprint
 from lidit_jax.parallel import mesh as mesh_lib
 from lidit_jax.text import features
 from lidit_jax.text.models import resolve_model_path
 from lidit_jax.text.tokenizer import PromptTemplate
-from lidit_jax.text.weights import load_llm
+from lidit_jax.text.weights import load_llm, model_name, open_source
 
 STATE_DTYPE = jnp.bfloat16  # What the cache stores and the denoiser receives.
 CROP_MULTIPLE = 16  # encode(crop_padding=True) pads to a multiple of this many tokens.
@@ -34,18 +42,22 @@ class PromptEncoder:
             raise configuration.ConfigError(str(e)) from None
         self.layer_combine = llm_config.layer_combine
         self.apply_final_norm = llm_config.final_norm
-        self.llm = load_llm(resolve_model_path(llm_config.path, key=f"{key}.path"),
-                            dtype=jnp.dtype(llm_config.dtype), mesh=mesh, rules=rules,
-                            attention=text_config.attention)
+        self.path = resolve_model_path(llm_config.path, key=f"{key}.path")
+        self._load_options = dict(dtype=jnp.dtype(llm_config.dtype), mesh=mesh, rules=rules,
+                                  attention=text_config.attention)
+        self._llm = None
+        self._source = open_source(self.path)  # Metadata, tensor table, tokenizer: no weights.
+        self.llm_config = self._source.config
+        self.llm_name = model_name(self.llm_config)
         try:
-            features.check_range(self.layer, self.llm.config.num_layers + 1, key, self.llm.name)
+            features.check_range(self.layer, self.llm_config.num_layers + 1, key, self.llm_name)
         except features.LayerChoiceError as e:
             raise configuration.ConfigError(str(e)) from None
-        if self.apply_final_norm and not self.llm.config.has_final_norm:
+        if self.apply_final_norm and not self.llm_config.has_final_norm:
             raise configuration.ConfigError(
-                f"text.llms.{name}.final_norm=True, but {self.llm.name} has no final norm (its "
+                f"text.llms.{name}.final_norm=True, but {self.llm_name} has no final norm (its "
                 "last hidden state is already normalised); set it to False")
-        self.template = PromptTemplate.from_config(text_config, self.llm.tokenizer)
+        self.template = PromptTemplate.from_config(text_config, self._source.tokenizer())
         self._select = jax.jit(self._select_layer)
 
     @classmethod
@@ -55,17 +67,40 @@ class PromptEncoder:
                    rules=config.mesh.rules)
 
     @property
+    def llm(self):
+        """The `LLM`, its weights read on first use (`encode`), not before."""
+        return self.load()
+
+    def load(self):
+        """Reads the weights now, unless loaded already; returns the `LLM`."""
+        if self._llm is None:
+            logging.info("loading the weights of %s (text.llms.%s) from %s", self.llm_name,
+                         self.name, self.path)
+            self._llm = load_llm(self.path, **self._load_options)
+        return self._llm
+
+    def release(self):
+        """Drops the loaded weights (their device memory); a later `encode` loads them again."""
+        self._llm = None
+        self._select = jax.jit(self._select_layer)  # The old trace holds the final norm's weights.
+
+    @property
     def width(self):
         """Channels of the states this encoder feeds the denoiser (features.feature_width)."""
-        return features.feature_width(self.layer, self.layer_combine, self.llm.config.hidden_size)
+        return features.feature_width(self.layer, self.layer_combine, self.llm_config.hidden_size)
 
     @property
     def state_shape(self):
         """Trailing shape of the states after [batch, L]: (width,), or (num_layers + 1, width)
         for layer="attention_pool" (all hidden states are kept)."""
         if self.layer == "attention_pool":
-            return (self.llm.config.num_layers + 1, self.width)
+            return (self.llm_config.num_layers + 1, self.width)
         return (self.width,)
+
+    @functools.cached_property
+    def fingerprint(self):
+        """Of the weight files (lidit_jax.fingerprint: a stat per file after the first time)."""
+        return file_fingerprint(self._source.fingerprint_files)
 
     def _select_layer(self, hidden_states):
         final_norm = self.llm.final_norm if self.apply_final_norm else None
@@ -74,7 +109,7 @@ class PromptEncoder:
 
     def metadata(self):
         """What identifies these states: the cache and checkpoints record and compare it."""
-        return {"llm": self.llm.name, "fingerprint": self.llm.fingerprint,
+        return {"llm": self.llm_name, "fingerprint": self.fingerprint,
                 "layer": features.describe(self.layer, self.layer_combine),
                 "final_norm": bool(self.apply_final_norm), "template": self.template.description()}
 

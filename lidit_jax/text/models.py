@@ -26,7 +26,8 @@ CACHE_ENV = "LIDIT_JAX_CACHE"  # Overrides the cache directory (default ~/.cache
 
 
 def cache_dir():
-    """Where assembled model files go: $LIDIT_JAX_CACHE, else ~/.cache/lidit_jax."""
+    """Where assembled model files and weights fingerprints (lidit_jax/fingerprint.py) go:
+    $LIDIT_JAX_CACHE, else ~/.cache/lidit_jax."""
     return pathlib.Path(os.environ.get(CACHE_ENV) or pathlib.Path.home() / ".cache" / "lidit_jax")
 
 

@@ -377,6 +377,12 @@ def open_source(path):
                             "*.safetensors) or a .gguf file")
 
 
+def model_name(config):
+    """"<family>:<file or folder name>", e.g. "llama:SmolLM2-135M-Instruct.Q4_1.gguf": the
+    model's id in text-cache and checkpoint metadata."""
+    return f"{config.family}:{config.name}"
+
+
 def _read_parameter(source, path, hf_name, hf_shape, convert, target_shape, np_dtype, config):
     """One variable as a host array in its final layout and dtype (layers stacked)."""
     layer_ids = range(config.num_layers) if path[0] == "layers" else [None]
@@ -435,7 +441,7 @@ def load_llm(path, dtype=jnp.float32, mesh=None, rules=None, attention="xla"):
     state = jax.tree.map_with_path(fill, abstract_state,
                                    is_leaf=lambda x: isinstance(x, nnx.Variable))
     model = nnx.merge(graphdef, state)
-    return LLM(model, name=f"{config.family}:{config.name}",
+    return LLM(model, name=model_name(config),
                fingerprint_fn=lambda: file_fingerprint(source.fingerprint_files),
                tokenizer_fn=source.tokenizer, mesh=mesh, rules=rules)
 

@@ -31,8 +31,15 @@ def make_generate(graphdef, objective, shape, diffusion_config):
     return generate_on_host
 
 
+def fixed_prompts(config):
+    """The prompts the sampler encodes: train.sample_prompts and the empty prompt (guidance's
+    unconditional branch). `--mode=encode` stores them in the text cache."""
+    return [*config.train.sample_prompts, ""]
+
+
 class FixedPromptSampler:
-    """Encodes `train.sample_prompts` once; `write(step, ema_params, writer)` draws and saves them."""
+    """Encodes `train.sample_prompts` once (`inputs.encode_prompts`: from the text cache where
+    `--mode=encode` stored them); `write(step, ema_params, writer)` draws and saves them."""
 
     def __init__(self, config, graphdef, objective, inputs, mesh):
         self.config = config
