@@ -3,6 +3,8 @@
 Shapes stay tiny: interpret mode runs the TPU kernel's grid step by step in Python-level XLA
 ops (~10 s per case with gradients on 2 shared cores).
 """
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -113,6 +115,53 @@ def test_xla_attention_in_bfloat16_matches_jax_nn_to_bf16_rounding(monkeypatch):
         assert g.dtype == jnp.bfloat16
         # bf16 rounding of the probabilities and logit gradients (8 bits of mantissa).
         assert _relative_error(g_ref.astype(jnp.float32), g.astype(jnp.float32)) < 2e-2, name
+
+
+def test_cudnn_key_compaction_matches_the_masked_reference():
+    # cuDNN gets padding as key lengths after moving the visible keys to the front. Its
+    # compaction and lengths run here through jax.nn's XLA path (no GPU): padding in the middle
+    # (two right-padded text branches concatenated), random holes, an all-padding row, GQA.
+    q, k, v, cotangent = _inputs(4, 12, 40, 4, 2, seed=11)
+    branches = np.concatenate([np.arange(20) < 13, np.arange(20) < 6])
+    holes = np.random.default_rng(12).random(40) < 0.5
+    key_mask = jnp.asarray(np.stack([branches, holes, np.zeros(40, bool), np.ones(40, bool)]))
+    scale = q.shape[-1]**-0.5
+
+    def compacted(q, k, v, key_mask):
+        out = attention._key_length_attention(q, k, v, key_mask, scale, "xla")
+        return jnp.where(jnp.any(key_mask, -1)[:, None, None, None], out, 0)
+
+    def grads(attend):
+        return jax.jit(jax.value_and_grad(
+            lambda q, k, v: jnp.sum(attend(q, k, v, key_mask=key_mask) * cotangent),
+            argnums=(0, 1, 2)))(q, k, v)
+
+    (loss, ours), (expected_loss, expected) = grads(compacted), grads(_jax_nn_reference)
+    assert abs(float(loss - expected_loss)) < 1e-5 * abs(float(expected_loss))
+    for name, g_ref, g in zip("qkv", expected, ours):
+        assert _relative_error(g_ref, g) < 1e-5, name
+
+
+def test_cudnn_gets_padding_as_key_lengths_not_a_bias(monkeypatch):
+    # A boolean mask reaches cuDNN as a dense [batch, 1, q, kv] bias whose gradient it computes
+    # as well (fmhaScaleBiasSoftmax*). Lowered for CUDA without a GPU: jax only asks for the
+    # cuDNN version before it builds the custom calls.
+    from jax._src.cudnn import fused_attention_stablehlo
+    monkeypatch.setattr(fused_attention_stablehlo, "check_cudnn_version", lambda: 91000)
+    q, k, v, _ = (x.astype(jnp.bfloat16) for x in _inputs(2, 16, 24, 4, 2))
+    key_mask = jnp.asarray(np.arange(24)[None] % 8 < np.array([[5], [8]]))
+
+    def loss(q, k, v):
+        out = attention.dot_product_attention(q, k, v, key_mask=key_mask,
+                                              implementation="cudnn")
+        return jnp.sum(out.astype(jnp.float32))
+
+    text = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(q, k, v).lower(
+        lowering_platforms=("cuda",)).as_text()
+    assert re.findall(r"custom_call @__cudnn\$(\w+)", text) == [
+        "fmhaSoftmax", "fmhaSoftmaxBackward"]
+    assert re.findall(r"mask_type\\22: \\22(\w+)", text) == ["PADDING", "PADDING"]
+    assert "2x1x16x24" not in text  # no [batch, 1, q, kv] operand
 
 
 # (q_len, kv_len, heads, kv_heads, kwargs): lengths that are not whole 128-token tiles are padded.

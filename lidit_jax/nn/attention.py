@@ -16,8 +16,9 @@ the kernel choice is made in one place:
           elsewhere, and XLA for any sequence shorter than AUTO_MIN_SEQ_LEN.
 
 splash and auto agree with xla to float32 rounding (tests/test_attention.py, forward and
-gradients), including rows whose keys are all masked, which return zeros; the cudnn path has not
-been run here (no GPU), only its dispatch is tested.
+gradients), including rows whose keys are all masked, which return zeros. The cudnn path has not
+been run here (no GPU): its key compaction is checked through jax.nn's XLA path, and its lowering
+for CUDA is checked to pass padding as key lengths, with no bias.
 """
 import functools
 
@@ -137,13 +138,16 @@ def _materialized_attention(query, key, value, key_mask, causal, sliding_window,
     cuDNN through jax.nn.dot_product_attention; XLA through `_xla_attention` when compiling for
     TPU or GPU, `_head_major_attention` for CPU, and jax.nn's XLA path with a bias.
 
-    Padding goes in as a boolean mask, not `key_value_seq_lengths`: the DiT's text context is
-    several right-padded branches concatenated, which no single length per row describes. A
-    static sliding window is cuDNN's `local_window_size`; a traced one (the LLMs' scan over
-    layers) becomes part of the mask.
+    cuDNN takes padding as key lengths (`_key_length_attention`) wherever the keys' order does
+    not matter (no causal mask, no bias): a boolean mask would reach it as a dense
+    [batch, 1, q_len, kv_len] bias whose gradient it computes too. Causal calls with padding (the
+    frozen LLMs, forward only) keep the mask. A static sliding window is cuDNN's
+    `local_window_size`; a traced one (the LLMs' scan over layers) becomes part of the mask.
     """
     batch, q_len = query.shape[:2]
     kv_len = key.shape[1]
+    if implementation == "cudnn" and key_mask is not None and not causal and bias is None:
+        return _key_length_attention(query, key, value, key_mask, scale, implementation)
     mask = None if key_mask is None else jnp.broadcast_to(
         key_mask[:, None, None, :], (batch, 1, q_len, kv_len))
     local_window = None
@@ -165,6 +169,31 @@ def _materialized_attention(query, key, value, key_mask, causal, sliding_window,
     return jax.nn.dot_product_attention(
         query, key, value, bias=bias, mask=mask, is_causal=causal, scale=scale,
         local_window_size=local_window, implementation=implementation)
+
+
+def _compact_keys(key, value, key_mask):
+    """Visible keys moved to the front of each example, in their order: (key, value, lengths).
+
+    key, value [batch, kv_len, kv_heads, head_dim], key_mask [batch, kv_len] bool; lengths
+    [batch] int32, at least 1. The DiT's text context is several right-padded branches
+    concatenated, so its padding sits in the middle too and no length describes it in place;
+    without a causal mask attention does not depend on the keys' order. A row with no visible
+    key keeps one (padding) key, so no kernel normalises over nothing; dot_product_attention
+    zeroes that row.
+    """
+    order = jnp.argsort(~key_mask, axis=1, stable=True)[:, :, None, None]
+    key, value = (jnp.take_along_axis(x, order, axis=1) for x in (key, value))
+    lengths = jnp.maximum(jnp.sum(key_mask, axis=1, dtype=jnp.int32), 1)
+    return key, value, lengths
+
+
+def _key_length_attention(query, key, value, key_mask, scale, implementation):
+    """Non-causal attention with padding as `key_value_seq_lengths` after `_compact_keys`: no
+    bias and no bias gradient in cuDNN. `implementation` is jax.nn's ('cudnn'; 'xla' in tests,
+    which checks the compaction against the masked reference without a GPU)."""
+    key, value, lengths = _compact_keys(key, value, key_mask)
+    return jax.nn.dot_product_attention(query, key, value, key_value_seq_lengths=lengths,
+                                        scale=scale, implementation=implementation)
 
 
 # ---- xla ---------------------------------------------------------------------------------------
@@ -218,32 +247,27 @@ def _masked_logits(query, key, mask, scale):
     return logits
 
 
-def _attention_with_lse(query, key, value, mask, scale):
-    """(output [b, t, heads, d], float32 log-sum-exp per query row [b, k, t, g, 1])."""
+def attention_with_lse(query, key, value, mask, scale):
+    """Softmax attention and its float32 log-sum-exp per query row: (out [b, t, heads, d]
+    float32, lse [b, kv_heads, t, group, 1]). query [b, t, heads, d], key/value
+    [b, s, kv_heads, d], mask None or bool [b | 1, 1, t, s]; masked logits are float32's
+    minimum, so a row with every key masked averages all values and its lse is that minimum:
+    finite, and weighted exp(lse - lse_other) = 0 when merged with the same row over other
+    keys of which one is visible (`lidit_jax.parallel.context`'s ring)."""
     logits = _masked_logits(query, key, mask, scale)
     peak = jnp.max(logits, axis=-1, keepdims=True)
     unnormalized = jnp.exp(logits - peak)  # One exp per logit, as a softmax.
     total = jnp.sum(unnormalized, axis=-1, keepdims=True)
     probs = (unnormalized / total).astype(value.dtype)
     out = jnp.einsum("bktgs,bskd->btkgd", probs, value, preferred_element_type=jnp.float32)
-    return out.reshape(query.shape).astype(query.dtype), peak + jnp.log(total)
+    return out.reshape(query.shape), peak + jnp.log(total)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _xla_attention(query, key, value, mask, scale):
-    """softmax(q k^T * scale, masked) v: query [b, t, heads, d], key/value [b, s, kv_heads, d],
-    mask None or bool [b | 1, 1, t, s]. A row with every key masked averages all values, as
-    jax.nn.dot_product_attention does (dot_product_attention then zeroes it)."""
-    return _attention_with_lse(query, key, value, mask, scale)[0]
-
-
-def _xla_attention_forward(query, key, value, mask, scale):
-    out, lse = _attention_with_lse(query, key, value, mask, scale)
-    return out, (query, key, value, mask, out, lse)
-
-
-def _xla_attention_backward(scale, residuals, d_out):
-    query, key, value, mask, out, lse = residuals
+def attention_gradients(query, key, value, mask, out, lse, d_out, scale):
+    """float32 (d_query, d_key, d_value) of `attention_with_lse`'s output, from the saved `out`
+    and `lse` of the rows: the probabilities are recomputed, as flash attention does. Given the
+    output and lse of attention over more keys than `key` (the ring's other chunks), the
+    result is this chunk's share of the gradients, which sum over chunks."""
     kv_heads = key.shape[2]
     probs = jnp.exp(_masked_logits(query, key, mask, scale) - lse)  # float32, recomputed
     d_out_grouped = _grouped(d_out, kv_heads)
@@ -258,8 +282,27 @@ def _xla_attention_backward(scale, residuals, d_out):
     d_query = jnp.einsum("bktgs,bskd->btkgd", d_logits, key, preferred_element_type=jnp.float32)
     d_key = jnp.einsum("bktgs,btkgd->bskd", d_logits, _grouped(query, kv_heads),
                        preferred_element_type=jnp.float32)
-    return (d_query.reshape(query.shape).astype(query.dtype), d_key.astype(key.dtype),
-            d_value.astype(value.dtype), None)
+    return d_query.reshape(query.shape), d_key, d_value
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _xla_attention(query, key, value, mask, scale):
+    """softmax(q k^T * scale, masked) v: query [b, t, heads, d], key/value [b, s, kv_heads, d],
+    mask None or bool [b | 1, 1, t, s]. A row with every key masked averages all values, as
+    jax.nn.dot_product_attention does (dot_product_attention then zeroes it)."""
+    return attention_with_lse(query, key, value, mask, scale)[0].astype(query.dtype)
+
+
+def _xla_attention_forward(query, key, value, mask, scale):
+    out, lse = attention_with_lse(query, key, value, mask, scale)
+    out = out.astype(query.dtype)
+    return out, (query, key, value, mask, out, lse)
+
+
+def _xla_attention_backward(scale, residuals, d_out):
+    query, key, value, mask, out, lse = residuals
+    grads = attention_gradients(query, key, value, mask, out, lse, d_out, scale)
+    return (*(g.astype(x.dtype) for g, x in zip(grads, (query, key, value))), None)
 
 
 _xla_attention.defvjp(_xla_attention_forward, _xla_attention_backward)

@@ -12,7 +12,10 @@ it that, chosen by `config.model.context_parallel`, both inside `jax.shard_map` 
   ring     keep the queries in place and pass the key/value chunks round the ring with
            `ppermute` (c - 1 hops), merging each chunk's partial result by its log-sum-exp
            (flash attention's online softmax, across chips). No head constraint; the chunk
-           transfers overlap the chunk computations; XLA attention per chunk, float32.
+           transfers overlap the chunk computations. Each hop runs nn/attention.py's
+           log-sum-exp attention; a custom VJP keeps only q, k, v, the output and its float32
+           log-sum-exp per row ([b, L/c] rows) and runs the ring again for the gradients,
+           recomputing each chunk's probabilities (no [L/c, L] residual per device).
 """
 import functools
 
@@ -24,9 +27,6 @@ from lidit_jax.parallel import sharding
 
 STRATEGIES = ("none", "ulysses", "ring")
 AXIS = "context"
-# Logit of a masked key: finite (unlike -inf) so that a chunk whose keys are all masked merges
-# with weight exp(-1e30 - lse) = 0 and no inf - inf ever reaches the gradients.
-_MASKED_LOGIT = -1e30
 
 
 def context_size():
@@ -85,7 +85,7 @@ def context_parallel_attention(query, key, value, *, strategy, key_mask=None, ca
         if causal:
             raise ValueError("model.context_parallel=ring has no causal mask (the DiT needs "
                              "none); use ulysses for causal attention")
-        body = functools.partial(_ring, size=size, scale=scale)
+        body = functools.partial(_ring_body, size=size, scale=scale)
 
     args, in_specs = [query, key, value], [q_spec, kv_spec, kv_spec]
     if key_mask is not None:
@@ -120,43 +120,68 @@ def _ulysses(query, key, value, key_mask=None, *, attend):
     return jax.lax.all_to_all(out, AXIS, split_axis=1, concat_axis=2, tiled=True)
 
 
-def _chunk_attention(query, key, value, key_mask):
-    """Softmax attention of local queries over one key chunk, float32: (out, log-sum-exp).
-
-    query [b, q, h, d] (already scaled), key/value [b, k, h, d], key_mask [b, k] or None.
-    Returns out [b, q, h, d] (normalised within the chunk) and lse [b, h, q].
-    """
-    logits = jnp.einsum("bqhd,bkhd->bhqk", query, key.astype(jnp.float32))
-    if key_mask is not None:
-        logits = jnp.where(key_mask[:, None, None, :], logits, _MASKED_LOGIT)
-    peak = jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))
-    weights = jnp.exp(logits - peak)
-    total = jnp.sum(weights, axis=-1)  # >= 1: the peak contributes exp(0).
-    out = jnp.einsum("bhqk,bkhd->bqhd", weights, value.astype(jnp.float32))
-    out = out / total.transpose(0, 2, 1)[..., None]
-    return out, peak[..., 0] + jnp.log(total)
+def _ring_body(query, key, value, key_mask=None, *, size, scale):
+    return _ring(query, key, value, key_mask, size, scale)
 
 
-def _ring(query, key, value, key_mask=None, *, size, scale):
-    """Per shard: local queries against every key/value chunk as they pass round the ring."""
-    group = query.shape[2] // key.shape[2]
-    if group > 1:
-        key, value = jnp.repeat(key, group, axis=2), jnp.repeat(value, group, axis=2)
-    q = query.astype(jnp.float32) * scale
-    shift = functools.partial(jax.lax.ppermute, axis_name=AXIS,
-                              perm=[(i, (i + 1) % size) for i in range(size)])
+def _shift(x, size):
+    """Each shard's `x` to the next shard round the ring."""
+    return jax.lax.ppermute(x, AXIS, perm=[(i, (i + 1) % size) for i in range(size)])
+
+
+def _key_mask_4d(key_mask):
+    return None if key_mask is None else key_mask[:, None, None, :]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _ring(query, key, value, key_mask, size, scale):
+    """Per shard: local queries [b, L/c, h, d] against every key/value chunk
+    [b, L/c, kv_h, d] as the chunks pass round the ring; key_mask [b, L/c] or None."""
+    return _ring_forward(query, key, value, key_mask, size, scale)[0]
+
+
+def _ring_forward(query, key, value, key_mask, size, scale):
+    residuals = (query, key, value, key_mask)
     out, lse = None, None
     for hop in range(size):
         # Start the next chunk's transfer before this chunk's compute, so the two overlap.
-        incoming = shift((key, value, key_mask)) if hop < size - 1 else None
-        chunk_out, chunk_lse = _chunk_attention(q, key, value, key_mask)
+        incoming = _shift((key, value, key_mask), size) if hop < size - 1 else None
+        chunk_out, chunk_lse = attention_lib.attention_with_lse(
+            query, key, value, _key_mask_4d(key_mask), scale)
         if out is None:
             out, lse = chunk_out, chunk_lse
         else:
             merged = jnp.logaddexp(lse, chunk_lse)
-            weight = lambda x: jnp.exp(x - merged).transpose(0, 2, 1)[..., None]  # noqa: E731
-            out = out * weight(lse) + chunk_out * weight(chunk_lse)
+            out = out * _row_weight(lse, merged) + chunk_out * _row_weight(chunk_lse, merged)
             lse = merged
         if incoming is not None:
             key, value, key_mask = incoming
-    return out.astype(query.dtype)
+    out = out.astype(query.dtype)
+    return out, (*residuals, out, lse)
+
+
+def _row_weight(lse, merged):
+    """exp(lse - merged) per query row, [b, kv_h, t, g, 1] -> [b, t, h, 1] (out's layout)."""
+    b, k, t, g, _ = lse.shape
+    return jnp.exp(lse - merged).transpose(0, 2, 1, 3, 4).reshape(b, t, k * g, 1)
+
+
+def _ring_backward(size, scale, residuals, d_out):
+    """The ring again: each chunk's share of the gradients from the rows' final out and lse;
+    the key/value gradients travel with their chunk and arrive home after `size` shifts."""
+    query, key, value, key_mask, out, lse = residuals
+    d_query, d_kv = 0.0, None
+    for hop in range(size):
+        incoming = _shift((key, value, key_mask), size) if hop < size - 1 else None
+        d_q, d_k, d_v = attention_lib.attention_gradients(
+            query, key, value, _key_mask_4d(key_mask), out, lse, d_out, scale)
+        d_query = d_query + d_q
+        d_kv = _shift((d_k, d_v) if d_kv is None else (d_kv[0] + d_k, d_kv[1] + d_v), size)
+        if incoming is not None:
+            key, value, key_mask = incoming
+    d_key, d_value = d_kv
+    return (d_query.astype(query.dtype), d_key.astype(key.dtype), d_value.astype(value.dtype),
+            None)
+
+
+_ring.defvjp(_ring_forward, _ring_backward)
