@@ -134,6 +134,8 @@ def get_config(arg=None):
     c.model.mlp_ratio = 4.0
     c.model.qk_norm = True
     c.model.dtype = "bfloat16"  # Compute dtype; parameters stay in param_dtype.
+    # float32 only: AdamW's moments and the EMA take this dtype, and in bfloat16 updates near
+    # 1e-4 of a weight round away (configuration._validate_model refuses it; docs/pods.md).
     c.model.param_dtype = "float32"
     c.model.residual_dtype = "float32"  # The DiT's residual stream: float32 | bfloat16.
     c.model.scan_layers = True
@@ -183,6 +185,9 @@ def get_config(arg=None):
     c.data.buckets = ""  # "HxW,HxW,..."; empty: square image_size only.
     c.data.caption_dropout = 0.1
     c.data.num_workers = 0
+    # Global batches read, encoded and put on the devices by a background thread ahead of the
+    # step that takes them (each holds device memory for one batch); 0: in the train loop.
+    c.data.device_prefetch = 2
     c.data.shuffle_seed = 0
     c.data.shapes_num_records = 20000
     # row: 1-3 objects in the left / middle / right thirds; grid: 1-4 in the quadrants.
@@ -209,6 +214,10 @@ def get_config(arg=None):
     c.train.log_every = 10
     c.train.sample_every = 500
     c.train.nan_policy = "skip"  # skip | stop
+    # Exit status of a run that stopped for preemption (SIGTERM, a TPU maintenance event) after
+    # saving its step. 0 where the launcher requeues it (launch/slurm_gpu.sbatch); non-zero
+    # where the orchestrator restarts only failed jobs (xpk/JobSet). A finished run exits 0.
+    c.train.preemption_exit_code = 0
     # Start a new run from another run's weights (not its optimizer or data position): a
     # workdir (its newest checkpoint) or an exported EMA .safetensors; lidit_jax/train/init_from.py.
     c.train.init_from = ""
@@ -224,6 +233,11 @@ def get_config(arg=None):
     )
     c.train.samples_per_prompt = 2
     c.train.sample_seed = 0
+    # JAX's persistent compilation cache: every program a run compiles is stored here, and the
+    # next start with the same shapes (a restart after preemption) loads it instead of compiling
+    # again. Relative paths live in the workdir; gs:// works; "": off. Every mode with a workdir
+    # uses it (lidit_jax/main.py).
+    c.train.compilation_cache_dir = "compile_cache"
 
     # ---- Device mesh and sharding -----------------------------------------------------------------
     c.mesh = ml_collections.ConfigDict()
@@ -235,8 +249,8 @@ def get_config(arg=None):
     c.mesh.dcn_data = 1
     c.mesh.dcn_fsdp = 1
     c.mesh.rules = DEFAULT_SHARDING_RULES
-    # Fail a run whose parameters with at least this many elements end up fully replicated
-    # on a mesh with more than one device.
+    # Fail a run with a parameter dimension that its mesh axes do not divide, or a parameter of
+    # at least replicated_min_size elements that no mesh axis shards (parallel/sharding.py).
     c.mesh.check_replicated = True
     c.mesh.replicated_min_size = 4 * 1024 * 1024
 

@@ -10,7 +10,11 @@
 #   run      --workdir=gs://BUCKET/run -- --config=configs/lidit_1b.py [--config.a.b=v ...]
 #            detached (nohup) on every worker (--node=all --worker=all): launch/worker_run.sh
 #            runs `python -m lidit_jax.main` and copies its log to WORKDIR/logs/ every 60 s.
-#            With N > 1 slices, --config.mesh.dcn_data=N is added unless MAIN_ARGS set it.
+#            With N > 1 slices, --config.mesh.dcn_data=N is added unless MAIN_ARGS set it;
+#            --config.train.preemption_exit_code=42 too: a run stopped by a maintenance event
+#            or a preemption saves, exits 42 and says so in its log; nothing restarts it. `run`
+#            with the same arguments resumes it (a preempted spot queued resource stays
+#            SUSPENDED: delete, create and setup first).
 #   status   the queued resource's state and the lidit_jax processes on every worker.
 #   logs     [--worker=0] the tail of that worker's run log.
 #   cleanup  kill whatever holds the TPU chips on every worker (a stale run keeps them busy
@@ -33,7 +37,7 @@ WORKDIR=""
 WORKER=0
 MAIN_ARGS=()
 
-usage() { sed -n '2,24p' "$0" >&2; exit 2; }
+usage() { sed -n '2,25p' "$0" >&2; exit 2; }
 
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -59,7 +63,7 @@ done
 [ -n "$ZONE" ] || { echo "error: --zone=ZONE is required" >&2; exit 2; }
 
 # shellcheck source=launch/common.sh
-source "$(dirname "$0")/common.sh"  # run: print the exact command, run it unless --dry-run.
+source "$(dirname "$0")/common.sh"  # run, has_prefix, PREEMPTION_EXIT_CODE.
 
 # The TPU VM software version per generation (cloud.google.com/tpu/docs/runtimes).
 runtime_for() {
@@ -98,8 +102,13 @@ case "$ACTION" in
   run)
     [ -n "$WORKDIR" ] || { echo "error: run needs --workdir=gs://BUCKET/run" >&2; exit 2; }
     [ "${#MAIN_ARGS[@]}" -gt 0 ] || { echo "error: run needs -- --config=CONFIG [...]" >&2; exit 2; }
-    if [ "$NODE_COUNT" -gt 1 ] && ! printf '%s\n' "${MAIN_ARGS[@]}" | grep -q '^--config.mesh.dcn_'; then
+    if [ "$NODE_COUNT" -gt 1 ] && ! has_prefix --config.mesh.dcn_ "${MAIN_ARGS[@]}"; then
       MAIN_ARGS+=("--config.mesh.dcn_data=$NODE_COUNT")
+    fi
+    # Nothing restarts a queued resource's run: the code only marks a preempted run in the
+    # worker's log (worker_run.sh), as one to start again with the same arguments.
+    if ! has_prefix --config.train.preemption_exit_code= "${MAIN_ARGS[@]}"; then
+      MAIN_ARGS+=("--config.train.preemption_exit_code=$PREEMPTION_EXIT_CODE")
     fi
     remote="cd ~/lidit_jax && nohup bash launch/worker_run.sh $(printf '%q ' "$WORKDIR" "${MAIN_ARGS[@]}")> /dev/null 2>&1 < /dev/null &"
     ssh_all "$remote" ;;

@@ -96,6 +96,8 @@ def compile_train_step(config, devices):
     side = config.data.image_size // config.vae.downsample
     batch = abstract_batch(config, mesh, [(w,) for w in llm_widths], config.vae.latent_channels,
                            (side, side))
+    # The topology's devices carry their hosts: a mesh the trainer could not feed fails here too.
+    sharding.check_batch_rows_per_process(batch["x0"].sharding, config.train.batch_size)
     step = make_train_step(graphdef, config, make_objective(config.diffusion))
     jitted = jit_train_step(step, shardings_of(state), shardings_of(batch), mesh)
     with jax.set_mesh(mesh), sharding.axis_rules(config.mesh.rules):

@@ -9,12 +9,14 @@ only when chosen, so `--mode=describe` never loads data or training code.
 import importlib
 import importlib.util
 import logging as std_logging
+import os
 import sys
 
+import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from lidit_jax import configuration, host_allocator
+from lidit_jax import configuration, host_allocator, paths
 from lidit_jax.parallel import mesh as mesh_lib
 
 MODES = {
@@ -86,6 +88,22 @@ class _OrbaxInfoFilter(std_logging.Filter):
         return record.levelno >= std_logging.WARNING or "/orbax/" not in record.pathname
 
 
+def _enable_compilation_cache(config, workdir):
+    """train.compilation_cache_dir -> JAX's persistent compilation cache, before anything compiles.
+
+    Every program is cached, however quick to compile or small (JAX's defaults skip those under
+    1 s): a second start of a run then compiles nothing its first start compiled. Process 0
+    writes the entries (JAX's rule); every process reads them.
+    """
+    if not (config.train.compilation_cache_dir and workdir):
+        return
+    directory = paths.resolve(config.train.compilation_cache_dir, workdir)
+    jax.config.update("jax_compilation_cache_dir", os.fspath(directory))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
+    logging.info("compilation cache %s", directory)
+
+
 def main(argv):
     if len(argv) > 1:
         sys.exit(f"error: unexpected arguments {argv[1:]}")
@@ -109,7 +127,10 @@ def main(argv):
     # process i of n and the local and global devices.
     mesh_lib.initialize_distributed(config.distributed)
     logging.info("mode %s, workdir %s", _MODE.value, _WORKDIR.value)
-    module.run(config, _WORKDIR.value)
+    _enable_compilation_cache(config, _WORKDIR.value)
+    preempted = module.run(config, _WORKDIR.value)  # Only `train` returns it (True/False).
+    if preempted:  # The step is saved; launchers that must restart the job want non-zero.
+        sys.exit(config.train.preemption_exit_code)
 
 
 if __name__ == "__main__":

@@ -1,9 +1,15 @@
-"""train/metrics.py: the step timer's host-device overlap, and logs on an object store's terms."""
+"""train/metrics.py: the step timer's host-device overlap, and logs written off the caller's thread.
+
+Remote logs (appended by GCS compose) are tested against the emulator in test_gcs.py.
+"""
 import json
+import os
+import threading
 import time
 
 import jax
 import jax.numpy as jnp
+import pytest
 
 from lidit_jax.train import metrics
 
@@ -49,12 +55,41 @@ def test_step_timer_shows_no_forced_sync_between_log_steps():
     assert [s["host_device_overlap"] for s in forced] == [0.0, 0.0]
 
 
-def test_remote_log_is_rewritten_whole_and_keeps_a_resumed_runs_lines(tmp_path, monkeypatch):
-    # Object stores have no append; the remote branch must never open the file in mode "a".
-    monkeypatch.setattr(metrics.paths, "is_remote", lambda p: True)
+def test_log_writes_return_before_the_file_is_written_and_close_writes_them(tmp_path):
+    # A named pipe as the log: opening it to append blocks until a reader opens it. A write in
+    # the caller's thread would block until the reader below starts, after 5 s.
+    path = tmp_path / "metrics.jsonl"
+    os.mkfifo(path)
+    lines = []
+    reader = threading.Timer(5.0, lambda: lines.extend(path.read_text().splitlines()))
+    reader.start()
+    log = metrics.JsonLines(path)
+    start = time.perf_counter()
+    log.write([{"step": 1}, {"step": 2}])
+    log.write([{"step": 3}])
+    assert time.perf_counter() - start < 1.0
+    log.close()  # Waits for the writer thread, which waits for the reader.
+    reader.join()
+    assert [json.loads(line)["step"] for line in lines] == [1, 2, 3]
+
+
+def test_local_log_keeps_a_resumed_runs_lines(tmp_path):
     path = tmp_path / "metrics.jsonl"
     path.write_text(json.dumps({"step": 1}) + "\n")
     log = metrics.JsonLines(path)
     log.write([{"step": 2}])
+    log.flush()
+    assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [1, 2]
     log.write([{"step": 3}])
+    log.close()
     assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [1, 2, 3]
+
+
+def test_a_failed_log_write_raises_in_the_callers_thread(tmp_path):
+    log = metrics.JsonLines(tmp_path / "missing_folder" / "metrics.jsonl")
+    log.write([{"step": 1}])
+    with pytest.raises(RuntimeError, match="missing_folder/metrics.jsonl") as error:
+        log.flush()
+    assert isinstance(error.value.__cause__, FileNotFoundError)
+    with pytest.raises(RuntimeError):
+        log.close()

@@ -381,3 +381,118 @@ def test_export_writes_the_ema_weights_and_loads_back(run_a, tiny_args, tmp_path
     config.model.depth = 2  # Another architecture: refused, naming what does not fit.
     with pytest.raises(ValueError, match="shape"):
         load_exported(str(output), LIDiT(config, [32], 3, rngs=nnx.Rngs(1)))
+
+
+def _config_from(args):
+    """The config `python -m lidit_jax.main` builds from these `--config...` arguments."""
+    import ast
+    import functools
+
+    from configs import demo_shapes
+
+    assert args[0] == "--config=configs/demo_shapes.py", args[0]
+    config = demo_shapes.get_config()
+    for arg in args[1:]:
+        key, value = arg[len("--config."):].split("=", 1)
+        *parents, name = key.split(".")
+        try:
+            value = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            pass  # A string.
+        setattr(functools.reduce(getattr, parents, config), name, value)
+    return config
+
+
+def test_host_loop_keeps_the_device_busy_through_log_steps(tiny_args, tmp_path, monkeypatch):
+    """A slow device (~0.3 s of matmuls before every step): at every dispatch the previous step
+    is still running, so the device's queue never drains, log steps included, and the batch is on
+    the devices already, so the step never waits for its data; batches are read off the loop's
+    thread."""
+    import threading
+
+    import jax.numpy as jnp
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+    from lidit_jax.data import pipeline
+    from lidit_jax.train import loop
+
+    config = _config_from(tiny_args)  # In this process: conftest's 8 CPU devices.
+    config.train.steps, config.train.log_every = 12, 2
+    config.checkpoint.every = config.train.sample_every = 1000  # Both only at the end: they sync.
+    config.logging.tensorboard = False
+
+    @jax.jit
+    def busy(step, iterations):  # Device work the train step waits for; the same step out.
+        x = jnp.full((256, 256), 1e-3) + step.astype(jnp.float32)
+        x = jax.lax.fori_loop(0, iterations, lambda _, x: jnp.tanh(x @ x), x)
+        return step + (0 * x[0, 0]).astype(step.dtype)
+
+    # Timed here, as the loop runs it (replicated on every device), for ~0.3 s a step.
+    step = jax.device_put(jnp.int32(0), NamedSharding(Mesh(np.array(jax.devices()), ("d",)),
+                                                      PartitionSpec()))
+    busy(step, 8).block_until_ready()
+    start = time.perf_counter()
+    busy(step, 8).block_until_ready()
+    iterations = max(8, round(8 * 0.3 / (time.perf_counter() - start)))
+
+    read_batch = pipeline.TrainIterator.__next__
+    read_in_loop_thread = []
+
+    def slow_read(self):
+        read_in_loop_thread.append(threading.current_thread() is threading.main_thread())
+        time.sleep(0.02)
+        return read_batch(self)
+
+    dispatches = []  # (previous step still running?, batch on the devices?) at each dispatch
+    jit_train_step = loop.jit_train_step
+
+    def slow_jit_train_step(*args, **kwargs):
+        train_step = jit_train_step(*args, **kwargs)
+
+        def slow_step(state, batch):
+            dispatches.append((not state.step.is_ready(),
+                               all(x.is_ready() for x in jax.tree.leaves(batch))))
+            return train_step(state.replace(step=busy(state.step, iterations)), batch)
+        return slow_step
+
+    monkeypatch.setattr(pipeline.TrainIterator, "__next__", slow_read)
+    monkeypatch.setattr(loop, "jit_train_step", slow_jit_train_step)
+    sigterm = signal.getsignal(signal.SIGTERM)  # The loop installs its own handler.
+    try:
+        loop.run(config, str(tmp_path))
+    finally:
+        signal.signal(signal.SIGTERM, sigterm)
+
+    assert len(dispatches) == 12
+    # From step 3 on (steps 1 and 2 compile). A device_get at each log step made the step after
+    # it find its predecessor finished.
+    assert all(running for running, _ in dispatches[2:]), dispatches
+    assert all(on_devices for _, on_devices in dispatches), dispatches
+    assert read_in_loop_thread and not any(read_in_loop_thread)
+    with open(tmp_path / "metrics.jsonl") as f:
+        assert [json.loads(line)["step"] for line in f] == list(range(2, 13, 2))
+
+
+def _compiled_keys(stderr):
+    """Persistent-cache keys of the programs a run compiled (JAX_EXPLAIN_CACHE_MISSES)."""
+    return re.findall(r"PERSISTENT COMPILATION CACHE MISS for '([^']+)' with key '([^']+)'",
+                      stderr)
+
+
+def test_a_restart_compiles_nothing_its_first_start_compiled(tiny_args, tmp_path):
+    workdir = tmp_path / "run"
+    args = (*tiny_args, "--config.checkpoint.every=2", "--config.train.sample_every=1000")
+    explain = dict(child_env(), JAX_EXPLAIN_CACHE_MISSES="1")
+    runs = []
+    for steps in (2, 3):  # The restart resumes from step 2: the train step, sampler, ... again.
+        result = subprocess.run(command(workdir, "train", *args, f"--config.train.steps={steps}"),
+                                cwd=ROOT, env=explain, capture_output=True, text=True,
+                                timeout=TIMEOUT)
+        assert result.returncode == 0, result.stderr[-6000:]
+        runs.append(set(_compiled_keys(result.stderr)))
+    first, restart = runs
+    assert any(name == "jit_step" for name, _ in first), sorted(first)  # The train step.
+    assert len(os.listdir(workdir / "compile_cache")) >= len(first)
+    # The restart compiled only programs the first start never met (the restore's, ...).
+    assert not first & restart, sorted(first & restart)
+    assert not any(name == "jit_step" for name, _ in restart), sorted(restart)

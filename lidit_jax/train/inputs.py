@@ -2,13 +2,18 @@
 
 `TrainInputs` owns the input pipeline, the frozen text encoders (or their cache) and the image
 space (pixels, a VAE, or the VAE's latent cache), and turns each host-local batch into global
-arrays sharded along the `batch` logical axis. The batch contract, which `--mode=compile` also
-lowers the step for (`abstract_batch`):
+arrays sharded along the `batch` logical axis, in a background thread a few batches ahead of the
+train loop (data.device_prefetch). The batch contract, which `--mode=compile` also lowers the
+step for (`abstract_batch`):
   {"x0": [batch, H, W, C] float32 (scaled latents or pixels in [-1, 1]),
    "text": {"states": [[batch, L, width_k] bf16] (attention_pool: [batch, L, layers, width_k]),
             "masks": [[batch, L] bool],
             "prompt_masks": [[batch, L] bool]}}
 """
+import queue
+import threading
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -49,17 +54,84 @@ def abstract_batch(config, mesh, state_shapes, channels, image_hw):
     }
 
 
+class _Taken(NamedTuple):
+    """A global batch and what the data iterator was like right after reading it."""
+    batch: dict  # On the devices (see the module docstring).
+    record_ids: np.ndarray  # int64 [local_b]: this process's rows.
+    state: dict  # The iterator's position after this batch: what a checkpoint saves.
+    counters: dict
+
+
+class _Prefetcher:
+    """Calls `produce` in a background thread, at most `depth` results ahead of `get`.
+
+    An exception in `produce` is raised by the `get` that would have returned its result (and by
+    every later one).
+    """
+
+    def __init__(self, produce, depth):
+        self._produce = produce
+        self._slots = threading.Semaphore(depth)  # Results made and not yet taken, at most.
+        self._results = queue.Queue()
+        self._stop = threading.Event()
+        self._error = None
+        self._thread = threading.Thread(target=self._run, name="device_prefetch", daemon=True)
+        self._thread.start()
+
+    def _run(self):
+        while True:
+            while not self._slots.acquire(timeout=0.1):
+                if self._stop.is_set():
+                    return
+            if self._stop.is_set():
+                return
+            try:
+                self._results.put((self._produce(), None))
+            except BaseException as error:  # noqa: BLE001 -- raised in the consumer's thread.
+                self._results.put((None, error))
+                return
+
+    def get(self):
+        if self._error is None:
+            result, self._error = self._results.get()
+            if self._error is None:
+                self._slots.release()
+                return result
+        raise self._error
+
+    def close(self):
+        """Stops the thread (after the result it is making); results not taken are dropped."""
+        self._stop.set()
+        self._thread.join()
+
+
 class TrainInputs:
+    # Set by `next_batch`: the prefetch thread (data.device_prefetch > 0) and the last batch
+    # handed to the train loop.
+    _prefetcher = None
+    _taken = None
 
     def __init__(self, config, workdir, mesh):
         self.config = config
         self.mesh = mesh
+        # Each process loads its own rows: refuse a mesh that cannot take them before the LLMs
+        # load (minutes on a pod).
+        sharding.check_batch_rows_per_process(
+            NamedSharding(mesh, sharding.logical_to_mesh_spec(("batch",), config.mesh.rules)),
+            config.train.batch_size)
         self.image_space = make_image_space(config.vae)
         self.channels = self.image_space.channels
         size = config.data.image_size // self.image_space.downsample
         self.image_hw = (size, size)
+        # Widths, state shapes and fingerprints come from the LLMs' metadata: with the text
+        # cache no weights load (a fixed prompt missing from the cache loads them, logged).
         names = configuration.encoder_names(config)
         self.encoders = [PromptEncoder.from_config(config, name) for name in names]
+        if not config.text.cache_dir:
+            # Every batch needs them: loaded here, not by the first batch in the prefetch thread
+            # (under the train loop's mesh).
+            for encoder in self.encoders:
+                encoder.load()
         self.llm_widths = [encoder.width for encoder in self.encoders]
         # The caches must have been made from these records (their count is compared too).
         num_records = len(pipeline.make_source(config.data))
@@ -90,18 +162,40 @@ class TrainInputs:
         return self._fingerprints
 
     def release_encoders(self):
-        """Drops the LLMs, and their device memory, once the text cache serves every batch."""
+        """Drops the LLMs that a fixed prompt missing from the text cache made load, and their
+        device memory, once the cache serves every batch."""
         if self.cached is None:
             raise ValueError("without text.cache_dir the LLMs encode every batch")
-        self.encoders = None
+        for encoder in self.encoders:
+            encoder.release()
 
     # ---- Batches --------------------------------------------------------------------------
     def batch_shardings(self):
         return self._batch_shardings
 
     def next_batch(self):
+        """The next global batch, on the devices.
+
+        With data.device_prefetch = n > 0, a background thread reads, encodes and transfers the
+        next n batches while the device runs the current steps, so the train loop takes a batch
+        that is already on the devices. The position (`get_state`), `counters` and record ids
+        are those of the batches taken here, never of batches read ahead: a checkpoint resumes
+        on the first batch its steps did not consume.
+        """
+        depth = self.config.data.device_prefetch
+        if depth == 0:
+            self._taken = self._read()
+        else:
+            if self._prefetcher is None:
+                if depth < 0:
+                    raise ValueError(f"data.device_prefetch={depth}; use 0 (off) or the number "
+                                     "of batches to prepare ahead (default 2)")
+                self._prefetcher = _Prefetcher(self._read_ahead, depth)
+            self._taken = self._prefetcher.get()
+        return self._taken.batch
+
+    def _read(self):
         local = next(self.dataset)
-        self.last_record_ids = np.asarray(local["record_id"])
         if self.cached is not None:
             per_llm = [reader.lookup(local["record_id"], local["caption_dropped"])
                        for reader in self.cached]
@@ -110,10 +204,28 @@ class TrainInputs:
                        for encoder in self.encoders]
         latents = local["latent"] if "latent" in local else self.image_space.encode(local["image"])
         x0 = np.asarray(self.image_space.scale(latents))
-        return jax.tree.map(
+        batch = jax.tree.map(
             lambda array, sharding: jax.make_array_from_process_local_data(
                 sharding, np.asarray(array)),
             {"x0": x0, "text": as_text_inputs(per_llm)}, self._batch_shardings)
+        return _Taken(batch, np.asarray(local["record_id"]), self.dataset.get_state(),
+                      self._dataset_counters())
+
+    def _read_ahead(self):
+        """`_read` in the prefetch thread, waiting there until the batch is on the devices.
+
+        Outside the train loop's mesh context (a thread's own): the host-local rows are encoded
+        by process-local models (the LLMs bring their own local mesh, text/llm.py) and only
+        `make_array_from_process_local_data` places them on the global mesh.
+        """
+        taken = self._read()
+        jax.block_until_ready(taken.batch)
+        return taken
+
+    @property
+    def last_record_ids(self):
+        """Record ids of this process's rows of the last batch `next_batch` returned."""
+        return self._taken.record_ids
 
     def global_record_ids(self):
         """Record ids of the last global batch, in batch order (all processes' rows)."""
@@ -122,21 +234,38 @@ class TrainInputs:
         return np.asarray(multihost_utils.process_allgather(self.last_record_ids, tiled=True))
 
     def encode_prompts(self, prompts):
-        """Fixed prompts -> replicated text inputs (the LLMs run online for these)."""
-        per_llm = [jax.device_get(encoder.encode(list(prompts))) for encoder in self.encoders]
+        """Fixed prompts -> replicated text inputs: from the text cache, which `--mode=encode`
+        fills with the run's fixed prompts, else (or on a miss) encoded by the LLMs."""
+        per_llm = []
+        for k, encoder in enumerate(self.encoders):
+            states = self.cached[k].fixed_prompts(prompts) if self.cached is not None else None
+            per_llm.append(jax.device_get(encoder.encode(list(prompts)))
+                           if states is None else states)
         return as_text_inputs(per_llm)
 
     # ---- Data position and counters ---------------------------------------------------------
     def get_state(self):
-        return self.dataset.get_state()
+        """The data position after the last batch `next_batch` returned."""
+        return self.dataset.get_state() if self._taken is None else self._taken.state
 
     def set_state(self, state):
+        self._stop_prefetch()  # Its batches follow the old position.
+        self._taken = None
         self.dataset.set_state(state)
 
     def counters(self):
+        return self._dataset_counters() if self._taken is None else self._taken.counters
+
+    def _dataset_counters(self):
         return dict(self.dataset.counters()) if hasattr(self.dataset, "counters") else {}
 
+    def _stop_prefetch(self):
+        if self._prefetcher is not None:
+            self._prefetcher.close()
+            self._prefetcher = None
+
     def close(self):
+        self._stop_prefetch()
         close = getattr(self.dataset, "close", None)
         if close is not None:
             close()

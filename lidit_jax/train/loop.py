@@ -4,8 +4,10 @@ A run is fully described by its config (saved as WORKDIR/config.json) and resume
 newest checkpoint in WORKDIR/checkpoints: same parameters, optimizer, EMA, RNG and data position
 as if it had never stopped. WORKDIR may be local or gs:// (lidit_jax.paths). SIGTERM
 (preemption, also TPU maintenance events on multi-host runs) makes every process save the same
-step and exit 0. Between log steps the loop never waits for the device: it dispatches step after
-step and reads values back (metrics, the non-finite counter) only at log and checkpoint steps.
+step and exit 0. The loop never waits for the device to run the step it just dispatched, except
+where it needs that step's result (checkpoints, samples, evals): a background thread puts the
+next batches on the devices ahead of time (train/inputs.py), and a log step's metrics are read
+back once the device has computed them (`_DeferredLog`), so the device's queue never drains.
 """
 import json
 import signal
@@ -133,12 +135,14 @@ def run(config, workdir):
                          disable=not config.logging.progress_bar or jax.process_index() != 0)
     nan_guard = _NonFiniteGuard(config.train.nan_policy, int(state.skipped_steps), start_step,
                                 checkpointer.directory)
+    log = _DeferredLog(writer, timer, nan_guard, progress, config.train.batch_size,
+                       flops_per_step)
     step = start_step
     try:
         with jax.set_mesh(mesh), sharding.axis_rules(rules):
             while step < config.train.steps and not preemption.reached(step):
                 profile.before_step(step)
-                batch = inputs.next_batch()
+                batch = inputs.next_batch()  # On the devices already (data.device_prefetch).
                 timer.data_ready()
                 state, step_metrics = train_step(state, batch)
                 step += 1
@@ -147,17 +151,9 @@ def run(config, workdir):
                 if config.logging.record_ids:
                     writer.write_record_ids(step, inputs.global_record_ids())
                 if step % config.train.log_every == 0 or last:
-                    step_metrics = jax.device_get(step_metrics)  # The one wait on the device.
-                    timer.synced()
-                    nan_guard.check(step, step_metrics["skipped_steps"])
-                    scalars = {k: v for k, v in step_metrics.items() if k != "finite"}
-                    scalars.update(timer.summary(config.train.batch_size, flops_per_step))
-                    scalars.update(inputs.counters())
-                    writer.write_scalars(step, scalars)
-                    progress.set_postfix(
-                        loss=f"{scalars['loss']:.4f}", img_s=f"{scalars['images_per_sec']:.1f}",
-                        tflops=f"{scalars.get('tflops_per_device', 0.0):.3f}",
-                        mfu=f"{scalars.get('mfu', 0.0):.1%}")
+                    log.push(step, step_metrics, inputs.counters())
+                else:
+                    log.poll()
                 progress.update(1)
                 if step % config.train.sample_every == 0 or last:
                     sampler.write(step, state.ema_params, writer, workdir / "samples")
@@ -166,11 +162,16 @@ def run(config, workdir):
                     evaluator.write(step, state.ema_params, writer)
                     timer.skip()
                 if step % config.checkpoint.every == 0 or last:
-                    # No checkpoint past a non-finite step under nan_policy=stop.
-                    nan_guard.check(step, step_metrics["skipped_steps"])
+                    # No checkpoint past a non-finite step under nan_policy=stop. The save waits
+                    # for this step's state anyway, so reading its counter adds no wait.
+                    nan_guard.check(step, state.skipped_steps)
                     checkpointer.save(step, state, inputs.get_state(), _meta(config, inputs))
                     timer.skip()
-        if step < config.train.steps:  # Stopped early: preemption.
+            # Before any final save: the last log step's metrics, and the guard up to `step`.
+            log.flush()
+            nan_guard.check(step, state.skipped_steps)
+        preempted = step < config.train.steps  # Stopped early: preemption.
+        if preempted:  # Waits instead when `step` is the checkpoint just saved (every N).
             logging.warning("preemption: saving step %d and exiting", step)
             checkpointer.save(step, state, inputs.get_state(), _meta(config, inputs), force=True)
     finally:
@@ -180,6 +181,54 @@ def run(config, workdir):
         writer.close()
         progress.close()
         inputs.close()
+    return preempted  # lidit_jax.main then exits with train.preemption_exit_code.
+
+
+class _DeferredLog:
+    """Writes a log step's metrics once the device has computed them, never waiting for them then.
+
+    Reading step n's values at step n would wait until the device has run every step dispatched
+    so far: its queue would drain, and stay empty until the host dispatches the next step. They
+    wait here instead, written as soon as `poll` finds them ready (`is_ready()`, never blocking)
+    or at the next log step (`push`), when the device has had a whole log interval to compute
+    them: MaxText writes step n's metrics one log step later too. Each line's timing fields are
+    those of the interval that ends at its own step. `flush` writes the last ones.
+    """
+
+    def __init__(self, writer, timer, nan_guard, progress, examples_per_step, flops_per_step):
+        self.writer, self.timer, self.nan_guard, self.progress = writer, timer, nan_guard, progress
+        self.examples_per_step, self.flops_per_step = examples_per_step, flops_per_step
+        self._pending = None  # (step, metrics on the devices, host-side scalars)
+
+    def push(self, step, step_metrics, counters):
+        if self._pending is not None:
+            self._write()
+            self.timer.synced()  # Waited only if the device ran a whole interval behind.
+        scalars = self.timer.summary(self.examples_per_step, self.flops_per_step)
+        self._pending = (step, step_metrics, {**scalars, **counters})
+
+    def poll(self):
+        if self._pending is not None and all(x.is_ready()
+                                             for x in jax.tree.leaves(self._pending[1])):
+            self._write()
+
+    def flush(self):
+        if self._pending is not None:
+            self._write()
+
+    def _write(self):
+        step, step_metrics, host_scalars = self._pending
+        self._pending = None
+        step_metrics = jax.device_get(step_metrics)
+        # A checkpoint since `step` checked the counter already; this check then does nothing.
+        self.nan_guard.check(step, step_metrics["skipped_steps"])
+        scalars = {k: v for k, v in step_metrics.items() if k != "finite"}
+        scalars.update(host_scalars)
+        self.writer.write_scalars(step, scalars)
+        self.progress.set_postfix(
+            loss=f"{scalars['loss']:.4f}", img_s=f"{scalars['images_per_sec']:.1f}",
+            tflops=f"{scalars.get('tflops_per_device', 0.0):.3f}",
+            mfu=f"{scalars.get('mfu', 0.0):.1%}")
 
 
 class _NonFiniteGuard:
@@ -187,13 +236,16 @@ class _NonFiniteGuard:
 
     Reads the state's cumulative skipped-step counter (the train step counts every non-finite
     step and keeps its update out of the state), so checking only at log and checkpoint steps
-    misses none and costs no per-step sync.
+    misses none and costs no per-step sync. A check of a step at or before the last one checked
+    does nothing: the later check covered it (a checkpoint overtakes a deferred log step).
     """
 
     def __init__(self, policy, skipped, step, directory):
         self.policy, self.skipped, self.step, self.directory = policy, skipped, step, directory
 
     def check(self, step, skipped):
+        if step <= self.step:
+            return
         skipped = int(skipped)
         if self.policy == "stop" and skipped > self.skipped:
             where = (f"at step {step}" if step == self.step + 1
