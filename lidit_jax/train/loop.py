@@ -86,8 +86,8 @@ def run(config, workdir):
     inputs = inputs_lib.TrainInputs(config, workdir, mesh)
 
     # ---- Samples for fixed prompts, from the EMA weights ---------------------------------------
-    # Encoded now: with the text cache the LLMs are needed for nothing else, so their weights
-    # leave device memory before the train state is allocated.
+    # Read from the text cache (--mode=encode stores the fixed prompts); a prompt missing there
+    # loads the LLMs, which leave device memory before the train state is allocated.
     objective = make_objective(config.diffusion)
     constructor = lambda: LIDiT(config, inputs.llm_widths, inputs.channels,  # noqa: E731
                                 rngs=nnx.Rngs(config.seed))
