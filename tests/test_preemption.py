@@ -66,21 +66,30 @@ def test_sigterm_at_a_checkpoint_step_exits_0_and_the_same_command_resumes(tiny_
     assert saved_steps(workdir)[-1] == STEPS
 
 
-@pytest.mark.multiprocess
-def test_two_processes_preempted_at_a_checkpoint_resume_together_past_a_step_one_cannot_read(
-        tiny_args, tmp_path):
-    workdir = str(tmp_path / "pair")
-    args = (*EVERY_STEP, "--config.mesh.data=1", "--config.mesh.fsdp=8")
-    # ---- SIGTERM to one process at a checkpoint step: both save it and exit 0 --------------
+def _run_pair(workdir, tiny_args, args, while_running=None):
+    """Two processes of the same command to their end (`while_running(processes)` meanwhile);
+    both must exit 0. Returns their logs."""
     processes = _start_pair(workdir, tiny_args, *args)
     try:
-        terminate_after(processes[0], workdir, 2, signalled=processes[1])
+        if while_running is not None:
+            while_running(processes)
         codes = [p.wait(timeout=TIMEOUT) for p in processes]
     finally:
         for p in processes:
             p.kill()
     logs = [_log(workdir, i) for i in range(2)]
     assert codes == [0, 0], (logs[0][-3000:], logs[1][-3000:])
+    return logs
+
+
+@pytest.mark.multiprocess
+def test_two_processes_preempted_at_a_checkpoint_resume_together_past_a_step_one_cannot_read(
+        tiny_args, tmp_path):
+    workdir = str(tmp_path / "pair")
+    args = (*EVERY_STEP, "--config.mesh.data=1", "--config.mesh.fsdp=8")
+    # ---- SIGTERM to one process at a checkpoint step: both save it and exit 0 --------------
+    logs = _run_pair(workdir, tiny_args, args, lambda processes: terminate_after(
+        processes[0], workdir, 2, signalled=processes[1]))
     stopped = [int(re.search(r"preemption: saving step (\d+)", log).group(1)) for log in logs]
     assert stopped[0] == stopped[1] < STEPS
     stopped = stopped[0]
@@ -93,14 +102,7 @@ def test_two_processes_preempted_at_a_checkpoint_resume_together_past_a_step_one
     for path in shards:
         with open(path, "r+b") as f:
             f.truncate(os.path.getsize(path) // 3)
-    processes = _start_pair(workdir, tiny_args, *args)
-    try:
-        codes = [p.wait(timeout=TIMEOUT) for p in processes]
-    finally:
-        for p in processes:
-            p.kill()
-    logs = [_log(workdir, i) for i in range(2)]
-    assert codes == [0, 0], (logs[0][-3000:], logs[1][-3000:])
+    logs = _run_pair(workdir, tiny_args, args)
     cannot_read = f"checkpoint step {stopped} in .* cannot be read by this process"
     assert re.search(cannot_read, logs[1]) and not re.search(cannot_read, logs[0])
     for log in logs:
