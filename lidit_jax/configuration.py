@@ -244,6 +244,10 @@ def _validate_train(config):
     if train.batch_size % train.microbatches:
         raise ConfigError(f"train.batch_size={train.batch_size} is not divisible by "
                           f"train.microbatches={train.microbatches}")
+    code = train.preemption_exit_code
+    if not isinstance(code, int) or not 0 <= code <= 255:
+        raise ConfigError(f"train.preemption_exit_code={code!r} must be an exit status in 0..255 "
+                          "(0: SLURM requeues; launch/xpk.sh sets 42)")
     if not 0.0 <= train.ema_decay < 1.0:
         raise ConfigError(f"train.ema_decay={train.ema_decay} must be in [0, 1)")
     if train.learning_rate <= 0:

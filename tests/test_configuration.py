@@ -33,6 +33,7 @@ def test_paper_numbers():
     ("data.buckets", "32x33", "data.buckets"),
     ("data.shapes_layout", "ring", "data.shapes_layout"),
     ("train.ema_decay", 1.5, "train.ema_decay"),
+    ("train.preemption_exit_code", 256, "train.preemption_exit_code"),
     ("model.depth", 0, "model.depth"),
 ])
 def test_bad_values_name_the_key(key, value, needle):
