@@ -112,7 +112,7 @@ class CachedTextStates:
         """record_ids [b] int, use_empty [b] bool -> dict(states [b, L, w], mask, prompt_mask)."""
         entries = [self._empty_entry if empty else pad_entry(self.cache[int(i)], self.max_length)
                    for i, empty in zip(record_ids, use_empty)]
-        return {k: np.stack([e[k] for e in entries]) for k in ("states", "mask", "prompt_mask")}
+        return _stack(entries)
 
     def fixed_prompts(self, prompts):
         """Fixed prompts (list of str) -> dict(states [b, L, w], mask, prompt_mask) from
@@ -127,4 +127,9 @@ class CachedTextStates:
             return None
         entries = [pad_entry(self._prompts[self._prompt_index[p]], self.max_length)
                    for p in prompts]
-        return {k: np.stack([e[k] for e in entries]) for k in ("states", "mask", "prompt_mask")}
+        return _stack(entries)
+
+
+def _stack(entries):
+    """Padded entries (dicts of [L, ...] arrays) -> dict(states [b, L, w], mask, prompt_mask)."""
+    return {k: np.stack([e[k] for e in entries]) for k in ("states", "mask", "prompt_mask")}
