@@ -133,6 +133,9 @@ def get_config(arg=None):
     c.model.patch_size = 2
     c.model.mlp_ratio = 4.0
     c.model.qk_norm = True
+    # resblock (the paper's conv ResBlock after patchify) | sincos | rope | resblock+sincos |
+    # resblock+rope; see lidit_jax/diffusion/dit.py and docs/denoiser.md.
+    c.model.position_embedding = "resblock"
     c.model.dtype = "bfloat16"  # Compute dtype; parameters stay in param_dtype.
     # float32 only: AdamW's moments and the EMA take this dtype, and in bfloat16 updates near
     # 1e-4 of a weight round away (configuration._validate_model refuses it; docs/pods.md).

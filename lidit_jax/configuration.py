@@ -9,6 +9,7 @@ import math
 import ml_collections
 
 from lidit_jax.data.shapes import LAYOUTS
+from lidit_jax.nn.positions import POSITION_EMBEDDINGS
 from lidit_jax.parallel.mesh import MESH_AXES, resolve_axis_sizes
 from lidit_jax.parallel.sharding import validate_rules
 from lidit_jax.text import features
@@ -17,6 +18,7 @@ CHOICES = {
     "text.fusion": ("collaborative", "concat", "single"),
     "text.padding_side": ("right", "left"),
     "model.remat": ("none", "full", "dots_saveable"),
+    "model.position_embedding": POSITION_EMBEDDINGS,
     "model.attention": ("auto", "xla", "cudnn", "splash"),
     "text.attention": ("auto", "xla", "cudnn", "splash"),
     "model.context_parallel": ("none", "ulysses", "ring"),
@@ -177,6 +179,16 @@ def _validate_model(config):
     if config.model.width % config.model.heads:
         raise ConfigError(f"model.width={config.model.width} is not divisible by "
                           f"model.heads={config.model.heads}")
+    codes = config.model.position_embedding.split("+")
+    head_dim = config.model.width // config.model.heads
+    if "sincos" in codes and config.model.width % 4:
+        raise ConfigError(f"model.position_embedding={config.model.position_embedding!r} needs "
+                          f"model.width divisible by 4 (row and column sin | cos); got "
+                          f"{config.model.width}")
+    if "rope" in codes and head_dim % 4:
+        raise ConfigError(f"model.position_embedding={config.model.position_embedding!r} rotates "
+                          f"pairs for rows and columns: model.width / model.heads = {head_dim} "
+                          "must be divisible by 4")
     if config.vae.latent_channels < 1 or config.vae.downsample < 1:
         raise ConfigError(f"vae.latent_channels={config.vae.latent_channels} and vae.downsample="
                           f"{config.vae.downsample} must be >= 1")

@@ -44,15 +44,20 @@ def test_wrong_colour_renders_score_low_on_colour_only():
             obj["colour"] = shapes.COLOUR_NAMES[(shapes.COLOUR_NAMES.index(obj["colour"]) + 1) % 8]
         images.append(_render(wrong))
     scores = scorer.score(np.stack(images), [r["metadata"] for r in records])
-    assert scores["colour_accuracy"] < 0.05
+    # Colour is matched anywhere: a shifted palette keeps some of another object's colours.
+    assert scores["by_objects"]["1"]["colour_accuracy"] == 0.0
+    assert scores["colour_accuracy"] < 0.25
     assert scores["prompt_accuracy"] < 0.05
     assert scores["position_accuracy"] < 0.05
     assert scores["shape_accuracy"] > 0.95 and scores["count_accuracy"] > 0.95
 
 
 def test_swapped_positions_score_low_on_position():
-    records = [r for r in _records(200) if len({(o["colour"], o["shape"])
-                                                for o in r["metadata"]["objects"]}) >= 2]
+    # Slot listings (count captions name no place) whose objects differ in colour (position is
+    # an object of the named colour at the named slot).
+    records = [r for r in _records(400) if scorer.placement(r["metadata"]) == "slots"
+               and len(r["metadata"]["objects"]) >= 2 and len(
+                   {o["colour"] for o in r["metadata"]["objects"]}) == len(r["metadata"]["objects"])]
     images = []
     for r in records:  # Objects moved one slot along (cyclically): all there, all misplaced.
         swapped = copy.deepcopy(r["metadata"])
@@ -75,6 +80,40 @@ def test_empty_images_score_zero_and_mention_buckets_cover_every_object():
     assert [b["rank"] for b in scores["by_mention"]] == [1, 2, 3, 4]
     assert sum(b["num"] for b in scores["by_mention"]) == scores["num_objects"]
     assert "| prompt_accuracy | 0.000 |" in scorer.markdown_table(scores)
+
+
+def test_units_follow_what_each_caption_says():
+    """Count captions have no position units; every listed slot left empty is an empty-slot
+    unit; by_objects and per_image partition the units."""
+    records = _records(200, layout="row")
+    metadatas = [r["metadata"] for r in records]
+    scores = scorer.score(np.stack([r["image"] for r in records]), metadatas)
+    placed = sum(len(m["objects"]) for m in metadatas if scorer.placement(m) != "none")
+    empty = sum(3 - len(m["objects"]) for m in metadatas if scorer.placement(m) == "slots")
+    assert {scorer.placement(m) for m in metadatas} == {"slots", "order", "none"}
+    assert scores["position_accuracy_units"] == placed < scores["num_objects"]
+    assert scores["empty_slot_accuracy_units"] == empty > 0
+    for name in scorer.METRICS:
+        assert sum(p[f"{name}_units"] for p in scores["by_objects"].values()) == \
+            scores[f"{name}_units"] == sum(i[name][1] for i in scores["per_image"])
+    assert "| 1 |" in scorer.markdown_table(scores)
+
+
+def test_painting_every_slot_is_a_false_positive():
+    """Filling the slots a listing leaves empty with copies of the named objects keeps colour,
+    shape and position right but fails empty-slot and prompt accuracy."""
+    records = [r for r in _records(200, layout="grid")
+               if scorer.placement(r["metadata"]) == "slots" and len(r["metadata"]["objects"]) < 4]
+    images = []
+    for r in records:
+        crowded = copy.deepcopy(r["metadata"])
+        taken = {o["slot"] for o in crowded["objects"]}
+        crowded["objects"] += [dict(crowded["objects"][0], slot=slot)
+                               for slot in shapes.LAYOUTS["grid"].slots if slot not in taken]
+        images.append(_render(crowded))
+    scores = scorer.score(np.stack(images), [r["metadata"] for r in records])
+    assert scores["colour_accuracy"] > 0.95 and scores["position_accuracy"] > 0.95
+    assert scores["empty_slot_accuracy"] < 0.05 and scores["prompt_accuracy"] < 0.05
 
 
 def test_wilson_interval_matches_the_closed_form():

@@ -1,13 +1,19 @@
 """The LI-DiT denoiser: a DiT whose blocks cross-attend to LLM text tokens refined in the loop.
 
     x [batch, H, W, C] --patchify (p x p)--> [batch, H/p, W/p, embed]
-      --conv ResBlock (the only position signal: no RoPE, no sin-cos table)--> [batch, len, embed]
+      --position code (model.position_embedding)--> [batch, len, embed]
       --depth x [self-attention, cross-attention to text, FFN], each sublayer
                  x += gate * sublayer(LN(x) * (1 + scale) + shift), (shift, scale, gate) from c
       --final adaLN + linear--> unpatchify --> prediction [batch, H, W, C]
 
-Because position comes from a zero-padded 3x3 convolution on the token grid, any height and width
-divisible by the patch size works, at any aspect ratio. `c` = timestep embedding + pooled text
+Position codes, `model.position_embedding` (every one works at any height and width divisible by
+the patch size, and with every attention implementation and context parallelism):
+  resblock          the paper's: a conv ResBlock after patchify; position only from the zero
+                    padding at the grid's borders, so a token more than two cells from an edge
+                    cannot tell where it is (docs/denoiser.md measures what that costs)
+  sincos            a 2-D sin-cos table added after patchify (DiT, PixArt)
+  rope              2-D rotary embeddings of q and k in self-attention (Flux, SD3.5, Lumina)
+  resblock+sincos, resblock+rope: the ResBlock with either (sin-cos added before it). `c` = timestep embedding + pooled text
 vector (timestep embedding alone with model.pooled_text=False); each block owns its modulation (9 vectors: shift/scale/gate for 3 sublayers), gates and
 the output layer start at zero (as in DiT), so the initial prediction is exactly zero.
 
@@ -41,6 +47,7 @@ from flax import nnx
 from lidit_jax.nn.attention import target_device
 from lidit_jax.nn.layers import (MLP, Attention, RMSNorm, TimestepEmbedder, conv_general_dilated,
                                  layer_norm, linear, modulate)
+from lidit_jax.nn.positions import POSITION_EMBEDDINGS, rope_2d, sincos_2d
 from lidit_jax.parallel.sharding import constrain
 from lidit_jax.text.refiner import TextConditioner
 
@@ -90,12 +97,12 @@ class DiTBlock(nnx.Module):
         """c [batch, embed] -> 9 x [batch, embed]: (shift, scale, gate) for attn, cross, FFN."""
         return jnp.split(self.modulation(jax.nn.silu(c)), 9, axis=-1)
 
-    def __call__(self, x, c, context, context_mask):
+    def __call__(self, x, c, context, context_mask, rope=None):
         """x [batch, len, embed] in model.residual_dtype; c [batch, embed]; context
-        [batch, text_len, embed]."""
+        [batch, text_len, embed]; rope: (cos, sin) [len, head_dim/2] or None."""
         (sa_shift, sa_scale, sa_gate, ca_shift, ca_scale, ca_gate,
          ff_shift, ff_scale, ff_gate) = self.modulation_vectors(c)
-        h = self.self_attention(modulate(layer_norm(x), sa_shift, sa_scale))
+        h = self.self_attention(modulate(layer_norm(x), sa_shift, sa_scale), rope=rope)
         # Each update is added in float32 and stored in the stream's dtype (model.residual_dtype).
         x = constrain((x + sa_gate[:, None, :] * h).astype(x.dtype), TOKENS)
         h = self.cross_attention(modulate(layer_norm(x), ca_shift, ca_scale), context,
@@ -146,7 +153,7 @@ class FinalLayer(nnx.Module):
 
 
 class DiTBackbone(nnx.Module):
-    """The DiT proper: patchify, position ResBlock, blocks, final layer, unpatchify.
+    """The DiT proper: patchify, position code, blocks, final layer, unpatchify.
 
     Call as `backbone(x, c, context, context_mask)`:
       x [batch, H, W, in_channels], c [batch, embed] (timestep embedding + text vector),
@@ -168,8 +175,16 @@ class DiTBackbone(nnx.Module):
         patch_features = m.patch_size**2 * in_channels
         self.patch_embed = linear(patch_features, m.width, ("channels", "embed"), dtype=dtype,
                                   param_dtype=param_dtype, rngs=rngs)
-        self.position = PositionResBlock(m.width, dtype=dtype, param_dtype=param_dtype,
-                                         residual_dtype=jnp.dtype(m.residual_dtype), rngs=rngs)
+        if m.position_embedding not in POSITION_EMBEDDINGS:
+            raise ValueError(f"model.position_embedding={m.position_embedding!r}; use one of "
+                             f"{', '.join(POSITION_EMBEDDINGS)}")
+        codes = m.position_embedding.split("+")
+        self.sincos, self.rope = "sincos" in codes, "rope" in codes
+        self.head_dim = m.width // m.heads
+        self.residual_dtype = jnp.dtype(m.residual_dtype)
+        self.position = (PositionResBlock(m.width, dtype=dtype, param_dtype=param_dtype,
+                                          residual_dtype=self.residual_dtype, rngs=rngs)
+                         if "resblock" in codes else None)
 
         def make_block(block_rngs):
             return DiTBlock(m.width, m.heads, m.mlp_ratio, qk_norm=m.qk_norm,
@@ -188,9 +203,9 @@ class DiTBackbone(nnx.Module):
         self.final = FinalLayer(m.width, patch_features, dtype=dtype, param_dtype=param_dtype,
                                 rngs=rngs)
 
-    def _apply_blocks(self, x, c, context, context_mask):
-        def apply_block(x, block, c, context, context_mask):
-            return block(x, c, context, context_mask)
+    def _apply_blocks(self, x, c, context, context_mask, rope):
+        def apply_block(x, block, c, context, context_mask, rope):
+            return block(x, c, context, context_mask, rope)
 
         if self.remat != "none":
             apply_block = nnx.remat(apply_block, policy=REMAT_POLICIES[self.remat])
@@ -200,13 +215,24 @@ class DiTBackbone(nnx.Module):
             # stacked parameters), 16 % faster at the benchmarks' PixArt shape. TPU and GPU keep
             # the loop, for compile time and memory.
             unroll = self.depth if target_device()[0] == "cpu" else 1
-            scan = nnx.scan(apply_block, in_axes=(nnx.Carry, 0, None, None, None),
+            scan = nnx.scan(apply_block, in_axes=(nnx.Carry, 0, None, None, None, None),
                             out_axes=nnx.Carry, unroll=unroll,
                             transform_metadata={nnx.PARTITION_NAME: "layers"})
-            return scan(x, self.blocks, c, context, context_mask)
+            return scan(x, self.blocks, c, context, context_mask, rope)
         for block in self.blocks:
-            x = apply_block(x, block, c, context, context_mask)
+            x = apply_block(x, block, c, context, context_mask, rope)
         return x
+
+    def embed_patches(self, x):
+        """x [batch, H, W, C] -> token grid [batch, H/p, W/p, embed] with the absolute position
+        codes (sin-cos, ResBlock) applied, in model.residual_dtype."""
+        grid = self.patch_embed(patchify(x, self.patch))
+        if self.sincos:
+            _, h, w, width = grid.shape
+            grid = grid.astype(jnp.float32) + sincos_2d(h, w, width)
+        if self.position is not None:
+            return self.position(grid)
+        return grid.astype(self.residual_dtype)
 
     def __call__(self, x, c, context, context_mask):
         if x.ndim != 4 or x.shape[-1] != self.in_channels:
@@ -214,11 +240,12 @@ class DiTBackbone(nnx.Module):
                              f"{self.in_channels}] (NHWC, in_channels={self.in_channels})")
         if context.shape[-1] != c.shape[-1]:
             raise ValueError(f"text tokens have width {context.shape[-1]}, the DiT {c.shape[-1]}")
-        grid = self.position(self.patch_embed(patchify(x, self.patch)))
+        grid = self.embed_patches(x)
         b, h, w, width = grid.shape
         tokens = constrain(grid.reshape(b, h * w, width), TOKENS)
         context = constrain(context, ("batch", "text_length", "embed"))
-        tokens = self._apply_blocks(tokens, c, context, context_mask)
+        rope = rope_2d(h, w, self.head_dim) if self.rope else None
+        tokens = self._apply_blocks(tokens, c, context, context_mask, rope)
         out = self.final(tokens, c).reshape(b, h, w, -1)
         return unpatchify(out, self.patch, self.in_channels).astype(jnp.float32)
 

@@ -39,7 +39,8 @@ def dit_forward_flops(model_config, in_channels, hw, context_len):
              + 2 * d * 9 * d)
     timestep = 2 * 256 * d + 2 * d * d  # TimestepEmbedder: 256 frequencies -> d -> d.
     patch_embed = 2 * tokens * patch_features * d
-    position = 2 * (2 * tokens * 9 * d * d)
+    # Only the ResBlock costs matmuls; sin-cos and rotary codes are elementwise.
+    position = 2 * (2 * tokens * 9 * d * d) if "resblock" in m.position_embedding else 0
     final = 2 * d * 2 * d + 2 * tokens * d * patch_features
     return m.depth * block + timestep + patch_embed + position + final
 

@@ -2,25 +2,38 @@
 
 Each image is read back with `lidit_jax.data.shapes.detect` (per slot of the layout: nearest
 palette colour of the slot's foreground, the rendered shape and size mask of highest IoU, or
-nothing) and compared with its prompt's ground truth (the record's metadata). Units:
+nothing) and compared with its prompt's ground truth (the record's metadata). What a caption
+says about place depends on its template (`placement`):
 
-  per prompt object o, d = the detection at o's slot:
-    colour_accuracy    d exists and has o's colour
-    shape_accuracy     d exists and has o's shape
-    size_accuracy      d exists and has o's size
-    position_accuracy  d is o: its colour AND shape at the slot the prompt gave it (an object
-                       drawn elsewhere, or two objects swapped, scores 0; GenEval's "position"
-                       likewise needs the right object at the right place)
-    object_accuracy    d equals o in colour, shape and size
+  slots   "a red circle on the left, ..." (slot listings): each object has a named slot
+  order   "a red circle to the left of a blue square" (row relations): left-to-right order only
+  none    "two small red circles" (counts): no place at all
+
+Units (per prompt object o unless said):
+    colour_accuracy     o's colour is drawn (matched one to one against the detections, so a
+                        colour named twice must be drawn twice); place not considered
+    shape_accuracy      likewise o's shape
+    size_accuracy       likewise o's size
+    object_accuracy     o's colour, shape and size together on one detected object
+    position_accuracy   an object of o's colour where the caption put o: at o's slot (slots),
+                        at o's rank in the detections' left-to-right order (order); objects of
+                        count captions have no position unit
+    empty_slot_accuracy per slot a slot-listing caption leaves empty: nothing drawn there (a
+                        model painting every slot with the named colours scores 0)
   per image:
-    count_accuracy     the number of detected objects equals the prompt's
-    prompt_accuracy    every slot right: each object exact, each empty slot empty
+    count_accuracy      the number of detected objects equals the prompt's
+    prompt_accuracy     the caption fully satisfied: slots: every slot right (each object exact,
+                        each empty slot empty); order: the detections left to right are the
+                        objects in order; none: the detections are the objects
 
-The positional-bias probe (the paper's Fig. 3) buckets object_accuracy by the object's mention
-rank in the caption (1st, 2nd, ... noun phrase, from the metadata's word indices; a count phrase
-such as "two red circles" is one mention). Every accuracy carries a 95 % Wilson interval over its
-units (objects or images).
+`by_objects` repeats every metric per object count (1, 2, ... objects in the prompt), and
+`per_image` keeps each image's hits and units per metric, so two runs scored on the same prompts
+can be compared pair by pair. The positional-bias probe (the paper's Fig. 3) buckets
+object_accuracy by the object's mention rank in the caption (1st, 2nd, ... noun phrase, from the
+metadata's word indices; a count phrase such as "two red circles" is one mention). Every accuracy
+carries a 95 % Wilson interval over its units.
 """
+import collections
 import math
 
 import numpy as np
@@ -28,7 +41,8 @@ import numpy as np
 from lidit_jax.data import shapes
 
 METRICS = ("prompt_accuracy", "colour_accuracy", "shape_accuracy", "size_accuracy",
-           "position_accuracy", "object_accuracy", "count_accuracy")
+           "position_accuracy", "object_accuracy", "count_accuracy", "empty_slot_accuracy")
+_ATTRIBUTES = {"colour": (0,), "shape": (1,), "size": (2,), "object": (0, 1, 2)}
 
 
 def wilson_interval(successes, total, z=1.96):
@@ -48,50 +62,111 @@ def mention_ranks(objects):
     return [order.index(obj["word_index"]) for obj in objects]
 
 
+def placement(metadata):
+    """What the caption says about place: "slots", "order" or "none" (see the module doc)."""
+    template = metadata.get("template", 0)
+    layout = shapes.layout_of(metadata.get("layout", "row"))
+    if template == 1:
+        return "none"
+    if template == 2 and len(metadata["objects"]) > 1 and layout.rows == 1:
+        return "order"
+    return "slots"  # Listings, and relation captions that fall back to a listing.
+
+
+def _matched(wanted, drawn):
+    """Per wanted key, whether it is matched one to one by a drawn key (multiset intersection,
+    first come first served among equal keys)."""
+    available = collections.Counter(drawn)
+    hits = []
+    for key in wanted:
+        hits.append(available[key] > 0)
+        available[key] -= 1
+    return hits
+
+
 def judge(detection, metadata):
     """One image's detection (shapes.detect output) vs its metadata -> per-unit booleans.
 
-    Returns {"objects": [dict(colour, shape, size, position, object, rank) per prompt object],
-             "count": bool, "prompt": bool}.
+    Returns {"objects": [dict(colour, shape, size, object, rank, position (None for count
+    captions)) per prompt object], "empty_slots": [bool per slot the caption leaves empty],
+    "count": bool, "prompt": bool}.
     """
     slots = shapes.layout_of(metadata.get("layout", "row")).slots
     objects = metadata["objects"]
-    ranks = mention_ranks(objects)
-    judged = []
-    for obj, rank in zip(objects, ranks):
-        found = detection[slots.index(obj["slot"])]
-        colour, shape, size = found if found is not None else (None, None, None)
-        judged.append({"colour": colour == obj["colour"], "shape": shape == obj["shape"],
-                       "size": size == obj["size"],
-                       "position": (colour, shape) == (obj["colour"], obj["shape"]),
-                       "object": found == (obj["colour"], obj["shape"], obj["size"]),
-                       "rank": rank})
-    count = sum(d is not None for d in detection) == len(objects)
-    return {"objects": judged, "count": count,
-            "prompt": list(detection) == shapes.expected_detection(metadata)}
+    truths = [(o["colour"], o["shape"], o["size"]) for o in objects]
+    drawn = [d for d in detection if d is not None]
+    judged = [{"rank": rank} for rank in mention_ranks(objects)]
+    for name, fields in _ATTRIBUTES.items():
+        pick = lambda item: tuple(item[i] for i in fields)  # noqa: E731
+        for unit, hit in zip(judged, _matched([pick(t) for t in truths], [pick(d) for d in drawn])):
+            unit[name] = hit
+    place = placement(metadata)
+    expected = shapes.expected_detection(metadata)
+    empty_slots = []
+    if place == "slots":
+        for unit, obj in zip(judged, objects):
+            found = detection[slots.index(obj["slot"])]
+            unit["position"] = found is not None and found[0] == obj["colour"]
+        empty_slots = [found is None for found, want in zip(detection, expected) if want is None]
+        prompt = list(detection) == expected
+    elif place == "order":
+        in_order = [t for t in expected if t is not None]  # Objects left to right.
+        by_slot = sorted(range(len(objects)), key=lambda k: slots.index(objects[k]["slot"]))
+        for rank, k in enumerate(by_slot):
+            judged[k]["position"] = rank < len(drawn) and drawn[rank][0] == truths[k][0]
+        prompt = drawn == in_order
+    else:
+        for unit in judged:
+            unit["position"] = None
+        prompt = sorted(drawn) == sorted(truths)
+    return {"objects": judged, "empty_slots": empty_slots, "count": len(drawn) == len(objects),
+            "prompt": prompt}
+
+
+def _image_units(judgement):
+    """One judged image -> {metric: list of unit booleans}."""
+    objects = judgement["objects"]
+    units = {"prompt_accuracy": [judgement["prompt"]], "count_accuracy": [judgement["count"]],
+             "empty_slot_accuracy": judgement["empty_slots"],
+             "position_accuracy": [o["position"] for o in objects if o["position"] is not None]}
+    for name in ("colour", "shape", "size", "object"):
+        units[f"{name}_accuracy"] = [o[name] for o in objects]
+    return units
+
+
+def _summarise(per_image):
+    """[{metric: unit booleans}] -> {metric, metric_ci95, num_images, num_objects}."""
+    out = {"num_images": len(per_image),
+           "num_objects": sum(len(units["colour_accuracy"]) for units in per_image)}
+    for name in METRICS:
+        values = [v for units in per_image for v in units[name]]
+        out[name] = float(np.mean(values)) if values else 0.0
+        out[f"{name}_ci95"] = list(wilson_interval(sum(values), len(values)))
+        out[f"{name}_units"] = len(values)
+    return out
 
 
 def score(images, metadatas):
     """images: [N, S, S, 3] (uint8, or float in [-1, 1]); metadatas: N shapes metadata dicts.
 
-    Returns a JSON-ready dict: each of METRICS, its interval as "<metric>_ci95" [low, high],
-    "num_images", "num_objects", and "by_mention": [{"rank", "accuracy", "ci95", "num"}] for
-    mention ranks 1, 2, ... (object_accuracy of the objects mentioned k-th).
+    Returns a JSON-ready dict: each of METRICS, its interval "<metric>_ci95" [low, high] and
+    unit count "<metric>_units", "num_images", "num_objects"; "by_objects": {"1": the same for
+    one-object prompts, "2": ...}; "per_image": [{metric: [hits, units]}] in prompt order; and
+    "by_mention": [{"rank", "accuracy", "ci95", "num"}] for mention ranks 1, 2, ...
+    (object_accuracy of the objects mentioned k-th).
     """
     if len(images) != len(metadatas):
         raise ValueError(f"{len(images)} images but {len(metadatas)} metadata entries")
     judged = [judge(shapes.detect(image, m.get("layout", "row")), m)
               for image, m in zip(images, metadatas)]
+    per_image = [_image_units(j) for j in judged]
+    out = _summarise(per_image)
+    counts = sorted({len(m["objects"]) for m in metadatas})
+    out["by_objects"] = {str(n): _summarise([u for u, m in zip(per_image, metadatas)
+                                             if len(m["objects"]) == n]) for n in counts}
+    out["per_image"] = [{name: [int(sum(units[name])), len(units[name])] for name in METRICS}
+                        for units in per_image]
     objects = [o for j in judged for o in j["objects"]]
-    units = {"prompt_accuracy": [j["prompt"] for j in judged],
-             "count_accuracy": [j["count"] for j in judged]}
-    for name in ("colour", "shape", "size", "position", "object"):
-        units[f"{name}_accuracy"] = [o[name] for o in objects]
-    out = {"num_images": len(judged), "num_objects": len(objects)}
-    for name in METRICS:
-        values = units[name]
-        out[name] = float(np.mean(values)) if values else 0.0
-        out[f"{name}_ci95"] = list(wilson_interval(sum(values), len(values)))
     by_mention = []
     for rank in sorted({o["rank"] for o in objects}):
         hits = [o["object"] for o in objects if o["rank"] == rank]
@@ -107,9 +182,14 @@ def markdown_table(scores):
     lines = ["| metric | value | 95 % interval | units |", "|---|---|---|---|"]
     for name in METRICS:
         low, high = scores[f"{name}_ci95"]
-        units = scores["num_images"] if name in ("prompt_accuracy", "count_accuracy") \
-            else scores["num_objects"]
+        units = scores[f"{name}_units"]
         lines.append(f"| {name} | {scores[name]:.3f} | [{low:.3f}, {high:.3f}] | {units} |")
+    lines += ["", "| objects in prompt | images | colour | shape | position | object | prompt |",
+              "|---|---|---|---|---|---|---|"]
+    for count, part in scores["by_objects"].items():
+        lines.append(f"| {count} | {part['num_images']} | " + " | ".join(
+            f"{part[f'{name}_accuracy']:.3f}"
+            for name in ("colour", "shape", "position", "object", "prompt")) + " |")
     lines += ["", "| mention rank | object accuracy | 95 % interval | objects |", "|---|---|---|---|"]
     for row in scores["by_mention"]:
         lines.append(f"| {row['rank']} | {row['accuracy']:.3f} | "

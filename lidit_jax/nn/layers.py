@@ -8,6 +8,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from lidit_jax.nn.attention import dot_product_attention, target_device
+from lidit_jax.nn.positions import apply_rope
 from lidit_jax.parallel.context import context_parallel_attention
 from lidit_jax.parallel.sharding import constrain
 
@@ -201,14 +202,18 @@ class Attention(nnx.Module):
         self.block_sizes = None if block_sizes is None else tuple(block_sizes)
         self.context_parallel = context_parallel
 
-    def __call__(self, x, context=None, key_mask=None, *, causal=False):
+    def __call__(self, x, context=None, key_mask=None, *, causal=False, rope=None):
         """x [batch, len, embed]; context [batch, ctx_len, embed] (None: self-attention over x);
-        key_mask [batch, ctx_len] bool. Returns [batch, len, embed]."""
+        key_mask [batch, ctx_len] bool; rope: (cos, sin) [len, head_dim/2] rotary tables
+        (`nn.positions.rope_2d`) applied to q and k of self-attention. Returns
+        [batch, len, embed]."""
         source = x if context is None else context
         split = lambda y: y.reshape(*y.shape[:2], self.heads, -1)  # noqa: E731
         q, k, v = split(self.query(x)), split(self.key(source)), split(self.value(source))
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
+        if rope is not None:
+            q, k = apply_rope(q, rope), apply_rope(k, rope)
         q = constrain(q, ("batch", "length", "heads", "head_dim"))
         kwargs = dict(implementation=self.implementation, block_sizes=self.block_sizes)
         if context is None and self.context_parallel != "none":
