@@ -293,3 +293,10 @@ def test_probe_tokens_are_the_object_words(tiny_llm):
         else:
             assert text in ("a", "two", "three", "four"), text
         assert 0 <= colour < 8
+    slots = probes.probe_targets(encoder.template, records, "slot")
+    assert {kind for *_, kind in slots} == {"article", "noun", "slot"}
+    for record_index, token, slot, kind in slots:
+        if kind == "slot":
+            (ids, _, _), = encoder.template._tokenize([records[record_index]["caption"]])
+            text = tokenizer.decode([ids[token]]).strip()
+            assert shapes.LAYOUTS["grid"].slots[slot].endswith(text), text

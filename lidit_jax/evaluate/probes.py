@@ -1,20 +1,22 @@
-"""Text-only linear probe: can a linear read-out find the k-th object's colour in the text
-features at that object's tokens, before and after the linguistic token refiner?
+"""Text-only linear probe: can a linear read-out find the k-th object's colour, or its slot, in
+the text features at that object's tokens, before and after the linguistic token refiner?
 
 For shapes captions ("a large red circle in the top left, a small blue ..."), per object and
 per probed token (`article`: the object's first word, which a causal LLM reads before the
-colour; `noun`: its shape noun, read after it), the features are
+colour and the slot; `noun`: its shape noun, after the colour and before the slot phrase;
+`slot`: the last word of its slot phrase, e.g. "left"; slot targets only for captions that name
+slots), the features are
   raw      the frozen LLM's chosen layer (what the cache stores), input-normed as the refiner
            sees it
   refined  the trained refiner's output (EMA weights of a run, at model time eval t)
 and a ridge-regression one-vs-rest probe (fit on half the captions, scored on the other half)
-predicts the colour (8 classes, chance 1/8). A causal LLM cannot put the colour into the article
+predicts the colour (8 classes, chance 1/8) or the slot (3 in the row layout, 4 in the grid). A causal LLM cannot put the colour into the article
 token's state; a bidirectional refiner can, so `article` accuracy measures the paper's
 "causal attention hides later tokens" problem directly, without any image.
 
   python -m lidit_jax.evaluate.probes --config=configs/ablations/lidit.py \\
       --workdir=RUN --num=512 [--t=500]
-prints one line per (features, token) and writes RUN/probe.json.
+prints one line per (attribute, features, token) and writes RUN/probe.json.
 """
 import json
 import os
@@ -25,6 +27,9 @@ import numpy as np
 from flax import nnx
 
 from lidit_jax.data import shapes
+from lidit_jax.evaluate.scorer import placement
+
+ATTRIBUTES = ("colour", "slot")
 
 
 def word_token(template, caption, word_index):
@@ -41,17 +46,26 @@ def word_token(template, caption, word_index):
     return int(inside[-1])
 
 
-def probe_targets(template, records):
-    """-> list of (record index, token index, colour id, kind) for every object and kind."""
+def probe_targets(template, records, attribute="colour"):
+    """-> list of (record index, token index, label, kind) for every object and kind; label is
+    the colour id, or the slot index (objects of slot-listing captions only)."""
     out = []
     for i, record in enumerate(records):
-        caption = record["caption"]
-        for obj in record["metadata"]["objects"]:
+        caption, metadata = record["caption"], record["metadata"]
+        layout = shapes.layout_of(metadata.get("layout", "row"))
+        if attribute == "slot" and placement(metadata) != "slots":
+            continue
+        for obj in metadata["objects"]:
             noun = obj["word_index"]
             # "a large red circle": the article is 3 words before the noun ("two" for counts).
-            for kind, word in (("article", noun - 3), ("noun", noun)):
-                out.append((i, word_token(template, caption, word),
-                            shapes.COLOUR_NAMES.index(obj["colour"]), kind))
+            words = [("article", noun - 3), ("noun", noun)]
+            if attribute == "colour":
+                label = shapes.COLOUR_NAMES.index(obj["colour"])
+            else:
+                label = layout.slots.index(obj["slot"])
+                words.append(("slot", noun + len(layout.phrases[label].split())))
+            out.extend((i, word_token(template, caption, word), label, kind)
+                       for kind, word in words)
     return out
 
 
@@ -83,25 +97,27 @@ def refined_states(model, states, mask, t):
 
 
 def run_probe(model, encoder, records, t=500.0, seed=0):
-    """-> {f"{features}/{kind}": accuracy} for features raw / refined, kind article / noun."""
+    """-> {f"{attribute}/{features}/{kind}": accuracy} for attribute colour / slot, features
+    raw / refined, kind article / noun (/ slot)."""
     captions = [r["caption"] for r in records]
     encoded = jax.device_get(encoder.encode(captions))
     states = jnp.asarray(encoded["states"], jnp.float32)
     mask = jnp.asarray(encoded["mask"])
-    targets = probe_targets(encoder.template, records)
     refiner = model.text.refiners[0]
     raw = states if refiner.input_norm is None else refiner.input_norm(states)
     refined = nnx.jit(refined_states)(model, states, mask, t)
     rng = np.random.default_rng(seed)
     train_records = rng.permutation(len(records))[:len(records) // 2]
     out = {}
-    for kind in ("article", "noun"):
-        chosen = [x for x in targets if x[3] == kind]
-        labels = np.array([x[2] for x in chosen])
-        train = np.isin([x[0] for x in chosen], train_records)
-        for name, feats in (("raw", raw), ("refined", refined)):
-            out[f"{name}/{kind}"] = ridge_probe_accuracy(features_at(feats, chosen), labels,
-                                                         train, len(shapes.COLOUR_NAMES))
+    for attribute in ATTRIBUTES:
+        targets = probe_targets(encoder.template, records, attribute)
+        for kind in sorted({x[3] for x in targets}):
+            chosen = [x for x in targets if x[3] == kind]
+            labels = np.array([x[2] for x in chosen])
+            train = np.isin([x[0] for x in chosen], train_records)
+            for name, feats in (("raw", raw), ("refined", refined)):
+                out[f"{attribute}/{name}/{kind}"] = ridge_probe_accuracy(
+                    features_at(feats, chosen), labels, train, int(labels.max()) + 1)
     return out
 
 
@@ -120,8 +136,10 @@ def main(argv):
     scores.update(step=trained.step, num_captions=FLAGS.num, t=FLAGS.t)
     with open(os.path.join(FLAGS.workdir, "probe.json"), "w") as f:
         json.dump(scores, f, indent=1)
-    for key in ("raw/article", "refined/article", "raw/noun", "refined/noun"):
-        print(f"probe {key} colour_accuracy={scores[key]:.3f} (chance 0.125)")
+    for key, value in scores.items():
+        attribute = key.split("/")[0]
+        if attribute in ATTRIBUTES:
+            print(f"probe {key} {attribute}_accuracy={value:.3f}")
 
 
 if __name__ == "__main__":
