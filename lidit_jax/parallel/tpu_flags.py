@@ -6,7 +6,10 @@ a pod runs and libtpu validates the flags for the generation before any pod is r
 flags let the FSDP all-gathers and reduce-scatters run under the matmuls (async collective
 fusion, as MaxText sets them). Continuation fusion of all-gathers is v5e-only: libtpu 0.0.52
 refuses it for v5p and v6e ("not supported/recommended on platforms other than TPU v5e"), found
-through `--mode=compile`; tests/test_tpu_flags.py compiles each generation's set.
+through `--mode=compile`; tests/test_tpu_flags.py compiles each generation's set. The
+data-parallel all-reduce optimisation left the v5p estimate unchanged (the cost model does not
+simulate run-time overlap), so it stays v5e-only until measured on a pod (docs/pods.md, "TPU
+compiler flags").
 """
 _OVERLAP_COLLECTIVES = {
     "xla_tpu_enable_async_collective_fusion": True,
