@@ -9,6 +9,8 @@ Each arm is a config file CONFIGS_DIR/<arm>.py; `--set key=value` overrides appl
      (`--mode=encode`'s writer; an arm's cache root DIR/runs/<arm>/text_cache links to them);
   2. training (`--mode=train`'s loop) in DIR/runs/<arm>/seed<k>;
   3. the shapes scores of its EMA weights (`--mode=eval --benchmark=shapes`) in .../eval.
+The first arm is the baseline: ablation.md compares every other arm with it prompt by prompt
+(`lidit_jax.evaluate.statistics`: hierarchical bootstrap over prompts and seeds, Holm).
 A run whose eval/scores.json exists is skipped, so the command resumes after a crash (a run
 killed mid-training resumes from its last checkpoint). Compiled programs are shared through
 JAX's persistent compilation cache (DIR/jax_cache): seeds of an arm compile once.
@@ -30,6 +32,7 @@ import numpy as np
 from absl import app, flags, logging
 
 from lidit_jax import configuration
+from lidit_jax.evaluate import statistics
 
 TABLE_METRICS = ("prompt_accuracy", "object_accuracy", "colour_accuracy", "shape_accuracy",
                  "size_accuracy", "position_accuracy", "count_accuracy")
@@ -166,7 +169,7 @@ def _run_ablation(arms, seeds, workdir, overrides, configs_dir, run_seeds):
             except Exception:  # noqa: BLE001 - one broken arm must not stop the others.
                 logging.error("arm %s seed %d failed:\n%s", arm, seed, traceback.format_exc())
                 failed.append((arm, seed))
-    summarise(workdir, arms, seeds)
+    summarise(workdir, arms, seeds, baseline=arms[0])
     return failed
 
 
@@ -227,6 +230,35 @@ def mention_table(results):
     return "\n".join(lines) + "\n"
 
 
+def contrast_table(results, baseline, metrics=("position_accuracy", "shape_accuracy",
+                                                "colour_accuracy", "prompt_accuracy")):
+    """{arm: [scores]} -> markdown: every other arm minus `baseline`, paired by prompt (the same
+    held-out prompts and noise), on all prompts and on one-object prompts; effect with its 95 %
+    hierarchical-bootstrap interval (prompts and seeds) and the Holm-adjusted p over the table."""
+    # An image's colour units are its prompt's objects.
+    subsets = {"all": lambda image: True,
+               "1 object": lambda image: image["colour_accuracy"][1] == 1}
+    rows = []
+    for arm in results:
+        if arm == baseline:
+            continue
+        for subset, keep in subsets.items():
+            for metric in metrics:
+                arm_counts, baseline_counts = (
+                    np.array([[image[metric] for image in run["per_image"] if keep(image)]
+                              for run in results[name]]) for name in (arm, baseline))
+                rows.append((arm, subset, metric,
+                             statistics.paired_bootstrap(arm_counts, baseline_counts)))
+    adjusted = statistics.holm([row[3]["p"] for row in rows])
+    lines = [f"| arm - {baseline} | prompts | metric | effect | 95 % interval | Holm p |",
+             "|---|---|---|---|---|---|"]
+    for (arm, subset, metric, test), p in zip(rows, adjusted):
+        low, high = test["ci95"]
+        lines.append(f"| {arm} | {subset} | {metric.replace('_accuracy', '')} | "
+                     f"{test['effect']:+.3f} | [{low:+.3f}, {high:+.3f}] | {p:.3g} |")
+    return "\n".join(lines) + "\n"
+
+
 def plot_bars(results, path):
     """Grouped bars: per metric, one bar per arm (mean over seeds, error bar = std)."""
     import matplotlib
@@ -271,8 +303,9 @@ def plot_mentions(results, path):
     plt.close(fig)
 
 
-def summarise(workdir, arms, seeds):
-    """Writes ablation.md, ablation.json, accuracy.png, by_mention.png and samples/<arm>.png."""
+def summarise(workdir, arms, seeds, baseline=None):
+    """Writes ablation.md, ablation.json, accuracy.png, by_mention.png and samples/<arm>.png;
+    with `baseline` (an arm), ablation.md also gets the paired contrasts against it."""
     import shutil
     results = collect(workdir, arms, seeds)
     if not results:
@@ -289,6 +322,10 @@ def summarise(workdir, arms, seeds):
         f.write(markdown_table(results))
         f.write("\nObject accuracy by the object's mention rank in the caption:\n\n")
         f.write(mention_table(results))
+        paired = all("per_image" in r for runs in results.values() for r in runs)
+        if baseline in results and len(results) > 1 and paired:
+            f.write(f"\nPaired contrasts against {baseline} (runs scored on the same prompts):\n\n")
+            f.write(contrast_table(results, baseline))
     plot_bars(results, os.path.join(workdir, "accuracy.png"))
     plot_mentions(results, os.path.join(workdir, "by_mention.png"))
     os.makedirs(os.path.join(workdir, "samples"), exist_ok=True)

@@ -15,6 +15,7 @@ import json
 import os
 
 import jax
+import numpy as np
 from absl import flags
 
 from lidit_jax.diffusion.objectives import make_objective
@@ -61,7 +62,9 @@ def run(config, workdir):
 
 def shapes_report(config, trained, mesh, output):
     """Scores `trained` (inference.TrainedRun) on the held-out shapes prompts; writes
-    OUTPUT/scores.json, scores.md and samples.png (process 0). Returns the scores dict."""
+    OUTPUT/scores.json, scores.md, samples.png and images.npz (every image, uint8
+    [N, S, S, 3] in prompt order, so a changed scorer can re-score without sampling again;
+    process 0). Returns the scores dict."""
     if config.data.source != "shapes":
         raise SystemExit("error: --benchmark=shapes scores shapes prompts: set "
                          "--config.data.source=shapes (with data.shapes_layout / image_size)")
@@ -82,6 +85,7 @@ def shapes_report(config, trained, mesh, output):
             f.write(f"Shapes prompt following, step {trained.step}, "
                     f"{scores['num_images']} held-out prompts\n\n")
             f.write(scorer.markdown_table(scores))
+        np.savez_compressed(os.path.join(output, "images.npz"), images=images)
         metrics_lib.save_png(os.path.join(output, "samples.png"),
                              metrics_lib.image_grid(images[:32] / 127.5 - 1.0, columns=8),
                              upscale=2)

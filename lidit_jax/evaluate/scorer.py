@@ -151,7 +151,8 @@ def score(images, metadatas):
 
     Returns a JSON-ready dict: each of METRICS, its interval "<metric>_ci95" [low, high] and
     unit count "<metric>_units", "num_images", "num_objects"; "by_objects": {"1": the same for
-    one-object prompts, "2": ...}; "per_image": [{metric: [hits, units]}] in prompt order; and
+    one-object prompts, "2": ...}; "per_image": [{metric: [hits, units]}] in prompt order
+    (an image's colour units are its prompt's objects); and
     "by_mention": [{"rank", "accuracy", "ci95", "num"}] for mention ranks 1, 2, ...
     (object_accuracy of the objects mentioned k-th).
     """
