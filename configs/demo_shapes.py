@@ -1,10 +1,11 @@
 """The CPU demo: a small LI-DiT on generated shapes data, SmolLM2-135M-Instruct as prompt encoder.
 
 Pixel space (32 x 32), the paper's instruction before every caption, one linguistic token
-refiner (depth 2) over SmolLM2's third-to-last layer, a depth-4 DiT of width 128. The text states
-are cached once (`--mode=encode`), then training never runs the LLM. On 2 CPU cores the whole
-demo took 10 minutes (encode 2.2 min, 1200 steps at ~95-100 images/s); samples for fixed
-prompts land in WORKDIR/samples.
+refiner (depth 2) over SmolLM2's third-to-last layer, a depth-4 DiT of width 128 with 2-D
+sin-cos positions. The text states are cached once (`--mode=encode`), then training never runs
+the LLM; samples for fixed prompts land in WORKDIR/samples, and `scripts/demo.sh` ends by
+scoring 256 held-out prompts (`--mode=eval --benchmark=shapes`; the scores and how these
+settings were chosen: docs/denoiser.md, "Why the demo could not place objects").
 
   python -m lidit_jax.main --config=configs/demo_shapes.py --workdir=workdir/demo_shapes \
       --mode=encode
@@ -58,7 +59,6 @@ def get_config(arg=None):
     c.train.batch_size = 32
     c.train.learning_rate = 1e-3
     c.train.warmup_steps = 50
-    c.train.lr_schedule = "cosine"
     c.train.ema_decay = 0.99
     c.train.log_every = 20
     c.train.sample_every = 400
