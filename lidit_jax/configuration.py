@@ -21,7 +21,7 @@ CHOICES = {
     "model.position_embedding": POSITION_EMBEDDINGS,
     "model.attention": ("auto", "xla", "cudnn", "splash"),
     "text.attention": ("auto", "xla", "cudnn", "splash"),
-    "model.context_parallel": ("none", "ulysses", "ring"),
+    "model.context_parallel": ("none", "all_gather", "ulysses", "ring"),
     "model.dtype": ("float32", "bfloat16", "float16"),
     "model.residual_dtype": ("float32", "bfloat16"),
     "diffusion.objective": ("epsilon", "v", "flow"),
@@ -219,7 +219,7 @@ def _validate_attention(config, sizes):
     context = 1 if sizes is None else sizes["context"]
     if context > 1 and m.context_parallel == "none":
         raise ConfigError(f"mesh.context={context} shards the image tokens but "
-                          "model.context_parallel='none'; set it to ulysses or ring")
+                          "model.context_parallel='none'; set it to all_gather, ulysses or ring")
     if context == 1:
         return
     sizes_hw = [f"{config.data.image_size}x{config.data.image_size}"]
@@ -235,7 +235,7 @@ def _validate_attention(config, sizes):
         raise ConfigError(
             f"model.context_parallel=ulysses splits model.heads={m.heads} over mesh.tensor * "
             f"mesh.context = {sizes['tensor'] * context}, which does not divide it; use "
-            "model.context_parallel=ring or change mesh.context")
+            "model.context_parallel=all_gather (or ring) or change mesh.context")
 
 
 def _validate_buckets(config):

@@ -1,4 +1,5 @@
-"""Context parallelism (ulysses, ring) vs unsharded attention, and in training, on 8 CPU devices."""
+"""Context parallelism (all_gather, ulysses, ring) vs unsharded attention, and in training, on
+8 CPU devices."""
 import functools
 
 import jax
@@ -7,9 +8,10 @@ import numpy as np
 import pytest
 
 from configs import common
-from lidit_jax import configuration
+from lidit_jax import aot, configuration
 from lidit_jax.nn.attention import dot_product_attention
 from lidit_jax.parallel import context, sharding
+from lidit_jax.parallel import mesh as mesh_lib
 from test_train_step import train
 from train_helpers import make_mesh, random_batch, tiny_config
 
@@ -25,33 +27,81 @@ def _forward_and_grads(attend, q, k, v, key_mask, cotangent):
     return out, grads
 
 
-# (data, fsdp, tensor, context), heads: context alone, and composed with data and tensor.
-MESHES = {"context8": ((1, 1, 1, 8), 8), "data2_tensor2_context2": ((2, 1, 2, 2), 4)}
+# (data, fsdp, tensor, context), heads: context alone, and composed with data, fsdp and tensor.
+MESHES = {"context8": ((1, 1, 1, 8), 8), "data2_tensor2_context2": ((2, 1, 2, 2), 4),
+          "fsdp2_tensor2_context2": ((1, 2, 2, 2), 4), "fsdp2_context4": ((1, 2, 1, 4), 4)}
+COLLECTIVES = {"all_gather": "all_gather", "ulysses": "all_to_all", "ring": "collective_permute"}
 
 
-@pytest.mark.parametrize("strategy", ["ulysses", "ring"])
-@pytest.mark.parametrize("mesh_name", sorted(MESHES))
-def test_matches_unsharded_attention_forward_and_gradients(strategy, mesh_name):
-    (data, fsdp, tensor, ctx), heads = MESHES[mesh_name]
-    rng = np.random.default_rng(0)
+def _random_inputs(heads, seed=0):
+    """q, k, v, cotangent [2, 32, heads, 8] and a key_mask [2, 32] padding row 0 to 29 keys and
+    row 1 to 3, so row 1 has whole context shards of padding (ring: a chunk whose keys are all
+    masked must merge with weight 0; all_gather: a shard whose own keys are all padding)."""
+    rng = np.random.default_rng(seed)
     shape = (2, 32, heads, 8)
     q, k, v, cotangent = (jnp.asarray(rng.normal(size=shape), jnp.float32) for _ in range(4))
-    # Padded keys, including a whole context shard of padding for row 1 (ring: a chunk whose
-    # keys are all masked must merge with weight 0).
     key_mask = jnp.asarray(np.arange(32)[None] < np.array([[29], [3]]))
+    return q, k, v, cotangent, key_mask
+
+
+def _assert_matches_unsharded(strategy, mesh, heads, implementation="xla"):
+    q, k, v, cotangent, key_mask = _random_inputs(heads)
     expected, expected_grads = _forward_and_grads(dot_product_attention, q, k, v, key_mask,
                                                   cotangent)
-    mesh = make_mesh(data, fsdp, tensor, context=ctx)
-    attend = functools.partial(context.context_parallel_attention, strategy=strategy)
+    attend = functools.partial(context.context_parallel_attention, strategy=strategy,
+                               implementation=implementation)
     with jax.set_mesh(mesh), sharding.axis_rules(RULES):
-        assert context.context_size() == ctx
         out, grads = _forward_and_grads(attend, q, k, v, key_mask, cotangent)
         lowered = jax.jit(lambda q, k, v: attend(q, k, v)).lower(q, k, v).as_text()
     np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
     for g, g_expected in zip(grads, expected_grads):
         np.testing.assert_allclose(g, g_expected, rtol=1e-4, atol=1e-5)
-    collective = {"ulysses": "all_to_all", "ring": "collective_permute"}[strategy]
-    assert collective in lowered  # Really sharded, not gathered by the partitioner.
+    assert COLLECTIVES[strategy] in lowered  # Really sharded, not gathered by the partitioner.
+    return lowered
+
+
+@pytest.mark.parametrize("strategy", ["all_gather", "ulysses", "ring"])
+@pytest.mark.parametrize("mesh_name", sorted(MESHES))
+def test_matches_unsharded_attention_forward_and_gradients(strategy, mesh_name):
+    (data, fsdp, tensor, ctx), heads = MESHES[mesh_name]
+    mesh = make_mesh(data, fsdp, tensor, context=ctx)
+    with jax.set_mesh(mesh):
+        assert context.context_size() == ctx
+    _assert_matches_unsharded(strategy, mesh, heads)
+
+
+def test_all_gather_takes_heads_ulysses_refuses():
+    """Three heads over context 4 (with fsdp 2): ulysses cannot split them, all_gather needs
+    no split (it gathers the sequence, not the heads) and matches unsharded attention."""
+    mesh = make_mesh(1, 2, 1, context=4)
+    q = jnp.zeros((2, 32, 3, 8))
+    with jax.set_mesh(mesh), sharding.axis_rules(RULES), pytest.raises(ValueError, match="ulysses"):
+        context.context_parallel_attention(q, q, q, strategy="ulysses")
+    lowered = _assert_matches_unsharded("all_gather", mesh, heads=3)
+    assert "all_to_all" not in lowered and "collective_permute" not in lowered
+
+
+def test_all_gather_runs_the_configured_kernel():
+    """implementation='splash' (Pallas interpret mode off TPU) on the local queries [b, L/c]
+    against the gathered keys [b, L]: ring would ignore it and run XLA."""
+    lowered = _assert_matches_unsharded("all_gather", make_mesh(1, 2, 2, context=2), heads=4,
+                                        implementation="splash")
+    assert "splash" in lowered
+
+
+def test_all_gather_auto_chooses_for_the_whole_sequence():
+    """`auto` on a TPU target (libtpu's v5p devices, lowering only): 1024 tokens over context 4
+    leave 256 local queries, under AUTO_MIN_SEQ_LEN, yet attend to 1024 gathered keys, so the
+    choice is splash (a Mosaic custom call), as for unsharded attention, not XLA's logits."""
+    devices = np.array(aot.topology_devices("v5p:2x2x1")).reshape(1, 1, 4, 1)
+    mesh = jax.sharding.Mesh(devices, mesh_lib.MESH_AXES,
+                             axis_types=(jax.sharding.AxisType.Auto,) * 4)
+    x = jax.ShapeDtypeStruct((1, 1024, 2, 128), jnp.bfloat16)
+    attend = functools.partial(context.context_parallel_attention, strategy="all_gather",
+                               implementation="auto")
+    with jax.set_mesh(mesh), sharding.axis_rules(RULES):
+        lowered = jax.jit(attend).lower(x, x, x).as_text()
+    assert "tpu_custom_call" in lowered
 
 
 def test_ring_saves_no_attention_matrix_for_the_backward():
@@ -89,6 +139,8 @@ def test_config_validation_names_the_keys():
     config.model.heads, config.model.width = 3, 240
     with pytest.raises(configuration.ConfigError, match="mesh.tensor \\* mesh.context"):
         configuration.validate(config, num_devices=8)
+    config.model.context_parallel = "all_gather"  # No head constraint.
+    configuration.validate(config, num_devices=8)
     config.model.splash_block_q = 100
     with pytest.raises(configuration.ConfigError, match="model.splash_block_q"):
         configuration.validate(config)
@@ -107,7 +159,7 @@ def _losses(context_size, strategy):
     return losses
 
 
-@pytest.mark.slow  # Three tiny trainings: ~1 min each on 2 shared cores.
-@pytest.mark.parametrize("strategy", ["ulysses", "ring"])
+@pytest.mark.slow  # Four tiny trainings: ~1 min each on 2 shared cores.
+@pytest.mark.parametrize("strategy", ["all_gather", "ulysses", "ring"])
 def test_three_training_steps_with_context_2_equal_context_1(strategy):
     np.testing.assert_allclose(_losses(2, strategy), _losses(1, "none"), rtol=1e-4)

@@ -91,7 +91,7 @@ def test_parameters_follow_the_choice():
     assert count("rope") == count("sincos") < count("resblock") == count("resblock+rope")
 
 
-@pytest.mark.parametrize("strategy", ["ulysses", "ring"])
+@pytest.mark.parametrize("strategy", ["all_gather", "ulysses", "ring"])
 def test_rope_with_context_parallelism_equals_one_device(strategy):
     config = small_config(position_embedding="resblock+rope", context_parallel=strategy)
     single = randomize(dit.DiTBackbone(config.model, 4, rngs=nnx.Rngs(0)), 1)

@@ -181,8 +181,8 @@ class Attention(nnx.Module):
     Projections: q/k/v kernels [embed, heads*head_dim] (logical ("embed", "heads")), output
     [heads*head_dim, embed] ("heads", "embed"); q/k norm scales [head_dim] ("norm").
     `implementation` and `block_sizes` go to `dot_product_attention`; `context_parallel`
-    (none | ulysses | ring) routes self-attention through `lidit_jax.parallel.context` when the
-    mesh has a `context` axis larger than 1.
+    (none | all_gather | ulysses | ring) routes self-attention through
+    `lidit_jax.parallel.context` when the mesh has a `context` axis larger than 1.
     """
 
     def __init__(self, width, heads, *, qk_norm=True, implementation="xla", block_sizes=None,

@@ -2,20 +2,34 @@
 
 A 1024 px LI-DiT image is 4096 tokens; with `config.mesh.context = c` every token-wise layer
 (projections, FFN, norms) holds 4096 / c tokens per chip (the rules table maps the logical
-`length` axis to `context`), and only self-attention needs the whole sequence. Two ways to give
-it that, chosen by `config.model.context_parallel`, both inside `jax.shard_map` over
+`length` axis to `context`), and only self-attention needs the whole sequence. Three ways to give
+it that, chosen by `config.model.context_parallel`, all inside `jax.shard_map` over
 (batch axes, `context`, head axes), so they compose with data, FSDP and tensor parallelism:
 
+  all_gather  keep the queries in place, all-gather the keys and values (and key_mask) over
+           `context` and run the configured kernel (splash on TPU, cuDNN on GPU) on the local
+           [b, L/c] queries against all [b, L] keys. The backward is autodiff's: the kernel's
+           own gradients, then a reduce-scatter of dK, dV. MaxText's default. No head
+           constraint; costs the gathered K/V, 2 * L * kv_heads * head_dim per batch row per
+           device (kept for the kernel's backward unless model.remat recomputes it), and the
+           gather is not overlapped with the attention.
   ulysses  all-to-all q, k, v from [b, L/c, h, d] to [b, L, h/c, d] (sequence <-> heads), run
            the configured kernel on whole sequences of h/c heads, all-to-all back. Four
-           all-to-alls of the activations per attention; needs heads / tensor divisible by c.
+           all-to-alls of the activations per attention, 4 (c - 1) / c^2 of [L, h, d] sent per
+           device (all_gather sends 2 (c - 1) / c of [L, kv_h, d]: the same at c = 2, ulysses
+           less beyond); needs heads / tensor divisible by c.
   ring     keep the queries in place and pass the key/value chunks round the ring with
            `ppermute` (c - 1 hops), merging each chunk's partial result by its log-sum-exp
            (flash attention's online softmax, across chips). No head constraint; the chunk
-           transfers overlap the chunk computations. Each hop runs nn/attention.py's
-           log-sum-exp attention; a custom VJP keeps only q, k, v, the output and its float32
-           log-sum-exp per row ([b, L/c] rows) and runs the ring again for the gradients,
-           recomputing each chunk's probabilities (no [L/c, L] residual per device).
+           transfers overlap the chunk computations, and no device ever holds more than one
+           [L/c] chunk of K/V. Each hop runs nn/attention.py's float32 XLA log-sum-exp
+           attention (never splash or cuDNN: `model.attention` is ignored); a custom VJP keeps
+           only q, k, v, the output and its float32 log-sum-exp per row ([b, L/c] rows) and
+           runs the ring again for the gradients, recomputing each chunk's probabilities.
+
+Which: all_gather while the gathered K/V fits (the DiT: 4096 tokens), since it runs the fused
+kernel; ulysses for large c when the heads divide; ring only for sequences whose whole K/V does
+not fit on one device. Causal attention: ulysses only (the DiT needs none).
 """
 import functools
 
@@ -25,7 +39,7 @@ import jax.numpy as jnp
 from lidit_jax.nn import attention as attention_lib
 from lidit_jax.parallel import sharding
 
-STRATEGIES = ("none", "ulysses", "ring")
+STRATEGIES = ("none", "all_gather", "ulysses", "ring")
 AXIS = "context"
 
 
@@ -79,12 +93,21 @@ def context_parallel_attention(query, key, value, *, strategy, key_mask=None, ca
             raise ValueError(
                 f"model.context_parallel=ulysses: {local_heads} query / {local_kv_heads} key "
                 f"heads per tensor shard are not divisible by mesh.context={size}; use "
-                "model.context_parallel=ring or a smaller mesh.context")
+                "model.context_parallel=all_gather (or ring) or a smaller mesh.context")
         body = functools.partial(_ulysses, attend=functools.partial(local, causal=causal))
+    elif causal:
+        raise ValueError(f"model.context_parallel={strategy} has no causal mask (the DiT needs "
+                         "none); use ulysses for causal attention")
+    elif strategy == "all_gather":
+        if implementation == "auto":
+            # Choose for the whole sequence, as unsharded attention would: the local L/c
+            # queries must not drop a long sequence under AUTO_MIN_SEQ_LEN onto XLA's logits.
+            implementation = attention_lib.select_implementation(
+                query.shape[1], key.shape[1], query.shape[-1], query.dtype,
+                *attention_lib.target_device())
+        attend = functools.partial(local, implementation=implementation)
+        body = functools.partial(_all_gather, attend=attend)
     else:
-        if causal:
-            raise ValueError("model.context_parallel=ring has no causal mask (the DiT needs "
-                             "none); use ulysses for causal attention")
         body = functools.partial(_ring_body, size=size, scale=scale)
 
     args, in_specs = [query, key, value], [q_spec, kv_spec, kv_spec]
@@ -107,6 +130,16 @@ def _axes_size(mesh, axes):
     for axis in axes:
         size *= mesh.shape[axis]
     return size
+
+
+def _all_gather(query, key, value, key_mask=None, *, attend):
+    """Per shard: queries [b, L/c, h, d] stay; keys, values [b, L/c, kv_h, d] -> [b, L, kv_h, d]
+    and key_mask [b, L/c] -> [b, L] by all-gather; the kernel attends the local queries to all."""
+    gather = functools.partial(jax.lax.all_gather, axis_name=AXIS, axis=1, tiled=True)
+    key, value = gather(key), gather(value)
+    if key_mask is not None:
+        key_mask = gather(key_mask)
+    return attend(query, key, value, key_mask=key_mask)
 
 
 def _ulysses(query, key, value, key_mask=None, *, attend):
