@@ -11,7 +11,10 @@ measured. A LI-DiT-1B row costs ~3 compiles (minutes each on 2 shared cores); a 
 several times that. `--list` prints the settings without compiling.
 
 Settings (see SWEEP): remat policy, FSDP vs tensor split, per-chip batch, attention kernel and
-splash tiles, and context parallelism for the 1024 px LI-DiT-10B stage. Topologies are named
+splash tiles, context parallelism for the 1024 px LI-DiT-10B stage, and the text path. Rows
+compile the cached text path (the DiT step alone, states as inputs) unless they set
+`text.cache_dir: ""` ("LLMs in the step"): then the frozen LLMs of the config's `architecture`
+run inside the step and the row's numbers include them (lidit_jax/aot.py). Topologies are named
 as libtpu names them (chips): v5p:4x4x4 = 64 chips (a v5p-128), v6e:8x8 = 64 chips.
 """
 import argparse
@@ -29,9 +32,11 @@ from lidit_jax import aot  # noqa: E402
 
 # (config module, topology) -> list of (setting name, {dotted key: value}).
 _1024 = {"data.image_size": 1024, "data.buckets": "1024x1024", "model.remat": "full"}
+_ONLINE = {"text.cache_dir": ""}  # The frozen LLMs inside the step.
 SWEEP = {
     ("lidit_1b", "v5p:4x4x4"): [
         ("fsdp32 x data2, remat none, bf16 residual, xla (config)", {}),
+        ("fsdp32 x data2, remat none, xla, LLMs in the step (config's text path)", _ONLINE),
         ("fsdp32 x data2, remat none, float32 residual, xla",
          {"model.residual_dtype": "float32"}),
         ("fsdp32 x data2, remat none, splash (self- and cross-attention)",
@@ -56,6 +61,8 @@ SWEEP = {
     ],
     ("lidit_10b", "v5p:8x8x8"): [
         ("512px fsdp64 x data8, dots_saveable, auto = splash (config)", {}),
+        ("512px fsdp64 x data8, dots_saveable, auto = splash, LLMs in the step (config's text "
+         "path)", _ONLINE),
         ("512px fsdp64 x data8, dots_saveable, xla", {"model.attention": "xla"}),
         ("512px fsdp64 x data8, full remat, auto = splash", {"model.remat": "full"}),
         ("512px fsdp64 x data8, full remat, xla", {"model.remat": "full", "model.attention": "xla"}),
@@ -65,11 +72,15 @@ SWEEP = {
         ("1024px fsdp64 x data4 x context2 ulysses, full remat, splash",
          {**_1024, "model.attention": "splash", "mesh.context": 2,
           "model.context_parallel": "ulysses"}),
+        ("1024px fsdp64 x data4 x context2 all_gather, full remat, splash",
+         {**_1024, "model.attention": "splash", "mesh.context": 2,
+          "model.context_parallel": "all_gather"}),
     ],
     ("lidit_10b", "v6e:16x16"): [
         ("512px fsdp64 x data4, dots_saveable, auto = splash (config)", {}),
         ("512px fsdp64 x data4, dots_saveable, xla", {"model.attention": "xla"}),
         ("1024px fsdp64 x data4, full remat, xla", {**_1024, "model.attention": "xla"}),
+        ("512px fsdp64 x data4, full remat, auto = splash", {"model.remat": "full"}),
     ],
 }
 
@@ -81,6 +92,7 @@ HEADER = ("| config | topology | setting | HBM GiB/chip | fits | FLOPs/chip (loo
 def build_config(name, topology, overrides):
     config = importlib.import_module(f"configs.{name}").get_config()
     config.aot.topology = topology
+    config.text.cache_dir = "never-read-by-compile"  # The cached path, unless a row says "".
     for dotted, value in overrides.items():
         node = config
         *parents, leaf = dotted.split(".")
@@ -90,15 +102,20 @@ def build_config(name, topology, overrides):
     return config
 
 
-def estimate(name, topology, overrides, speed_only=False):
+def estimate(name, topology, overrides, speed_only=False, memory_only=False):
     """One row's numbers: `aot.step_report` of the compiled step (and the wall time it took);
     speed_only: `aot.speed_report` from the two small twins, without the full step's compile
-    (no memory figures; minutes instead of up to an hour for LI-DiT-1B on 2 cores)."""
+    (no memory figures; minutes instead of up to an hour for LI-DiT-1B on 2 cores);
+    memory_only: the full step's memory without the twins (v6e, which libtpu has no cost model
+    for, or a first look at whether a setting fits)."""
     config = build_config(name, topology, overrides)
     start = time.perf_counter()
     devices = aot.topology_devices(topology, config.aot.num_slices)
     if speed_only:
         report = aot.speed_report(config, devices)
+    elif memory_only:
+        compiled, _ = aot.compile_train_step(config, devices)
+        report = aot.memory_report(compiled, devices[0].device_kind)
     else:
         compiled, state = aot.compile_train_step(config, devices)
         report = aot.step_report(config, devices, compiled, state)
@@ -109,6 +126,9 @@ def row(name, topology, setting, report, seconds):
     gib = 1 << 30
     memory = (f"{report['per_chip_bytes'] / gib:.1f} | {report['fits']}"
               if "per_chip_bytes" in report else "not compiled (speed only) | -")
+    if "compiler_flops" not in report:
+        return (f"| {name} | {topology} | {setting} (memory only; temporaries "
+                f"{report['temp_bytes'] / gib:.1f}) | {memory} | - | - | - | - | {seconds:.0f} |\n")
     return (f"| {name} | {topology} | {setting} | {memory} | {report['compiler_flops']:.3g} | "
             f"{report['flops_ratio']:.3f} | {report['seconds']:.3f} | "
             f"{100 * report['est_mfu']:.1f} %{' *' if report['splash_flops'] else ''} | "
@@ -124,6 +144,8 @@ def main():
                         "within each selected config@topology; empty: all")
     parser.add_argument("--speed_only", action="store_true", help="FLOPs, step time and MFU "
                         "from the two unrolled twins only; no full compile, no memory columns")
+    parser.add_argument("--memory_only", action="store_true", help="the full step's memory only, "
+                        "without the twins (no FLOPs or time)")
     parser.add_argument("--list", action="store_true")
     args = parser.parse_args()
     only = {tuple(item.split("@")) for item in args.only.split(",") if item}
@@ -142,7 +164,8 @@ def main():
                 print(f"{name}@{topology} [{index}] {setting}: {overrides}")
                 continue
             try:
-                report, seconds = estimate(name, topology, overrides, args.speed_only)
+                report, seconds = estimate(name, topology, overrides, args.speed_only,
+                                           args.memory_only)
                 line = row(name, topology, setting, report, seconds)
             except Exception as e:  # noqa: BLE001 -- a setting that does not compile is a result.
                 line = (f"| {name} | {topology} | {setting} | failed: "

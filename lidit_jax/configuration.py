@@ -12,7 +12,7 @@ from lidit_jax.data.shapes import LAYOUTS
 from lidit_jax.nn.positions import POSITION_EMBEDDINGS
 from lidit_jax.parallel.mesh import MESH_AXES, resolve_axis_sizes
 from lidit_jax.parallel.sharding import validate_rules
-from lidit_jax.text import features
+from lidit_jax.text import architectures, features
 
 CHOICES = {
     "text.fusion": ("collaborative", "concat", "single"),
@@ -74,18 +74,22 @@ def encoder_names(config):
 
 
 def llm_widths_from_config(config):
-    """The configured LLMs' hidden sizes (text.llms.<name>.width), without loading weights."""
-    from lidit_jax.text import features  # jax-level import, only where widths are needed.
+    """The configured LLMs' state widths (text.llms.<name>.width, else the hidden size of its
+    `architecture`), without loading weights."""
     widths = []
     for name in encoder_names(config):
         llm = config.text.llms[name]
-        if llm.width <= 0:
+        width = llm.width
+        if width <= 0 and llm.get("architecture"):
+            width = architectures.KNOWN[llm.architecture]["hidden_size"]
+        if width <= 0:
             raise ConfigError(
-                f"text.llms.{name}.width is 0; set it to the LLM's hidden size to describe or "
-                "compile without loading its weights")
+                f"text.llms.{name}.width is 0; set it to the LLM's hidden size (or "
+                f"text.llms.{name}.architecture) to describe or compile without loading its "
+                "weights")
         # Several layers concatenated on channels widen the states (text/features.py).
         choice = features.parse(llm.layer, llm.layer_combine, f"text.llms.{name}")
-        widths.append(features.feature_width(choice, llm.layer_combine, llm.width))
+        widths.append(features.feature_width(choice, llm.layer_combine, width))
     return widths
 
 
@@ -149,6 +153,9 @@ def _validate_text(config):
             features.parse(llm.layer, llm.layer_combine, f"text.llms.{name}")
         except features.LayerChoiceError as e:
             raise ConfigError(str(e)) from None
+        if llm.get("architecture") and llm.architecture not in architectures.KNOWN:
+            raise ConfigError(f"text.llms.{name}.architecture={llm.architecture!r} is not "
+                              f"shipped; choose one of {sorted(architectures.KNOWN)} or ''")
     if config.text.fusion == "single" and len(names) != 1:
         raise ConfigError(f"text.fusion='single' needs exactly one LLM, text.encoders has {names}; "
                           "use fusion 'concat' or 'collaborative' for several")

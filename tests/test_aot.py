@@ -1,11 +1,13 @@
 """The --mode=compile report for a TPU v5e 2x2 slice (libtpu on this CPU host, no TPU)."""
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs import demo_shapes, lidit_10b
-from lidit_jax import aot
+from configs import common, demo_shapes, lidit_10b
+from lidit_jax import aot, configuration
 from lidit_jax.nn.attention import dot_product_attention
 
 # Three TPU compiles of the demo step (scanned, and the depth-1 and depth-2 twins): ~1 min on 2
@@ -70,6 +72,12 @@ def test_dit_attention_kernels_follow_auto_on_the_topology():
     config.model.attention = "splash"  # Forced: the cross-attention's tiles count too.
     (_, q, kv), (_, q2, kv2) = aot.dit_attention_kernels(config, device)
     assert (q, kv, q2, kv2) == (1024, 1024, 1024, 56)
+    # Ring context parallelism's hops are XLA attention: no splash roofline for them.
+    config.mesh.context, config.model.context_parallel = 2, "ring"
+    assert kernels() == ["xla", "splash"]
+    config.model.context_parallel = "all_gather"
+    assert kernels() == ["splash", "splash"]
+    config.mesh.context, config.model.context_parallel = 1, "none"
     flops, seconds = aot.splash_cost_per_chip(config, device, 4)
     tiles = 1024 * 1024 + 1024 * 128  # 56 text tokens padded to one 128-lane tile.
     assert flops == pytest.approx(32 * 4 * 9 * 2 * tiles * 128 / 4)
@@ -109,3 +117,59 @@ def test_splash_flops_of_the_1024px_stage():
     flops, seconds = aot.splash_cost_per_chip(config, device, 512)
     assert flops == pytest.approx(config.train.batch_size * per_example / 512)
     assert seconds == pytest.approx(2 * flops / 459e12)  # 44 heads of 64 on 128-wide MXUs.
+
+
+def test_online_text_path_counts_the_frozen_llm_in_the_step(report, capsys):
+    """text.cache_dir="": SmolLM2 runs inside the compiled step; the report prints its FLOPs and
+    memory before the last line, and est. MFU is for the whole step."""
+    config = small_config()
+    config.text.cache_dir = ""
+    devices = aot.topology_devices(config.aot.topology)
+    compiled, state = aot.compile_train_step(config, devices)
+    online = aot.step_report(config, devices, compiled, state)
+    aot.print_report(config, online)
+    lines = capsys.readouterr().out.strip().splitlines()
+    match = re.fullmatch(r"encoder_flops_per_chip=(\S+) encoder_hbm_gib=(\S+)", lines[-2])
+    assert match and lines[-1].startswith("fits=True hbm_per_chip_gib=")
+    flops, hbm_gib = float(match[1]), float(match[2])
+
+    # Layer -3 of SmolLM2's 30: 28 blocks over 32 captions of 56 tokens, forward only.
+    e, kv, f, layers = 576, 3 * 64, 1536, 28
+    matmul_params = 2 * e * e + 2 * e * kv + 3 * e * f
+    tokens = config.train.batch_size * config.text.max_length
+    attention = 4 * config.text.max_length * tokens * e
+    expected = layers * (2 * matmul_params * tokens + attention) / len(devices)
+    assert flops == pytest.approx(expected, rel=0.1)
+    # Its float32 weights (28 blocks and the embedding table) sharded over the 4 chips, at least.
+    weights = (layers * (matmul_params + 2 * e) + 49152 * e) * 4 / len(devices)
+    assert weights / 2**30 <= hbm_gib
+    _, cached, cached_report = report
+    assert online["per_chip_bytes"] >= cached_report["per_chip_bytes"] + 0.9 * weights
+    step_flops = online["model_flops"] + online["encoder_flops"]
+    assert online["est_mfu"] == pytest.approx(
+        step_flops / (online["seconds"] * online["peak_flops"]), rel=1e-6)
+    assert online["seconds"] > cached_report["seconds"]
+
+
+def test_paper_llms_are_counted_from_their_shipped_architecture():
+    """lidit_1b's LLMs have no path until launch: `architecture` gives the compile report their
+    shapes. Llama 3 8B at layer -3 runs 30 blocks: the report's FLOPs are that arithmetic."""
+    config = small_config()
+    config.text.llms.llama3 = common.llm_config("", layer=-3, architecture="llama3-8b")
+    config.text.encoders, config.text.cache_dir = "llama3", ""
+    configuration.validate(config)
+    assert configuration.llm_widths_from_config(config) == [4096]
+    devices = aot.topology_devices(config.aot.topology)
+    encoders = aot.encoder_report(config, devices)
+    e, kv, f = 4096, 8 * 128, 14336
+    matmul_params = 2 * e * e + 2 * e * kv + 3 * e * f
+    tokens = config.train.batch_size * config.text.max_length
+    attention = 4 * config.text.max_length * tokens * e
+    assert encoders["flops"] == pytest.approx(30 * (2 * matmul_params * tokens + attention)
+                                              / len(devices), rel=0.05)
+    # bf16 weights of 30 blocks plus the embedding table (no LM head), over fsdp 2.
+    weights = (30 * (matmul_params + 2 * e) + 128256 * e) * 2 / 2
+    assert encoders["hbm_bytes"] >= 0.95 * weights
+    config.text.llms.llama3.architecture = "llama3-70b"
+    with pytest.raises(configuration.ConfigError, match="architecture='llama3-70b' is not shipped"):
+        configuration.validate(config)

@@ -29,7 +29,7 @@ NUM_IMAGES = 48
 # ---- Text-state cache -------------------------------------------------------------------------
 def _text_config(tiny_llm, cache_dir, **text):
     config = common.get_config()
-    config.text.llms.smollm2.path = str(tiny_llm)
+    config.text.llms.smollm2.path, config.text.llms.smollm2.width = str(tiny_llm), 0
     config.text.max_length = 72  # The chat template and instruction take 56 tokens.
     config.text.cache_dir = str(cache_dir)
     config.text.update(text)
@@ -122,7 +122,7 @@ def _tiny_run_config(tiny_llm, cache_dir):
     from configs import demo_shapes
 
     config = demo_shapes.get_config()
-    config.text.llms.smollm2.path = str(tiny_llm)
+    config.text.llms.smollm2.path, config.text.llms.smollm2.width = str(tiny_llm), 0
     config.text.cache_dir = str(cache_dir)
     config.text.max_length = 48
     config.text.refiner.depth, config.text.refiner.heads = 1, 2
@@ -347,7 +347,7 @@ def test_train_inputs_read_scaled_latents_from_the_cache(record_dir, vae_dir, la
     from train_helpers import make_mesh
 
     config = _latent_config(record_dir, vae_dir)
-    config.text.llms.smollm2.path = str(tiny_llm)
+    config.text.llms.smollm2.path, config.text.llms.smollm2.width = str(tiny_llm), 0
     config.train.batch_size = 8
     inputs = TrainInputs(config, latent_workdir, make_mesh(1, 1, 1))
     batch = inputs.next_batch()

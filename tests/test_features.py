@@ -98,7 +98,8 @@ def test_config_refuses_bad_layer_choices(layer, combine, needle):
 
 def _config(tiny_llm, cache_dir, layer, combine="concat"):
     config = common.get_config()
-    config.text.llms.smollm2.update(path=str(tiny_llm), layer=layer, layer_combine=combine)
+    config.text.llms.smollm2.update(path=str(tiny_llm), width=0, layer=layer,
+                                    layer_combine=combine)
     config.text.use_chat_template = False
     config.text.max_length = 48
     config.text.cache_dir = str(cache_dir)

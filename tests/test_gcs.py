@@ -118,6 +118,7 @@ def test_train_kill_resume_sample_export_on_gs(gcs, tiny_llm, tmp_path, monkeypa
     # The text cache in the bucket too: ArrayRecord shards are written through a local file and
     # staged back for reading.
     args = (*TINY, f"--config.text.llms.smollm2.path={tiny_llm}",
+            "--config.text.llms.smollm2.width=0",
             f"--config.text.cache_dir=gs://{BUCKET}/text_cache")
     result = _run(gcs, f"gs://{BUCKET}/encode", "encode", *args)
     assert re.search(rf"text_cache=gs://{BUCKET}/text_cache/smollm2 records=64 written=64",

@@ -148,6 +148,7 @@ def test_tiny_readout_end_to_end_writes_the_contract(tiny_llm, tmp_path):
     command = [sys.executable, "-m", "lidit_jax.evaluate.readout", "--arms=raw,lidit",
                "--seeds=2", f"--output={output}", "--steps=3", "--num_train=48",
                "--test_groups=3", f"--set=text.llms.smollm2.path={tiny_llm}",
+               "--set=text.llms.smollm2.width=0",
                "--set=model.width=32", "--set=text.refiner.heads=2"]
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
@@ -180,6 +181,7 @@ def test_tiny_readout_end_to_end_writes_the_contract(tiny_llm, tmp_path):
     again = readout.run_readout(["raw", "lidit"], 2, str(output), steps=3, num_train=48,
                                 test_groups=3, samples=50,
                                 overrides=[f"text.llms.smollm2.path={tiny_llm}",
+                                           "text.llms.smollm2.width=0",
                                            "model.width=32", "text.refiner.heads=2"])
     assert all(again["accuracy"][arm][c]["per_seed"] == result["accuracy"][arm][c]["per_seed"]
                for arm in ("raw", "lidit") for c in result["accuracy"][arm])

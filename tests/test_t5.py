@@ -126,7 +126,7 @@ def test_t5_prompt_encoder_finds_the_caption_with_a_sentencepiece_tokenizer(tmp_
         vocab_size=len(fast), d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
         feed_forward_proj="gated-gelu")).save_pretrained(tmp_path)
     fast.save_pretrained(tmp_path)
-    config.text.llms.t5.update(path=str(tmp_path), dtype="float32")
+    config.text.llms.t5.update(path=str(tmp_path), dtype="float32", width=0)
     encoder = PromptEncoder("t5", config.text.llms.t5, config.text)
     tokens = encoder.template.encode_batch([captions[0], ""])
     kept = tokens["input_ids"][0][tokens["prompt_mask"][0]]

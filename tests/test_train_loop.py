@@ -125,6 +125,7 @@ def tiny_args(tiny_llm, tmp_path_factory):
     """The tiny config's overrides, with the text cache filled once by --mode=encode."""
     cache = tmp_path_factory.mktemp("text_cache")
     args = (*TINY, f"--config.text.llms.smollm2.path={tiny_llm}",
+            "--config.text.llms.smollm2.width=0",
             f"--config.text.cache_dir={cache}")
     result = run_main(tmp_path_factory.mktemp("encode"), "encode", *args)
     assert re.search(r"text_cache=\S+ records=64 written=64", result.stdout), result.stdout

@@ -24,11 +24,12 @@ Parameter count, per block of width d (biases and norms are O(d), ignored here):
   adaLN modulation, 3 x (shift, scale, gate) from c: d -> 9 d      9 d^2
   ------------------------------------------------------------------
                                   25 d^2
-  1B:  d=1152, depth 28: 25 * 1152^2 * 28 = 0.929e9;  paper 0.93B
-  10B: d=2816, depth 48: 25 * 2816^2 * 48 = 9.516e9;  paper 9.5B
+  1B:  d=1152, depth 28: 25 * 1152^2 * 28 = 0.929e9  (the paper's name: 1B)
+  10B: d=2816, depth 48: 25 * 2816^2 * 48 = 9.516e9  (the paper's name: 10B)
+The paper gives the shapes and the names, no parameter counts.
 A shared modulation (PixArt's adaLN-single, 16 d^2 per block) would give 0.59B / 6.1B, and a
 DiT block without cross-attention (DiT-XL/2: 18 d^2 with 6-way modulation) 0.67B, so the
-per-block 9-way modulation is both what the paper describes and what matches its sizes. Outside
+per-block 9-way modulation is both what the paper describes and what matches its names. Outside
 the blocks: the position ResBlock (two 3x3 convs, 18 d^2), the timestep MLP (~d^2) and the final
 layer (2 d^2) add ~3 % (1B) / ~1.8 % (10B); `lidit_jax.describe` prints the exact counts.
 

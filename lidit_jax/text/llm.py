@@ -24,6 +24,7 @@ Llama, Mistral or Qwen2 tower under `language_model`) and Qwen2-VL / Qwen2.5-VL 
 with M-RoPE: for text-only input the temporal, height and width positions are all the token
 index, so each rotary section turns by the same angle and M-RoPE is exactly 1-D RoPE).
 """
+import copy
 import dataclasses
 import math
 
@@ -345,6 +346,18 @@ class DecoderLM(FrozenTextModel):
         embeddings [batch, len, embed]; stacked [layers, batch, len, embed] (raw residual stream
         after each layer); final [batch, len, embed] (last layer after the final norm).
         """
+        x, stacked, last = self.residual_stream(input_ids, attention_mask)
+        final = rms_norm(last, self.final_norm[...], self.config.rms_norm_eps,
+                         self.config.norm_offset)
+        return x, stacked, final.astype(self.dtype)
+
+    def residual_stream(self, input_ids, attention_mask, keep_layer_outputs=True):
+        """-> (embeddings, stacked layer outputs or None, last residual stream float32).
+
+        Runs as many layers as the stacked weights hold (`text.in_step.keep_layers` drops the
+        ones a chosen state does not need). keep_layer_outputs=False returns no stack: a single
+        chosen layer then keeps one [batch, len, embed] state, not one per layer.
+        """
         c = self.config
         x = jnp.take(self.embed[...], input_ids, axis=0)
         if c.is_gemma:
@@ -352,13 +365,15 @@ class DecoderLM(FrozenTextModel):
         x = constrain(x, ("batch", "length", "embed"))
         key_mask = attention_mask.astype(bool)
 
-        inv_freq = np.stack([rope_inv_freq(c, t) for t in c.layer_types])  # [layers, hd / 2]
+        weights = {name: p[...] for name, p in self.layers.items()}
+        layer_types = c.layer_types[:next(iter(weights.values())).shape[0]]
+        inv_freq = np.array([rope_inv_freq(c, t) for t in layer_types],  # [layers, hd / 2]
+                            np.float32).reshape(len(layer_types), c.head_dim // 2)
         windows = np.array([c.sliding_window if t == "sliding_attention" else _NO_WINDOW
-                            for t in c.layer_types], np.int32)
+                            for t in layer_types], np.int32)
         # Positions count real tokens (cumsum of the mask - 1, as transformers' generate), so a
         # left-padded row's tokens sit at 0..n-1 like the unpadded sequence's: [batch, len].
         positions = jnp.maximum(jnp.cumsum(key_mask, axis=1) - 1, 0).astype(jnp.float32)
-        weights = {name: p[...] for name, p in self.layers.items()}
 
         def layer(x, per_layer):
             params, layer_inv_freq, window = per_layer
@@ -367,14 +382,13 @@ class DecoderLM(FrozenTextModel):
             rope = (jnp.cos(angles).astype(self.dtype), jnp.sin(angles).astype(self.dtype))
             x = self._decoder_layer(params, x, key_mask, rope,
                                     window if c.has_sliding_layers else None)
-            return x, x.astype(self.dtype)
+            return x, x.astype(self.dtype) if keep_layer_outputs else None
 
         # The residual stream is carried in float32 whatever the weights' dtype: bf16 LLMs grow
         # "massive activations" (~2e4 in SmolLM2) whose bf16 rounding otherwise reaches 20% of
         # the state; matmuls still run in the weights' dtype. A no-op for float32 models.
         last, stacked = jax.lax.scan(layer, x.astype(jnp.float32), (weights, inv_freq, windows))
-        final = rms_norm(last, self.final_norm[...], c.rms_norm_eps, c.norm_offset)
-        return x, stacked, final.astype(self.dtype)
+        return x, stacked, last
 
     def _decoder_layer(self, p, x, key_mask, rope, window):
         """One pre-norm block (Gemma: sandwich norms) on x [batch, len, embed]."""
@@ -441,6 +455,21 @@ def _final_norm(graphdef, state, states):
     return nnx.merge(graphdef, state).apply_final_norm(states)
 
 
+def keep_layers(state, depth):
+    """A frozen text model's nnx.State with only its first `depth` layers (and no LM head).
+
+    What a chosen hidden state needs (`text.in_step`): layer -3 of L reads L-2 blocks, so the
+    other two never take memory. The LM head (logits only, 0.5e9 parameters in Llama 3 8B) keeps
+    its place in the graph as an empty [embed, 0] placeholder.
+    """
+    def cut(path, x):
+        name = path[0].key
+        if name == "layers":
+            return x[:depth]
+        return x[:, :0] if name == "lm_head" else x
+    return jax.tree_util.tree_map_with_path(cut, state)
+
+
 # One compiled function per (graphdef, shapes): shared by every LLM, cached by jax.jit.
 _jitted = {fn: jax.jit(fn, static_argnums=0) for fn in (_hidden_states, _logits, _final_norm)}
 
@@ -477,6 +506,26 @@ class LLM:
     @property
     def model(self):
         return nnx.merge(self._graphdef, self._state)
+
+    @property
+    def graphdef(self):
+        return self._graphdef
+
+    @property
+    def state(self):
+        """The weights (nnx.State): `text.in_step` takes them as arguments of the caller's jit."""
+        return self._state
+
+    def truncated(self, depth):
+        """This LLM with its first `depth` layers only and no LM head (`keep_layers`); its
+        `hidden_states` then ends at layer `depth` (after the final norm), and it has no
+        `logits`. The full weights are freed once the caller drops this LLM."""
+        out = copy.copy(self)
+        # In a jit that keeps each weight's sharding (eager slices may land on one device).
+        shardings = jax.tree.map(lambda x: x.sharding, self._state)
+        out._state = jax.jit(keep_layers, static_argnums=1, out_shardings=shardings)(
+            self._state, depth)
+        return out
 
     def _run(self, fn, *args):
         if self.mesh is None:

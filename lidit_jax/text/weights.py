@@ -97,7 +97,7 @@ def config_from_hf(raw, name="model", where="config.json"):
                      f"{supported}")
 
 
-def _architecture(config):
+def model_family(config):
     """config -> (module class, parameter table) of its family."""
     if isinstance(config, bert.BertConfig):
         return bert.BertEncoder, bert.parameter_sources(config)
@@ -419,7 +419,7 @@ def load_llm(path, dtype=jnp.float32, mesh=None, rules=None, attention="xla"):
         raise ValueError("load_llm: a mesh needs the logical axis rules (config.mesh.rules)")
     source = open_source(path)
     config = source.config
-    module, sources = _architecture(config)
+    module, sources = model_family(config)
     abstract = nnx.eval_shape(lambda: module(config, dtype, attention))
     graphdef, abstract_state = nnx.split(abstract)
     shardings = None

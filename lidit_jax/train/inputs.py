@@ -9,6 +9,11 @@ step for (`abstract_batch`):
    "text": {"states": [[batch, L, width_k] bf16] (attention_pool: [batch, L, layers, width_k]),
             "masks": [[batch, L] bool],
             "prompt_masks": [[batch, L] bool]}}
+with the text cache (text.cache_dir set). Without it the LLMs run inside the train step
+(text/in_step.py) and "text" carries their token ids instead of "states":
+   "text": {"input_ids": [[batch, L] int32], "masks": ..., "prompt_masks": ...}
+where L is a bucket of the global batch's longest sequence (`in_step.length_bucket`), not
+text.max_length: a few step shapes per run, each compiled once.
 """
 import queue
 import threading
@@ -27,11 +32,13 @@ from lidit_jax.diffusion.vae import make_image_space
 from lidit_jax.parallel import sharding
 from lidit_jax.text import cache as text_cache
 from lidit_jax.text.encoder import PromptEncoder, as_text_inputs
+from lidit_jax.text.in_step import STATE_DTYPE, TextEncoders, length_bucket
 from lidit_jax.train.checkpoint import encoder_fingerprints
 
 
 def abstract_batch(config, mesh, state_shapes, channels, image_hw):
-    """ShapeDtypeStructs, with their shardings, of one global training batch (see above).
+    """ShapeDtypeStructs, with their shardings, of one global training batch (see above); token
+    ids of text.max_length (the longest bucket) when text.cache_dir is empty.
 
     state_shapes: per encoder, the trailing shape of its states after [batch, L]: (width,), or
     (num_layers + 1, width) for layer="attention_pool" (text/features.py).
@@ -43,15 +50,14 @@ def abstract_batch(config, mesh, state_shapes, channels, image_hw):
         return jax.ShapeDtypeStruct(shape, dtype, sharding=NamedSharding(mesh, spec))
 
     batch, text_len = config.train.batch_size, config.text.max_length
-    return {
-        "x0": on_batch((batch, *image_hw, channels), jnp.float32),
-        "text": {
-            "states": [on_batch((batch, text_len, *shape), jnp.bfloat16)
-                       for shape in state_shapes],
-            "masks": [on_batch((batch, text_len), jnp.bool_) for _ in state_shapes],
-            "prompt_masks": [on_batch((batch, text_len), jnp.bool_) for _ in state_shapes],
-        },
-    }
+    text = {"masks": [on_batch((batch, text_len), jnp.bool_) for _ in state_shapes],
+            "prompt_masks": [on_batch((batch, text_len), jnp.bool_) for _ in state_shapes]}
+    if config.text.cache_dir:
+        text["states"] = [on_batch((batch, text_len, *shape), STATE_DTYPE)
+                          for shape in state_shapes]
+    else:
+        text["input_ids"] = [on_batch((batch, text_len), jnp.int32) for _ in state_shapes]
+    return {"x0": on_batch((batch, *image_hw, channels), jnp.float32), "text": text}
 
 
 class _Taken(NamedTuple):
@@ -110,6 +116,10 @@ class TrainInputs:
     # handed to the train loop.
     _prefetcher = None
     _taken = None
+    # Without the text cache: the LLMs the train step runs (in_step.TextEncoders) and their
+    # weights, sharded over the global mesh; None with the cache.
+    text_encoders = None
+    encoder_params = None
 
     def __init__(self, config, workdir, mesh):
         self.config = config
@@ -126,12 +136,17 @@ class TrainInputs:
         # Widths, state shapes and fingerprints come from the LLMs' metadata: with the text
         # cache no weights load (a fixed prompt missing from the cache loads them, logged).
         names = configuration.encoder_names(config)
-        self.encoders = [PromptEncoder.from_config(config, name) for name in names]
-        if not config.text.cache_dir:
-            # Every batch needs them: loaded here, not by the first batch in the prefetch thread
-            # (under the train loop's mesh).
-            for encoder in self.encoders:
-                encoder.load()
+        if config.text.cache_dir:
+            self.encoders = [PromptEncoder.from_config(config, name) for name in names]
+        else:
+            # The train step runs them: their weights are sharded over the global mesh like the
+            # DiT's (FSDP), loaded here, never by a batch in the prefetch thread.
+            self.encoders = [PromptEncoder.from_config(config, name, mesh=mesh)
+                             for name in names]
+            llms = [encoder.load() for encoder in self.encoders]
+            self.text_encoders = TextEncoders(tuple(llm.graphdef for llm in llms),
+                                              tuple(e.choice for e in self.encoders))
+            self.encoder_params = [llm.state for llm in llms]
         self.llm_widths = [encoder.width for encoder in self.encoders]
         # The caches must have been made from these records (their count is compared too).
         num_records = len(pipeline.make_source(config.data))
@@ -197,26 +212,43 @@ class TrainInputs:
     def _read(self):
         local = next(self.dataset)
         if self.cached is not None:
-            per_llm = [reader.lookup(local["record_id"], local["caption_dropped"])
-                       for reader in self.cached]
+            text = as_text_inputs([reader.lookup(local["record_id"], local["caption_dropped"])
+                                   for reader in self.cached])
         else:
-            per_llm = [jax.device_get(encoder.encode(list(local["caption"])))
-                       for encoder in self.encoders]
+            text = self._token_ids(list(local["caption"]))
         latents = local["latent"] if "latent" in local else self.image_space.encode(local["image"])
         x0 = np.asarray(self.image_space.scale(latents))
+        # The shardings do not depend on the text length: one tree serves every bucket.
         batch = jax.tree.map(
             lambda array, sharding: jax.make_array_from_process_local_data(
                 sharding, np.asarray(array)),
-            {"x0": x0, "text": as_text_inputs(per_llm)}, self._batch_shardings)
+            {"x0": x0, "text": text}, self._batch_shardings)
         return _Taken(batch, np.asarray(local["record_id"]), self.dataset.get_state(),
                       self._dataset_counters())
+
+    def _token_ids(self, captions):
+        """Captions -> the train step's text input: token ids and masks per LLM (host numpy),
+        cut to the bucket of the longest sequence of every LLM.
+
+        Every process must send the same shape; with one process the batch is all here. With
+        several, each sees its own rows only, and agreeing on a length would need a round trip
+        between hosts per batch: they keep text.max_length (the longest bucket).
+        """
+        tokens = [encoder.tokenize(captions) for encoder in self.encoders]
+        length = self.config.text.max_length
+        if jax.process_count() == 1:
+            length = length_bucket(max(PromptEncoder.longest_sequence(t) for t in tokens), length)
+        tokens = [encoder.crop(t, length) for encoder, t in zip(self.encoders, tokens)]
+        return {"input_ids": [t["input_ids"] for t in tokens],
+                "masks": [t["mask"] for t in tokens],
+                "prompt_masks": [t["prompt_mask"] for t in tokens]}
 
     def _read_ahead(self):
         """`_read` in the prefetch thread, waiting there until the batch is on the devices.
 
-        Outside the train loop's mesh context (a thread's own): the host-local rows are encoded
-        by process-local models (the LLMs bring their own local mesh, text/llm.py) and only
-        `make_array_from_process_local_data` places them on the global mesh.
+        Outside the train loop's mesh context (a thread's own): nothing here runs a model (text
+        states come from the cache, or the train step encodes the token ids), and
+        `make_array_from_process_local_data` places the host-local rows on the global mesh.
         """
         taken = self._read()
         jax.block_until_ready(taken.batch)

@@ -82,7 +82,8 @@ def run(config, workdir):
 
     # ---- Frozen encoders and the input pipeline ------------------------------------------------
     # Text states come from the cache written by --mode=encode when text.cache_dir is set, else
-    # from the frozen LLMs inside the input step; images are encoded by the VAE (or are pixels).
+    # the frozen LLMs run inside the train step on the batch's token ids (text/in_step.py);
+    # images are encoded by the VAE (or are pixels).
     inputs = inputs_lib.TrainInputs(config, workdir, mesh)
 
     # ---- Samples for fixed prompts, from the EMA weights ---------------------------------------
@@ -120,8 +121,11 @@ def run(config, workdir):
     start_step = int(state.step)
 
     # ---- Train step -------------------------------------------------------------------------------
-    train_step = jit_train_step(make_train_step(graphdef, config, objective),
-                                shardings_of(abstract_state), inputs.batch_shardings(), mesh)
+    encoder_args = () if inputs.text_encoders is None else (inputs.encoder_params,)
+    train_step = jit_train_step(
+        make_train_step(graphdef, config, objective, inputs.text_encoders),
+        shardings_of(abstract_state), inputs.batch_shardings(), mesh,
+        *(shardings_of(a) for a in encoder_args))
     flops_per_step = train_step_flops(
         config, inputs.llm_widths, batch=config.train.batch_size, hw=inputs.image_hw,
         text_lengths=[config.text.max_length] * len(inputs.llm_widths),
@@ -144,7 +148,7 @@ def run(config, workdir):
                 profile.before_step(step)
                 batch = inputs.next_batch()  # On the devices already (data.device_prefetch).
                 timer.data_ready()
-                state, step_metrics = train_step(state, batch)
+                state, step_metrics = train_step(state, batch, *encoder_args)
                 step += 1
                 timer.dispatched(step_metrics["loss"])
                 last = step == config.train.steps

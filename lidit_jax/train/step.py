@@ -5,6 +5,11 @@ One XLA program per step. Its inputs are the train state (donated) and a global 
 sharded along `batch`; noise and timesteps are drawn from the state's RNG for the whole global
 batch before it is cut into micro-batches, so accumulating k micro-batches of b/k examples gives
 the same update as one batch of b.
+
+Without the text cache the frozen LLMs run in the same program (`text.in_step`): "text" carries
+token ids instead of "states" (train/inputs.py) and the LLMs' weights are a third argument,
+`step(state, batch, encoder_params)`, neither donated nor differentiated; the whole global batch
+is encoded once, before the micro-batch split.
 """
 import jax
 import jax.numpy as jnp
@@ -42,8 +47,10 @@ def merge_microbatches(x):
     return x.swapaxes(0, 1).reshape(x.shape[0] * x.shape[1], *x.shape[2:])
 
 
-def make_train_step(graphdef, config, objective):
-    """Returns `step(state, batch) -> (state, metrics)`, not yet jitted (see `jit_train_step`)."""
+def make_train_step(graphdef, config, objective, text_encoders=None):
+    """Returns `step(state, batch[, encoder_params]) -> (state, metrics)`, not yet jitted (see
+    `jit_train_step`); with `text_encoders` (an `in_step.TextEncoders`), batch["text"] holds token
+    ids and `encoder_params` their weights."""
     tx = make_optimizer(config.train)
     schedule = learning_rate_schedule(config.train)
     num_micro = config.train.microbatches
@@ -60,7 +67,10 @@ def make_train_step(graphdef, config, objective):
 
     grad_fn = jax.grad(micro_loss, has_aux=True)
 
-    def step(state: TrainState, batch):
+    def step(state: TrainState, batch, encoder_params=()):
+        text = batch["text"]
+        if text_encoders is not None:
+            text = text_encoders(encoder_params, text)
         rng = jax.random.wrap_key_data(state.rng)
         rng, t_key, noise_key = jax.random.split(rng, 3)
         x0 = constrain(batch["x0"].astype(jnp.float32), ("batch", None, None, None))
@@ -71,7 +81,7 @@ def make_train_step(graphdef, config, objective):
             "x_t": objective.noisy(x0, noise, t),
             "model_t": objective.model_time(t),
             "target": objective.target(x0, noise, t),
-            "text": batch["text"],
+            "text": text,
         }
 
         def accumulate(grads_sum, micro):
@@ -133,11 +143,15 @@ def timestep_bucket_losses(losses, model_t, max_time=1000.0):
     return out
 
 
-def jit_train_step(step_fn, state_shardings, batch_shardings, mesh):
+def jit_train_step(step_fn, state_shardings, batch_shardings, mesh, encoder_shardings=None):
     """jit with explicit shardings, the state donated (updated in place on device), and on TPU
     the generation's compiler flags (`parallel.tpu_flags`): the trainer and `--mode=compile`
-    compile the same program."""
+    compile the same program. `encoder_shardings`: of the frozen LLMs' weights, when the step
+    runs them (`make_train_step`'s text_encoders)."""
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    return jax.jit(step_fn, in_shardings=(state_shardings, batch_shardings),
+    in_shardings = (state_shardings, batch_shardings)
+    if encoder_shardings is not None:
+        in_shardings += (encoder_shardings,)
+    return jax.jit(step_fn, in_shardings=in_shardings,
                    out_shardings=(state_shardings, replicated), donate_argnums=(0,),
                    compiler_options=tpu_flags.compiler_options(mesh.devices.flat[0]))
