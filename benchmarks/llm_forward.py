@@ -2,11 +2,18 @@
 
     python -m benchmarks.llm_forward [--smoke] [--batch 16] [--length 128] [--repeats 3]
 
-Both run the same weights (the offline SmolLM2 GGUF, dequantized to float32) on the same random
-right-padded batch and return all hidden states (what the text encoder needs; no logits). Each
-runs in a process of its own, is warmed up once (our jit compiles there), then the two take
-turns over `repeats` calls (benchmarks/timing.py); tokens/s counts every position of the
-[batch, length] input. torch runs with as many threads as XLA:CPU uses (all cores).
+Two comparisons, each on the same weights (the offline SmolLM2 GGUF, dequantized to float32):
+- raw forward: the same random right-padded [batch, length] batch, all hidden states out (no
+  logits); tokens/s counts every position.
+- the encoder task as the trainer runs it: `batch` real captions (T2I-CompBench colour
+  prompts) under the paper's instruction and SmolLM2's chat template at the paper configs'
+  `text.max_length` (256), the state of layer -3 out. Ours is `PromptEncoder.encode` with
+  `crop_padding` (`text/in_step.py`: the length bucket of the longest caption, only the layers
+  layer -3 needs); transformers gets the same token ids padded to max_length, as a plain
+  encoder pipeline pads, and returns hidden_states[-3]. prompts/s.
+Each contender runs in a process of its own, is warmed up once (our jit compiles there), then
+they take turns over `repeats` calls (benchmarks/timing.py). torch runs with as many threads as
+XLA:CPU uses (all cores).
 """
 import argparse
 import json
@@ -40,15 +47,68 @@ def ours_contender(batch, length):
     return lambda: jax.block_until_ready(model.hidden_states(ids, mask)), {}
 
 
-def transformers_contender(batch, length):
-    """benchmarks.timing factory: transformers' hidden states of the same batch."""
+TASK_MAX_LENGTH = 256  # lidit_1b's and lidit_10b's text.max_length.
+TASK_LAYER = -3
+
+
+def task_encoder():
+    """The trainer's PromptEncoder for SmolLM2 with the paper's instruction and chat template."""
+    from configs import common
+    from lidit_jax.text.encoder import PromptEncoder
+
+    config = common.get_config()
+    config.text.max_length = TASK_MAX_LENGTH
+    config.text.llms.smollm2.update(layer=TASK_LAYER, dtype="float32")
+    return PromptEncoder.from_config(config, "smollm2")
+
+
+def task_prompts(batch):
+    from lidit_jax.evaluate.benchmarks import t2i_compbench_prompts
+    return [p for p in t2i_compbench_prompts("color")][:batch]
+
+
+def ours_task_contender(batch, length):
+    """The encoder task as the trainer runs it (module docstring)."""
+    import jax
+    del length
+    encoder, prompts = task_encoder(), task_prompts(batch)
+    tokens = encoder.tokenize(prompts)
+    bucket = int(encoder.encode(prompts, crop_padding=True)["states"].shape[1])
+    return (lambda: jax.block_until_ready(encoder.encode(prompts, crop_padding=True)["states"]),
+            {"real_tokens": int(tokens["mask"].sum()), "bucket": bucket})
+
+
+def transformers_task_contender(batch, length):
+    """The same token ids at max_length through transformers, hidden_states[-3] out."""
+    import torch
+    del length
+    model = _transformers_model()
+    tokens = task_encoder().tokenize(task_prompts(batch))
+    ids, mask = (torch.tensor(tokens[k]).long() for k in ("input_ids", "mask"))
+
+    def run():
+        with torch.no_grad():
+            model(input_ids=ids, attention_mask=mask, output_hidden_states=True)[
+                "hidden_states"][TASK_LAYER]
+
+    return run, {"torch_threads": torch.get_num_threads()}
+
+
+def _transformers_model():
     import torch
     import transformers
 
     torch.set_num_threads(os.cpu_count())
     path = default_model_path("smollm2")
-    model = transformers.AutoModelForCausalLM.from_pretrained(
+    return transformers.AutoModelForCausalLM.from_pretrained(
         str(path.parent), gguf_file=path.name, dtype=torch.float32).model.eval()
+
+
+def transformers_contender(batch, length):
+    """benchmarks.timing factory: transformers' hidden states of the same batch."""
+    import torch
+
+    model = _transformers_model()
     ids, mask = map(torch.tensor, random_batch(batch, length, model.config.vocab_size))
 
     def run():
@@ -68,11 +128,23 @@ def run(smoke=False, batch=16, length=128, repeats=3):
          "transformers": ("benchmarks.llm_forward:transformers_contender", shape)}, repeats)
     tokens = batch * length
     ours_rate, reference_rate = tokens / seconds["ours"], tokens / seconds["transformers"]
-    return [{"model": "SmolLM2-135M", "dtype": "float32", "batch": batch, "length": length,
-             "ours_tokens_per_s": ours_rate, "transformers_tokens_per_s": reference_rate,
-             "ratio": ours_rate / reference_rate,
-             "torch_threads": info["transformers"]["torch_threads"],
-             "repeats": repeats, "load_average": load}]
+    raw = {"task": "raw forward, all hidden states", "model": "SmolLM2-135M", "dtype": "float32",
+           "batch": batch, "length": length, "ours_tokens_per_s": ours_rate,
+           "transformers_tokens_per_s": reference_rate, "ratio": ours_rate / reference_rate,
+           "torch_threads": info["transformers"]["torch_threads"], "repeats": repeats,
+           "load_average": load}
+    seconds, info = interleaved_seconds_apart(
+        {"ours": ("benchmarks.llm_forward:ours_task_contender", shape),
+         "transformers": ("benchmarks.llm_forward:transformers_task_contender", shape)}, repeats)
+    task = {"task": f"encoder task: captions + instruction + chat template, layer {TASK_LAYER}",
+            "model": "SmolLM2-135M", "dtype": "float32", "prompts": batch,
+            "max_length": TASK_MAX_LENGTH, "ours_length": info["ours"]["bucket"],
+            "real_tokens": info["ours"]["real_tokens"],
+            "ours_prompts_per_s": batch / seconds["ours"],
+            "transformers_prompts_per_s": batch / seconds["transformers"],
+            "ratio": seconds["transformers"] / seconds["ours"], "repeats": repeats,
+            "load_average": load_average()}
+    return [raw, task]
 
 
 def main():

@@ -16,8 +16,7 @@ FIELDS = {
     "train_step": {"shape", "depth", "width", "heads", "batch", "ours_images_per_s",
                    "diffusers_images_per_s", "ratio", "ours_flops_per_s", "cpu_peak_flops_per_s",
                    "fraction_of_peak", "torch_threads", "load_average"},
-    "llm_forward": {"batch", "length", "ours_tokens_per_s", "transformers_tokens_per_s", "ratio",
-                    "torch_threads", "load_average"},
+    "llm_forward": {"task", "model", "ratio", "load_average"},
     "input_pipeline": {"name", "pipeline_images_per_s", "ratio", "batch", "image",
                        "load_average"},
     "fsdp_memory": {"devices", "bytes_per_device", "ideal_bytes", "ratio_to_ideal"},
@@ -46,6 +45,10 @@ def test_smoke_run_writes_every_field(tmp_path):
             for field in fields:
                 if isinstance(record[field], float):
                     assert math.isfinite(record[field]) and record[field] > 0, (name, field)
+    raw, task = report["results"]["llm_forward"]
+    assert {"batch", "length", "ours_tokens_per_s", "transformers_tokens_per_s"} <= set(raw)
+    assert {"prompts", "max_length", "ours_length", "ours_prompts_per_s"} <= set(task)
+    assert task["ours_length"] < task["max_length"]  # The length bucket, not max_length.
     demo, photos = report["results"]["input_pipeline"]
     assert "train_step_images_per_s" in demo and "bare_pil_images_per_s" in photos
     assert [r["devices"] for r in report["results"]["fsdp_memory"]] == [1, 2, 4, 8]
