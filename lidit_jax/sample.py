@@ -14,6 +14,7 @@ import numpy as np
 from absl import flags
 
 from lidit_jax import paths
+from lidit_jax.data.images import to_uint8
 from lidit_jax.diffusion.objectives import make_objective
 from lidit_jax.inference import apply_sampling_flags, load_trained_run
 from lidit_jax.parallel import mesh as mesh_lib
@@ -68,7 +69,7 @@ def run(config, workdir):
         latents = generate(trained.ema_params, jax.random.key(FLAGS.seed), encode(repeated),
                            encode([""]))
     images = np.asarray(image_space.decode(image_space.unscale(latents)))
-    pixels = np.clip((images + 1.0) * 127.5 + 0.5, 0, 255).astype(np.uint8)
+    pixels = to_uint8(images)
     for i, (prompt, image) in enumerate(zip(repeated, pixels)):
         slug = re.sub(r"[^a-z0-9]+", "_", prompt.lower()).strip("_")[:60]
         if jax.process_index() == 0:

@@ -91,3 +91,9 @@ def resize_center_crop(image, height, width):
 def to_model_range(image):
     """uint8 [..., 3] -> float32 in [-1, 1]."""
     return image.astype(np.float32) / 127.5 - 1.0
+
+
+def to_uint8(pixels):
+    """Decoded pixels [..., C] in [-1, 1] (any float array) -> uint8, rounded and clipped: the
+    inverse of `to_model_range`, for every image the project writes or scores."""
+    return np.clip((np.asarray(pixels, np.float32) + 1.0) * 127.5 + 0.5, 0, 255).astype(np.uint8)

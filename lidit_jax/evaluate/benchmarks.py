@@ -21,6 +21,7 @@ import os
 import jax
 import numpy as np
 
+from lidit_jax.data.images import to_uint8
 from lidit_jax.diffusion.objectives import make_objective
 from lidit_jax.train.metrics import save_png
 from lidit_jax.train.sampling import make_generate
@@ -85,7 +86,7 @@ class PromptImages:
                                 self._encode([prompt] * self.n), self.uncond)
         space = self.trained.image_space
         pixels = np.asarray(space.decode(space.unscale(latents)))
-        return np.clip((pixels + 1.0) * 127.5 + 0.5, 0, 255).astype(np.uint8)
+        return to_uint8(pixels)
 
 
 def write_geneval(images_of, output, limit=None):

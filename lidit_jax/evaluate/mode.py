@@ -87,6 +87,6 @@ def shapes_report(config, trained, mesh, output):
             f.write(scorer.markdown_table(scores))
         np.savez_compressed(os.path.join(output, "images.npz"), images=images)
         metrics_lib.save_png(os.path.join(output, "samples.png"),
-                             metrics_lib.image_grid(images[:32] / 127.5 - 1.0, columns=8),
+                             metrics_lib.image_grid(images[:32], columns=8),
                              upscale=2)
     return scores

@@ -8,6 +8,7 @@ import jax
 import numpy as np
 
 from lidit_jax.data import shapes
+from lidit_jax.data.images import to_uint8
 from lidit_jax.evaluate import scorer
 from lidit_jax.train.sampling import make_generate
 
@@ -49,7 +50,7 @@ class ShapesEvaluator:
             latents = self.generate(params, jax.random.fold_in(key, index), cond, self.uncond)
             out.append(np.asarray(self.decode(latents)))
         pixels = np.concatenate(out)[:len(self.captions)]
-        return np.clip((pixels + 1.0) * 127.5 + 0.5, 0, 255).astype(np.uint8)
+        return to_uint8(pixels)
 
     def evaluate(self, params):
         """-> (scores dict of scorer.score, uint8 images)."""

@@ -214,15 +214,17 @@ class MetricsWriter:
 
 
 def image_grid(images, columns=None):
-    """[n, H, W, C] float in [-1, 1] -> one uint8 [rows*H, columns*W, 3] grid."""
-    images = np.asarray(images, np.float32)
+    """[n, H, W, C] uint8 (`data.images.to_uint8`) -> one uint8 [rows*H, columns*W, 3] grid."""
+    images = np.asarray(images)
+    if images.dtype != np.uint8:
+        raise TypeError(f"image_grid takes uint8 images (data.images.to_uint8), got {images.dtype}")
     n, height, width, channels = images.shape
     if channels == 1:
         images = np.repeat(images, 3, axis=-1)
     columns = columns or int(np.ceil(np.sqrt(n)))
     rows = int(np.ceil(n / columns))
     grid = np.zeros((rows * height, columns * width, 3), np.uint8)
-    pixels = np.clip((images[..., :3] + 1.0) * 127.5 + 0.5, 0, 255).astype(np.uint8)
+    pixels = images[..., :3]
     for i in range(n):
         r, c = divmod(i, columns)
         grid[r * height:(r + 1) * height, c * width:(c + 1) * width] = pixels[i]

@@ -5,6 +5,7 @@ from flax import nnx
 from jax.experimental import multihost_utils
 
 from lidit_jax import paths
+from lidit_jax.data.images import to_uint8
 from lidit_jax.diffusion import samplers
 from lidit_jax.train import metrics as metrics_lib
 
@@ -56,7 +57,7 @@ class FixedPromptSampler:
 
     def images(self, params):
         latents = self.generate(params, self.key, self.cond, self.uncond)
-        return np.asarray(self.inputs.image_space.decode(self.inputs.image_space.unscale(latents)))
+        return to_uint8(self.inputs.image_space.decode(self.inputs.image_space.unscale(latents)))
 
     def write(self, step, params, writer, directory):
         """Saves DIRECTORY/step_<step>.png (upscaled 4x for viewing) and a TensorBoard image."""
