@@ -13,6 +13,7 @@ import http.client
 import http.server
 import json
 import os
+import pathlib
 import re
 import signal
 import socket
@@ -176,6 +177,12 @@ def test_train_kill_resume_sample_export_on_gs(gcs, tiny_llm, tmp_path, monkeypa
     export = f"{workdir}/export/lidit_ema_step{STEPS}.safetensors"
     assert f"export={export}" in result.stdout
     assert epath.Path(export).stat().length > 1000
+    # --mode=eval's scores, images and grid land in the bucket, not in a local "gs:" folder.
+    result = _run(gcs, workdir, "eval", *args, "--benchmark=shapes", "--config.eval.num_prompts=4")
+    assert result.stdout.strip().splitlines()[-1].endswith("num_images=4")
+    for name in ("scores.json", "scores.md", "images.npz", "samples.png"):
+        assert (run / "eval" / "shapes" / name).exists(), name
+    assert not (pathlib.Path(ROOT) / "gs:").exists()
 
 
 

@@ -21,6 +21,7 @@ import os
 import jax
 import numpy as np
 
+from lidit_jax import paths
 from lidit_jax.data.images import to_uint8
 from lidit_jax.diffusion.objectives import make_objective
 from lidit_jax.train.metrics import save_png
@@ -91,32 +92,28 @@ class PromptImages:
 
 def write_geneval(images_of, output, limit=None):
     for index, (line, prompt) in enumerate(geneval_prompts()[:limit]):
-        folder = os.path.join(output, f"{index:05d}")
-        os.makedirs(os.path.join(folder, "samples"), exist_ok=True)
-        with open(os.path.join(folder, "metadata.jsonl"), "w", encoding="utf-8") as f:
-            f.write(line + "\n")
+        folder = paths.path(output) / f"{index:05d}"
+        paths.write_text_atomic(folder / "metadata.jsonl", line + "\n")
         for j, image in enumerate(images_of(prompt)):
-            save_png(os.path.join(folder, "samples", f"{j:04d}.png"), image)
+            save_png(folder / "samples" / f"{j:04d}.png", image)
 
 
 def write_t2i_compbench(images_of, output, limit=None, categories=T2I_COMPBENCH_CATEGORIES):
     for category in categories:
-        folder = os.path.join(output, category, "samples")
-        os.makedirs(folder, exist_ok=True)
+        folder = paths.path(output) / category / "samples"
         for i, prompt in enumerate(t2i_compbench_prompts(category)[:limit]):
             images = images_of(prompt)
             for j, image in enumerate(images):
-                save_png(os.path.join(folder, f"{prompt}_{len(images) * i + j:06d}.png"), image)
+                save_png(folder / f"{prompt}_{len(images) * i + j:06d}.png", image)
 
 
 def write_dpg_bench(images_of, output, limit=None):
-    folder = os.path.join(output, "images")
-    os.makedirs(folder, exist_ok=True)
+    folder = paths.path(output) / "images"
     for item_id, prompt in dpg_bench_prompts()[:limit]:
         images = images_of(prompt)
         if len(images) != 4:
             raise ValueError(f"DPG-Bench tiles 4 images per prompt, got {len(images)}")
-        save_png(os.path.join(folder, f"{item_id}.png"), tile_2x2(images))
+        save_png(folder / f"{item_id}.png", tile_2x2(images))
 
 
 WRITERS = {"geneval": write_geneval, "t2i_compbench": write_t2i_compbench,
@@ -134,9 +131,8 @@ def write(benchmark, config, trained, output, seed=0, limit=None):
                 "size": config.data.image_size, "prompt_limit": limit}
     if jax.process_index() != 0:
         return metadata
-    os.makedirs(output, exist_ok=True)
     WRITERS[benchmark](images_of, output, limit)
-    with open(os.path.join(output, "lidit_metadata.json"), "w") as f:
-        json.dump(metadata, f, indent=1)
+    paths.write_text_atomic(paths.path(output) / "lidit_metadata.json",
+                            json.dumps(metadata, indent=1))
     print(f"benchmark={benchmark} output={output} images_per_prompt={n}")
     return metadata

@@ -11,6 +11,7 @@ diffusion.sampler / sample_steps / guidance_scale (the --sampler, --sample_steps
   --benchmark=geneval | t2i_compbench | dpg_bench
 writes the folder layout the official scorer reads (lidit_jax/evaluate/benchmarks.py).
 """
+import io
 import json
 import os
 
@@ -18,6 +19,7 @@ import jax
 import numpy as np
 from absl import flags
 
+from lidit_jax import paths
 from lidit_jax.diffusion.objectives import make_objective
 from lidit_jax.evaluate import scorer
 from lidit_jax.evaluate.shapes_eval import ShapesEvaluator
@@ -78,15 +80,15 @@ def shapes_report(config, trained, mesh, output):
                   sample_steps=config.diffusion.sample_steps,
                   guidance_scale=config.diffusion.guidance_scale, eval_seed=config.eval.seed)
     if jax.process_index() == 0:
-        os.makedirs(output, exist_ok=True)
-        with open(os.path.join(output, "scores.json"), "w") as f:
-            json.dump(scores, f, indent=1)
-        with open(os.path.join(output, "scores.md"), "w") as f:
-            f.write(f"Shapes prompt following, step {trained.step}, "
-                    f"{scores['num_images']} held-out prompts\n\n")
-            f.write(scorer.markdown_table(scores))
-        np.savez_compressed(os.path.join(output, "images.npz"), images=images)
-        metrics_lib.save_png(os.path.join(output, "samples.png"),
+        output = paths.path(output)
+        paths.write_text_atomic(output / "scores.json", json.dumps(scores, indent=1))
+        paths.write_text_atomic(output / "scores.md", (
+            f"Shapes prompt following, step {trained.step}, {scores['num_images']} held-out "
+            f"prompts\n\n" + scorer.markdown_table(scores)))
+        buffer = io.BytesIO()
+        np.savez_compressed(buffer, images=images)
+        (output / "images.npz").write_bytes(buffer.getvalue())
+        metrics_lib.save_png(output / "samples.png",
                              metrics_lib.image_grid(images[:32], columns=8),
                              upscale=2)
     return scores
