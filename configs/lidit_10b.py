@@ -28,7 +28,7 @@ def get_config(arg=None):
     # est. 48.7 % MFU with `auto`'s splash counted at the roofline (41.8 % with XLA attention and
     # jax.nn's backward, 38.7 % with full remat; benchmarks/tpu_estimates.md, 2026-11-30). The 1024 px stage needs
     # full remat (below), and so does v6e 16x16 (32 GiB chips, 16 images each): dots_saveable
-    # 139 GiB, full remat 22.2 GiB per chip.
+    # 139 GiB, full remat 17.6 GiB per chip (benchmarks/tpu_estimates.md).
     c.model.remat = "dots_saveable"
     c.text.refiner.heads = 22
     c.text.collaborative.heads = 22
