@@ -23,6 +23,7 @@ import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from configs import lidit_1b  # noqa: E402
+from lidit_jax import hardware  # noqa: E402
 from lidit_jax.diffusion import flops as flops_lib  # noqa: E402
 from lidit_jax.diffusion.dit import LIDiT  # noqa: E402
 from lidit_jax.diffusion.objectives import make_objective  # noqa: E402
@@ -30,11 +31,6 @@ from lidit_jax.parallel import mesh as mesh_lib  # noqa: E402
 from lidit_jax.parallel import sharding  # noqa: E402
 from lidit_jax.train.state import create_train_state, shardings_of  # noqa: E402
 from lidit_jax.train.step import jit_train_step, make_train_step  # noqa: E402
-
-# Dense bf16 tensor-core peak per GPU (FLOP/s), by device_kind substring (NVIDIA data sheets,
-# SXM parts, without sparsity).
-BF16_PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L4": 121e12}
-
 
 def step_config(args):
     config = lidit_1b.get_config()
@@ -109,7 +105,8 @@ def main():
         args.batch, args.steps, args.attention = 2, 2, "xla"
     device = jax.devices()[0]
     kind = getattr(device, "device_kind", device.platform)
-    peak = next((v for k, v in BF16_PEAK_FLOPS.items() if k in kind), float("nan"))
+    chip = hardware.chip(kind)  # None on CPU (--smoke): no MFU.
+    peak = chip.bf16_peak_flops if chip else float("nan")
     print(f"device={kind} jax={jax.__version__} peak_bf16_tflops={peak / 1e12:.0f}")
     for attention in args.attention.split(","):
         config = step_config(args)

@@ -22,7 +22,7 @@ from lidit_jax.diffusion import flops as flops_lib  # noqa: E402
 from lidit_jax.diffusion.dit import LIDiT  # noqa: E402
 from lidit_jax.diffusion.objectives import make_objective  # noqa: E402
 from lidit_jax.parallel import mesh as mesh_lib  # noqa: E402
-from lidit_jax.train import metrics  # noqa: E402
+from lidit_jax import hardware  # noqa: E402
 from lidit_jax.train.sampling import make_generate  # noqa: E402
 
 LLM_WIDTH = 576  # SmolLM2-135M, the demo's prompt encoder.
@@ -66,7 +66,7 @@ def run(smoke=False, repeats=3):
     forward = flops_lib.train_step_flops(config, [LLM_WIDTH], batch=1, hw=(size, size),
                                          text_lengths=[length], in_channels=3) / 3
     flops = steps * 2 * batch * forward
-    peak = metrics.measure_cpu_peak_flops()
+    peak = hardware.measure_cpu_peak_flops()
     return [{
         "model": "smoke" if smoke else "demo_shapes", "sampler": "dpm++2m", "steps": steps,
         "guidance_scale": config.diffusion.guidance_scale, "batch": batch, "image": size,

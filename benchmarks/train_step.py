@@ -29,7 +29,7 @@ from lidit_jax.diffusion import flops as flops_lib  # noqa: E402
 from lidit_jax.diffusion.dit import LIDiT  # noqa: E402
 from lidit_jax.diffusion.objectives import make_objective  # noqa: E402
 from lidit_jax.parallel import mesh as mesh_lib  # noqa: E402
-from lidit_jax.train import metrics  # noqa: E402
+from lidit_jax import hardware  # noqa: E402
 from lidit_jax.train.state import create_train_state, shardings_of  # noqa: E402
 from lidit_jax.train.step import jit_train_step, make_train_step  # noqa: E402
 
@@ -163,7 +163,7 @@ def measure(shape_name, repeats):
         environ=host_allocator.with_settings())
     images, flops = shape["batch"], info["ours"]["flops"]
     ours_rate, reference_rate = images / seconds["ours"], images / seconds["diffusers"]
-    peak = metrics.measure_cpu_peak_flops()
+    peak = hardware.measure_cpu_peak_flops()
     return {
         "shape": shape_name, **shape,
         "ours_images_per_s": ours_rate,

@@ -37,7 +37,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from lidit_jax import configuration
+from lidit_jax import configuration, hardware
 from lidit_jax.diffusion import flops as flops_lib
 from lidit_jax.diffusion.dit import LIDiT
 from lidit_jax.diffusion.objectives import make_objective
@@ -56,24 +56,6 @@ from lidit_jax.train.step import jit_train_step, make_train_step
 
 NEEDS_WORKDIR = False
 
-# High-bandwidth memory per chip, by jax device_kind prefix.
-HBM_BYTES_PER_CHIP = {
-    "TPU v4": 32 << 30,
-    "TPU v5 lite": 16 << 30,
-    "TPU v5p": 95 << 30,
-    "TPU v5": 95 << 30,
-    "TPU v6 lite": 32 << 30,
-}
-# Dense bf16 matmul peak per chip (FLOP/s), by the same prefixes: Google Cloud's TPU pages.
-BF16_PEAK_FLOPS_PER_CHIP = {
-    "TPU v4": 275e12,
-    "TPU v5 lite": 197e12,
-    "TPU v5p": 459e12,
-    "TPU v5": 459e12,
-    "TPU v6 lite": 918e12,
-}
-# Systolic array width of the chip's MXUs: a matmul axis shorter than it still takes a full pass.
-MXU_WIDTH = {"TPU v4": 128, "TPU v5 lite": 128, "TPU v5p": 128, "TPU v5": 128, "TPU v6 lite": 256}
 # Matmuls of one splash attention call, forward and backward (`splash_cost_per_chip`;
 # tests/test_aot.py counts them in the kernel's interpret-mode lowering).
 SPLASH_FORWARD_MATMULS = 2
@@ -83,8 +65,10 @@ SPLASH_BACKWARD_MATMULS = 7
 FLOPS_TOLERANCE = 0.10
 
 
-def _by_kind(table, device_kind):
-    return next((v for k, v in table.items() if device_kind.startswith(k)), None)
+def _chip_value(device_kind, field):
+    """A field of `hardware.chip(device_kind)`, None for a chip the table lacks."""
+    found = hardware.chip(device_kind)
+    return None if found is None else getattr(found, field)
 
 
 def topology_devices(topology_name, num_slices=1):
@@ -211,7 +195,7 @@ def memory_report(compiled, device_kind):
     per_chip = (stats.argument_size_in_bytes + stats.output_size_in_bytes
                 + stats.temp_size_in_bytes - stats.alias_size_in_bytes
                 + stats.generated_code_size_in_bytes)
-    capacity = _by_kind(HBM_BYTES_PER_CHIP, device_kind)
+    capacity = _chip_value(device_kind, "hbm_bytes")
     return {
         "per_chip_bytes": per_chip,
         "arguments_bytes": stats.argument_size_in_bytes,
@@ -304,7 +288,7 @@ def splash_cost_per_chip(config, device, chips):
     on a 128-wide MXU takes as long as one of 128.
     """
     m = config.model
-    head_dim, mxu = m.width // m.heads, _by_kind(MXU_WIDTH, device.device_kind)
+    head_dim, mxu = m.width // m.heads, _chip_value(device.device_kind, "mxu_width")
     mxu_head_dim = -(-head_dim // mxu) * mxu
     forward = SPLASH_FORWARD_MATMULS * (1 if m.remat == "none" else 2)
     per_example = 0
@@ -313,7 +297,7 @@ def splash_cost_per_chip(config, device, chips):
             _, (q_pad, kv_pad) = splash_tiles(q_len, kv_len, (m.splash_block_q, m.splash_block_kv))
             per_example += (forward + SPLASH_BACKWARD_MATMULS) * 2 * q_pad * kv_pad * m.width
     flops = config.train.batch_size * m.depth * per_example / chips
-    peak = _by_kind(BF16_PEAK_FLOPS_PER_CHIP, device.device_kind)
+    peak = _chip_value(device.device_kind, "bf16_peak_flops")
     return flops, flops * mxu_head_dim / head_dim / peak
 
 
@@ -332,7 +316,7 @@ def speed_report(config, devices, compiled=None):
         config, llm_widths, batch=config.train.batch_size, hw=(side, side),
         text_lengths=[config.text.max_length] * len(llm_widths),
         in_channels=config.vae.latent_channels) / len(devices)
-    peak = _by_kind(BF16_PEAK_FLOPS_PER_CHIP, kind)
+    peak = _chip_value(kind, "bf16_peak_flops")
     splash_flops, splash_seconds = splash_cost_per_chip(config, devices[0], len(devices))
     flops, seconds = flops + splash_flops, seconds + splash_seconds
     ratio = flops / model_flops

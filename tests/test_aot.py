@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from configs import common, demo_shapes, lidit_10b
-from lidit_jax import aot, configuration
+from lidit_jax import aot, configuration, hardware
 from lidit_jax.nn.attention import dot_product_attention
 
 # Three TPU compiles of the demo step (scanned, and the depth-1 and depth-2 twins): ~1 min on 2
@@ -82,7 +82,7 @@ def test_dit_attention_kernels_follow_auto_on_the_topology():
     tiles = 1024 * 1024 + 1024 * 128  # 56 text tokens padded to one 128-lane tile.
     assert flops == pytest.approx(32 * 4 * 9 * 2 * tiles * 128 / 4)
     # Heads of 32 run on v5e's 128-wide MXU as heads of 128 would: 4x the time of the FLOPs.
-    assert seconds == pytest.approx(4 * flops / aot.BF16_PEAK_FLOPS_PER_CHIP["TPU v5 lite"])
+    assert seconds == pytest.approx(4 * flops / hardware.CHIPS["TPU v5 lite"].bf16_peak_flops)
     config.model.attention = "xla"
     assert kernels() == ["xla", "xla"]
 

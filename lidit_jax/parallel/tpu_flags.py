@@ -18,7 +18,7 @@ _OVERLAP_COLLECTIVES = {
     "xla_enable_async_all_gather": True,
 }
 
-# Keyed by jax device_kind prefix (as aot.HBM_BYTES_PER_CHIP), longest prefix first.
+# Keyed by jax device_kind prefix (as lidit_jax/hardware.py), longest prefix first.
 COMPILER_OPTIONS = {
     "TPU v5 lite": dict(_OVERLAP_COLLECTIVES,
                         xla_tpu_enable_async_collective_fusion_fuse_all_gather=True,

@@ -13,51 +13,7 @@ import jax
 import numpy as np
 from PIL import Image
 
-from lidit_jax import paths
-
-# Peak dense bf16 FLOP/s per device, by jax `device_kind`. CPU is measured once instead.
-PEAK_FLOPS_PER_DEVICE = {
-    "TPU v4": 275e12,
-    "TPU v5 lite": 197e12,
-    "TPU v5e": 197e12,
-    "TPU v5p": 459e12,
-    "TPU v5": 459e12,
-    "TPU v6 lite": 918e12,
-    "TPU v6e": 918e12,
-    "NVIDIA H100 80GB HBM3": 989e12,
-    "NVIDIA H200": 989e12,
-    "NVIDIA A100-SXM4-80GB": 312e12,
-    "NVIDIA A100-SXM4-40GB": 312e12,
-}
-
-_measured_cpu_peak = None
-
-
-def measure_cpu_peak_flops(size=1024, repeats=5):
-    """FLOP/s of a float32 matmul on one CPU device (the best of a few), measured once."""
-    global _measured_cpu_peak
-    if _measured_cpu_peak is None:
-        a = jax.device_put(np.ones((size, size), np.float32), jax.local_devices(backend="cpu")[0])
-        matmul = jax.jit(lambda x: x @ x)
-        matmul(a).block_until_ready()
-        best = float("inf")
-        for _ in range(repeats):
-            start = time.perf_counter()
-            matmul(a).block_until_ready()
-            best = min(best, time.perf_counter() - start)
-        _measured_cpu_peak = 2 * size**3 / best
-    return _measured_cpu_peak
-
-
-def peak_flops_per_device(device=None):
-    device = device or jax.devices()[0]
-    if device.platform == "cpu":
-        return measure_cpu_peak_flops()
-    for kind, peak in PEAK_FLOPS_PER_DEVICE.items():
-        if device.device_kind.startswith(kind):
-            return peak
-    return None
-
+from lidit_jax import hardware, paths
 
 class JsonLines:
     """An append-only log of JSON lines at a local or remote path, written off the caller's thread.
@@ -266,7 +222,7 @@ class StepTimer:
     """
 
     def __init__(self):
-        self.peak_flops = peak_flops_per_device()
+        self.peak_flops = hardware.peak_flops()
         self._reset()
         self._mark = time.perf_counter()
 
