@@ -165,11 +165,12 @@ def encoder_report(config, devices):
     # Token ids [batch, text.max_length] per LLM (the state shapes only count the LLMs here).
     tokens = abstract_batch(config, mesh, [()] * len(params), config.vae.latent_channels,
                             (side, side))["text"]
+    # The 0- and 1-layer twins of every LLM, built once.
+    twins = [abstract_text_encoders(config, mesh, [depth] * len(params)) for depth in (0, 1)]
     flops = seconds = temp = 0.0
     for k, choice in enumerate(full.choices):
         costs = []
-        for depth in (0, 1):
-            encoders, twin_params = abstract_text_encoders(config, mesh, [depth] * len(params))
+        for encoders, twin_params in twins:
             one = TextEncoders(encoders.graphdefs[k:k + 1], encoders.choices[k:k + 1])
             one_tokens = {key: value[k:k + 1] for key, value in tokens.items()}
             with jax.set_mesh(mesh), sharding.axis_rules(config.mesh.rules):
