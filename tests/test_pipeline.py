@@ -80,7 +80,9 @@ def test_epochs_are_reshuffled():
 
 def test_batch_fields():
     config = _config(source="shapes", shapes_num_records=40)
-    twice = lambda i: {"twice": np.int32(2 * i)}  # noqa: E731
+    def twice(i, dropped):
+        return {"twice": np.int32(2 * i), "nested": [{"dropped": np.bool_(dropped)}]}
+
     batch = next(pipeline.make_train_iterator(config, global_batch_size=4, seed=0,
                                               process_index=0, process_count=1,
                                               record_transform=twice))
@@ -89,6 +91,7 @@ def test_batch_fields():
     assert batch["caption"].dtype == object and batch["caption_dropped"].dtype == bool
     assert batch["record_id"].dtype == np.int64
     np.testing.assert_array_equal(batch["twice"], 2 * batch["record_id"])
+    np.testing.assert_array_equal(batch["nested"][0]["dropped"], batch["caption_dropped"])
 
 
 def test_restored_iterator_continues_exactly(record_dir):

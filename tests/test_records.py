@@ -36,8 +36,9 @@ def test_writer_shards_skips_and_resumes(tmp_path):
     make = lambda i: None if i % 7 == 3 else _entry(i)  # noqa: E731
     written, skipped = records.write_records(out, 25, make, records_per_shard=10)
     assert (written, skipped) == (21, 4)
-    names = sorted(os.listdir(out))
-    assert names == [f"records-{k:05d}-of-00003.arrayrecord" for k in range(3)]
+    names = [f"records-{k:05d}-of-00003.arrayrecord" for k in range(3)]
+    assert sorted(os.listdir(out)) == sorted(
+        names + [n + ".spans.npy" for n in names] + ["image_sizes.npy", "manifest.json"])
     source = records.ArrayRecordSource(out)
     kept = [i for i in range(25) if i % 7 != 3]
     assert len(source) == 21
@@ -56,6 +57,12 @@ def test_missing_shard_is_an_error(tmp_path):
     out = str(tmp_path / "set")
     records.write_records(out, 4, _entry, records_per_shard=2)
     os.remove(os.path.join(out, "records-00001-of-00002.arrayrecord"))
+    os.remove(os.path.join(out, "records-00001-of-00002.arrayrecord.spans.npy"))
+    source = records.ArrayRecordSource(out)  # The manifest: no shard is looked at when opening.
+    assert records.decode_record(source[1])["caption"] == "caption 1 é"
+    with pytest.raises(FileNotFoundError, match="records-00001-of-00002.arrayrecord is missing"):
+        source[2]
+    os.remove(os.path.join(out, records.MANIFEST_FILE))
     with pytest.raises(FileNotFoundError, match="incomplete"):
         records.ArrayRecordSource(out)
     with pytest.raises(FileNotFoundError, match="no records"):

@@ -5,13 +5,19 @@ Layout of a cache directory:
                                       layer, template, preprocessing, ...), the record count and
                                       the shard size; a reader compares it with its config.
   shard-00000.arrayrecord, ...        shard k holds records [k * shard_size, (k+1) * shard_size),
-                                      in index order, one ArrayRecord entry per record.
+                                      in index order, one ArrayRecord entry per record, with its
+                                      .spans.npy index: a record is one ranged read
+                                      (lidit_jax.data.shards).
+  manifest.json                       {"num_shards": n}, published by the process that finds
+                                      every shard there after writing its own: a reader opens
+                                      a cache by reading it (and metadata.json), whatever the
+                                      shard count, never by looking for each shard.
 One entry: 4-byte little-endian header length, a UTF-8 JSON header
 {"index": i, "arrays": {name: [dtype, shape], ...}} and the arrays' raw bytes in header order.
 No pickle. A shard is written to a temporary file and published when complete, so a killed
 writer leaves only whole shards, and a restarted one skips them: no duplicates, no gaps.
-Directories may be local or `gs://` (lidit_jax.paths: shards are staged through local files,
-since ArrayRecord opens local files only).
+Directories may be local or `gs://` (lidit_jax.paths). A cache made before manifests is opened
+by listing its shards, with a warning: running the same --mode=encode again writes it.
 """
 import json
 import struct
@@ -19,12 +25,12 @@ import struct
 import ml_dtypes
 import numpy as np
 from absl import logging
-from array_record.python import array_record_module
-
 from lidit_jax import paths
+from lidit_jax.data import shards
 
 FORMAT_VERSION = 1
 METADATA_FILE = "metadata.json"
+MANIFEST_FILE = "manifest.json"
 _DTYPES = {"bfloat16": ml_dtypes.bfloat16}
 
 
@@ -104,24 +110,33 @@ def write_cache(directory, num_records, encode_batch, metadata, *, shard_size=10
         if final.exists():
             continue
         start, stop = shard * shard_size, min((shard + 1) * shard_size, num_records)
-        with paths.local_output(final) as temporary:
-            writer = array_record_module.ArrayRecordWriter(temporary, "group_size:1")
+
+        def entries():
             for batch_start in range(start, stop, batch_size):
                 indices = list(range(batch_start, min(batch_start + batch_size, stop)))
                 for index, arrays in zip(indices, encode_batch(indices), strict=True):
-                    writer.write(encode_entry(index, arrays))
-                written += len(indices)
+                    yield encode_entry(index, arrays)
                 if progress is not None:
                     progress(len(indices))
-            writer.close()
+
+        written += shards.write_shard(final, entries())
         logging.info("cache %s: shard %d of %d complete", directory, shard + 1, num_shards)
+    # The process whose last upload lands last sees every shard (listings are consistent).
+    if len(_listed_shards(directory)) == num_shards:
+        paths.write_text_atomic(directory / MANIFEST_FILE, json.dumps({"num_shards": num_shards}))
     return written
+
+
+def _listed_shards(directory):
+    """Indices of the shard files in `directory`: one listing, not a request per shard."""
+    return {int(p.name[len("shard-"):-len(".arrayrecord")])
+            for p in paths.path(directory).glob("shard-*.arrayrecord")}
 
 
 class ArrayCache:
     """Random access to a complete cache: `cache[i]` -> {name: np.ndarray} of record i."""
 
-    def __init__(self, directory):
+    def __init__(self, directory, max_open_shards=shards.MAX_OPEN_SHARDS):
         directory = paths.path(directory)
         metadata_path = directory / METADATA_FILE
         if not metadata_path.exists():
@@ -132,11 +147,22 @@ class ArrayCache:
         self.shard_size = self.metadata["shard_size"]
         self.num_records = self.metadata["num_records"]
         num_shards = -(-self.num_records // self.shard_size)
-        missing = [s for s in range(num_shards) if not shard_path(directory, s).exists()]
-        if missing:
-            raise FileNotFoundError(f"cache {directory} is incomplete: shards {missing[:5]} of "
-                                    f"{num_shards} missing; resume --mode=encode to finish it")
-        self._readers = {}
+        try:
+            manifest = json.loads((directory / MANIFEST_FILE).read_text())
+        except FileNotFoundError:
+            manifest = None
+        if manifest is None:
+            logging.warning("cache %s has no %s (made before manifests): listing its shards; run "
+                            "the same --mode=encode again to write it", directory, MANIFEST_FILE)
+            missing = sorted(set(range(num_shards)) - _listed_shards(directory))
+            if missing:
+                raise FileNotFoundError(f"cache {directory} is incomplete: shards {missing[:5]} "
+                                        f"of {num_shards} missing; resume --mode=encode to finish "
+                                        "it")
+        elif manifest["num_shards"] != num_shards:
+            raise ValueError(f"cache {directory}: {MANIFEST_FILE} lists {manifest['num_shards']} "
+                             f"shards, {METADATA_FILE} implies {num_shards}; encode it again")
+        self._readers = shards.ShardReaders(max_open_shards)
 
     def __len__(self):
         return self.num_records
@@ -145,22 +171,13 @@ class ArrayCache:
         """Raises CacheMismatch naming each field that differs from `expected_metadata`."""
         compare_metadata(self.metadata, expected_metadata, f"cache {self.directory}")
 
-    def _reader(self, shard):
-        if shard not in self._readers:
-            self._readers[shard] = array_record_module.ArrayRecordReader(
-                paths.local_copy(shard_path(self.directory, shard)), "readahead_buffer_size:0")
-        return self._readers[shard]
-
     def __getitem__(self, index):
         if not 0 <= index < self.num_records:
             raise IndexError(f"record {index} outside cache of {self.num_records}")
         shard, offset = divmod(int(index), self.shard_size)
-        stored_index, arrays = decode_entry(self._reader(shard).read([offset])[0])
+        stored_index, arrays = decode_entry(
+            self._readers.read(shard_path(self.directory, shard), offset))
         if stored_index != index:
             raise ValueError(f"cache {self.directory} shard {shard} is corrupt: entry {offset} "
                              f"holds record {stored_index}, expected {index}")
         return arrays
-
-    def __getstate__(self):
-        # Readers hold file handles; worker processes reopen them.
-        return {k: v for k, v in self.__dict__.items() if k != "_readers"} | {"_readers": {}}

@@ -10,11 +10,12 @@ Global step s is batch s % batches_per_epoch of epoch s // batches_per_epoch, an
 loads rows [p * local_b, (p + 1) * local_b) of it. The position of the whole stream is one
 integer (the global step), identical on every process.
 
-Per-record sizes come from the source without decoding: the shapes source is all square; other
-sources are scanned (image headers only) when there is more than one bucket. For a record set
-folder the scan is saved as `image_sizes.npy` beside the shards (if the folder is writable) and
-reused while the record count matches. Records whose header cannot be read get bucket -1 and are
-left out of every epoch.
+Per-record sizes come from the source without decoding, and only with more than one bucket: the
+shapes source is all square; a record set has them in `image_sizes.npy`, written by the
+converters (lidit_jax.data.records) and by --mode=encode, so planning reads no image. Other
+sources, and record sets made before that, are scanned (image headers only, every record by
+every process: slow at scale, logged) and the scan is saved beside the shards if the folder is
+writable. Records whose header cannot be read get bucket -1 and are left out of every epoch.
 """
 import io
 
@@ -44,9 +45,10 @@ def assign_buckets(sizes, buckets):
 
 def header_size(raw):
     """A source's raw record -> (height, width) from the image header only; (0, 0) if unreadable."""
+    if isinstance(raw, (bytes, memoryview)):
+        return records.image_size(raw)
     try:
-        record = records.decode_record(raw) if isinstance(raw, (bytes, memoryview)) else raw
-        image = record["image_bytes"] if "image_bytes" in record else record["image"]
+        image = raw["image_bytes"] if "image_bytes" in raw else raw["image"]
         if isinstance(image, np.ndarray):
             return tuple(image.shape[:2])
         width, height = Image.open(io.BytesIO(bytes(image))).size
@@ -60,13 +62,14 @@ def record_sizes(source):
     if isinstance(source, shapes.ShapesSource):
         return np.full((len(source), 2), source.image_size, np.int32)
     directory = getattr(source, "directory", None)
-    cache = paths.path(directory) / "image_sizes.npy" if directory else None
+    cache = paths.path(directory) / records.IMAGE_SIZES_FILE if directory else None
     if cache and cache.exists():
         sizes = np.load(io.BytesIO(cache.read_bytes()))
         if sizes.shape == (len(source), 2):
             return sizes
-    logging.info("reading the image headers of %d records of %r for aspect-ratio buckets",
-                 len(source), source)
+    logging.warning("reading the image headers of %d records of %r for aspect-ratio buckets "
+                    "(every process reads every record): convert the data again, or run "
+                    "--mode=encode, to write %s", len(source), source, records.IMAGE_SIZES_FILE)
     sizes = np.array([header_size(source[i]) for i in range(len(source))], np.int32)
     sizes = sizes.reshape(-1, 2)
     if cache:

@@ -5,12 +5,15 @@ seeded permutation of the records, cut per aspect-ratio bucket into global batch
 in a seeded order. Every JAX process computes the same plan; process p of P loads rows
 [p * local_b, (p + 1) * local_b) of each global batch, so all processes put the same bucket
 (the same static [H, W]) into the same step and together cover each global batch exactly.
-  -> load (Grain; worker processes when data.num_workers > 0): read, decode, validate, resize to
-     cover the bucket + center crop, caption dropout (deterministic in (seed, epoch, record)),
-     optional `record_transform(record_id)` (extra per-record fields); with a latent cache
-     (`latents=`) the cached latent replaces decode + resize: no image is decoded in training
-  -> batch: local_b rows stacked in the main process, uint8 -> float32 [-1, 1] there (4x less
-     inter-process traffic than sending floats).
+  -> load and batch (Grain; worker processes when data.num_workers > 0): read, decode,
+     validate, resize to cover the bucket + center crop, caption dropout (deterministic in
+     (seed, epoch, record)), optional `record_transform(record_id, caption_dropped)` (extra
+     per-record fields, e.g. the cached text states, looked up and padded there), and the
+     local_b rows of a step stacked there too: the training process only receives batches;
+     with a latent cache (`latents=`) the cached latent replaces decode + resize: no image is
+     decoded in training
+  -> uint8 -> float32 [-1, 1] in the training process (4x less inter-process traffic than
+     sending floats).
 Bad records (undecodable/truncated/tiny/enormous image, empty or non-UTF-8 caption, missing
 field) never stop training: the row takes the next good record of the same global batch
 instead (deterministic, so every process and every resumed run agrees), the bad record is
@@ -23,7 +26,8 @@ Batches (host-local; local_b = global_batch_size // process_count):
   caption         object [local_b] of str ("" when dropped)
   caption_dropped bool [local_b]
   record_id       int64 [local_b]  (global index into the source)
-  + the fields `record_transform(record_id)` returns, stacked.
+  + the fields `record_transform(record_id, caption_dropped)` returns, stacked (nested dicts
+    and lists of arrays are stacked leaf by leaf).
 
 Iterator state (`get_state()` / `set_state()`) is a small JSON-able dict whose position is one
 integer, the global step, the same on every process: a checkpoint written by the primary host
@@ -144,17 +148,17 @@ class RecordLoader:
         example = dict(image_or_latent, caption="" if dropped else caption, caption_dropped=dropped,
                        record_id=np.int64(record_id), skipped=skipped)
         if self.record_transform is not None:
-            example.update(self.record_transform(record_id))
+            example.update(self.record_transform(record_id, dropped))
         return example
 
 
 def _stack(examples):
-    batch = {key: np.stack([e[key] for e in examples]) for key in examples[0]
-             if key not in ("caption", "skipped")}
-    if "image" in batch:
-        batch["image"] = images.to_model_range(batch["image"])
+    """local_b examples -> one batch (in the Grain worker); images stay uint8 (sent smaller)."""
+    batch = {key: jax.tree.map(lambda *rows: np.stack(rows), *[e[key] for e in examples])
+             for key in examples[0] if key not in ("caption", "skipped")}
     batch["caption"] = np.array([e["caption"] for e in examples], dtype=object)
     batch["caption_dropped"] = batch["caption_dropped"].astype(bool)
+    batch["skipped"] = [skip for e in examples for skip in e["skipped"]]
     return batch
 
 
@@ -186,8 +190,10 @@ class TrainIterator:
     def _start(self, step, counters):
         self.close()
         first = step * self.local_batch_size
-        dataset = grain.MapDataset.range(first, 2**62).map(self.loader).to_iter_dataset(
-            grain.ReadOptions(num_threads=2, prefetch_buffer_size=2 * self.local_batch_size))
+        # Batched before the workers: a worker hands over whole batches, stacked.
+        dataset = (grain.MapDataset.range(first, 2**62).map(self.loader)
+                   .batch(self.local_batch_size, batch_fn=_stack)
+                   .to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=2)))
         if self.num_workers > 0:
             dataset = dataset.mp_prefetch(
                 grain.MultiprocessingOptions(num_workers=self.num_workers))
@@ -199,15 +205,16 @@ class TrainIterator:
         return self
 
     def __next__(self):
-        examples = [next(self._iterator) for _ in range(self.local_batch_size)]
-        for example in examples:
-            for record_id, where, reason in example["skipped"]:
-                self._counters["skipped"] += 1
-                if self._counters["skipped"] <= _LOGGED_SKIPS:
-                    logging.warning("skipping bad record %d (%s): %s", record_id, where, reason)
-        self._counters["records"] += len(examples)
+        batch = next(self._iterator)
+        for record_id, where, reason in batch.pop("skipped"):
+            self._counters["skipped"] += 1
+            if self._counters["skipped"] <= _LOGGED_SKIPS:
+                logging.warning("skipping bad record %d (%s): %s", record_id, where, reason)
+        if "image" in batch:
+            batch["image"] = images.to_model_range(batch["image"])
+        self._counters["records"] += self.local_batch_size
         self._step += 1
-        return _stack(examples)
+        return batch
 
     def get_state(self):
         """JSON-able position: the global step (same on every process) and the counters."""
@@ -240,8 +247,9 @@ def make_train_iterator(data_config, *, global_batch_size, seed=None, process_in
 
     seed: shuffle and caption-dropout seed (default data.shuffle_seed).
     process_index / process_count: default jax.process_index() / jax.process_count().
-    record_transform: record id -> dict of extra numpy fields (e.g. cached text states);
-      runs in the loader (Grain workers when data.num_workers > 0), so it must pickle.
+    record_transform: (record id, caption dropped) -> dict of extra numpy fields (e.g. the
+      cached text states, text.cache.CachedTextStates.record_fields); runs in the loader (Grain
+      workers when data.num_workers > 0), so it must pickle.
     latents: record id -> float32 latent [h, w, c] (`diffusion.latent_cache.CachedLatents`);
       when given, batches hold "latent" [local_b, h, w, c] instead of "image" and no image is
       decoded.

@@ -108,11 +108,14 @@ class CachedTextStates:
     def width(self):
         return int(self._empty_entry["states"].shape[-1])
 
+    def entry(self, record_id, use_empty):
+        """One record -> dict(states [L, w], mask [L], prompt_mask [L]), padded to max_length."""
+        return (self._empty_entry if use_empty
+                else pad_entry(self.cache[int(record_id)], self.max_length))
+
     def lookup(self, record_ids, use_empty):
         """record_ids [b] int, use_empty [b] bool -> dict(states [b, L, w], mask, prompt_mask)."""
-        entries = [self._empty_entry if empty else pad_entry(self.cache[int(i)], self.max_length)
-                   for i, empty in zip(record_ids, use_empty)]
-        return _stack(entries)
+        return _stack([self.entry(i, empty) for i, empty in zip(record_ids, use_empty)])
 
     def fixed_prompts(self, prompts):
         """Fixed prompts (list of str) -> dict(states [b, L, w], mask, prompt_mask) from
@@ -128,6 +131,19 @@ class CachedTextStates:
         entries = [pad_entry(self._prompts[self._prompt_index[p]], self.max_length)
                    for p in prompts]
         return _stack(entries)
+
+
+class CachedTextFields:
+    """The input pipeline's `record_transform` with the text cache: (record id, caption dropped)
+    -> {"text": [entry per LLM]} (`CachedTextStates.entry`). It runs in the Grain workers, which
+    also stack the batch, so the lookups, padding and stacking (~1 GiB a step per host at
+    scale) stay out of the training process; each worker opens its own shards."""
+
+    def __init__(self, readers):
+        self.readers = list(readers)
+
+    def __call__(self, record_id, caption_dropped):
+        return {"text": [reader.entry(record_id, caption_dropped) for reader in self.readers]}
 
 
 def _stack(entries):

@@ -163,9 +163,11 @@ class TrainInputs:
                 array_cache.resolve(config.vae.latent_cache_dir, workdir),
                 expected=latent_cache.expected_metadata(self.image_space, config.data,
                                                         num_records))
-        self.dataset = pipeline.make_train_iterator(config.data,
-                                                    global_batch_size=config.train.batch_size,
-                                                    seed=config.seed, latents=latents)
+        # Text states are looked up, padded and stacked in the Grain workers, with the batch.
+        self.dataset = pipeline.make_train_iterator(
+            config.data, global_batch_size=config.train.batch_size, seed=config.seed,
+            latents=latents, record_transform=None if self.cached is None
+            else text_cache.CachedTextFields(self.cached))
         self._fingerprints = encoder_fingerprints(self.encoders, self.image_space)
         self._batch_shardings = jax.tree.map(
             lambda x: x.sharding,
@@ -212,8 +214,7 @@ class TrainInputs:
     def _read(self):
         local = next(self.dataset)
         if self.cached is not None:
-            text = as_text_inputs([reader.lookup(local["record_id"], local["caption_dropped"])
-                                   for reader in self.cached])
+            text = as_text_inputs(local["text"])
         else:
             text = self._token_ids(list(local["caption"]))
         latents = local["latent"] if "latent" in local else self.image_space.encode(local["image"])
