@@ -23,7 +23,7 @@ from lidit_jax.diffusion.dit import LIDiT  # noqa: E402
 from lidit_jax.diffusion.objectives import make_objective  # noqa: E402
 from lidit_jax.parallel import mesh as mesh_lib  # noqa: E402
 from lidit_jax import hardware  # noqa: E402
-from lidit_jax.train.sampling import make_generate  # noqa: E402
+from lidit_jax.diffusion.samplers import make_generate  # noqa: E402
 
 LLM_WIDTH = 576  # SmolLM2-135M, the demo's prompt encoder.
 

@@ -154,7 +154,7 @@ def get_config(arg=None):
     c.model.splash_block_q = 512  # Splash tiles in tokens (multiples of 128); see docs/kernels.md.
     c.model.splash_block_kv = 512
     # Sequence parallelism of the DiT's self-attention over mesh.context: none | all_gather |
-    # ulysses | ring (all_gather runs model.attention's kernel; see lidit_jax/parallel/context.py).
+    # ulysses | ring (all_gather runs model.attention's kernel; see lidit_jax/nn/context_parallel.py).
     c.model.context_parallel = "none"
     # The pooled text vector joins the timestep embedding in the DiT's adaLN (the paper's
     # "timestep embedding + a text vector"); False: text enters through cross-attention only

@@ -259,7 +259,7 @@ def dit_attention_kernels(config, device):
     """[(kernel, q_len, kv_len)] of the DiT's self-attention and cross-attention on `device`:
     what `model.attention` resolves to for the config's image tokens and text tokens (all
     branches, as `diffusion.flops` counts them). Ring context parallelism runs the
-    self-attention's hops in XLA whatever `model.attention` says (parallel/context.py)."""
+    self-attention's hops in XLA whatever `model.attention` says (nn/context_parallel.py)."""
     m = config.model
     tokens = (config.data.image_size // config.vae.downsample // m.patch_size) ** 2
     text = config.text.max_length * len(configuration.llm_widths_from_config(config))

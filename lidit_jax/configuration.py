@@ -1,7 +1,9 @@
 """Config validation: every check that can fail before anything is built, with the key and the fix.
 
 `validate(config, num_devices)` is called by `main` right after flag parsing. Each failure is a
-`ConfigError` whose message names the offending key, its value and what to set instead.
+`ConfigError` whose message names the offending key, its value and what to set instead (the
+class lives in `lidit_jax.errors`, so that the layers below, which know their own keys, raise it
+too).
 """
 import difflib
 import math
@@ -9,6 +11,7 @@ import math
 import ml_collections
 
 from lidit_jax.data.shapes import LAYOUTS
+from lidit_jax.errors import ConfigError
 from lidit_jax.nn.positions import POSITION_EMBEDDINGS
 from lidit_jax.parallel.mesh import MESH_AXES, resolve_axis_sizes
 from lidit_jax.parallel.sharding import validate_rules
@@ -39,10 +42,6 @@ POSITIVE_INTS = (
     "train.batch_size", "train.microbatches", "train.log_every", "train.sample_every",
     "checkpoint.every", "checkpoint.keep",
 )
-
-
-class ConfigError(ValueError):
-    """A config value that cannot work; the message names the key and the fix."""
 
 
 def get_path(config, dotted):

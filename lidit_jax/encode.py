@@ -17,10 +17,9 @@ from lidit_jax import configuration
 from lidit_jax.data import array_cache, pipeline
 from lidit_jax.diffusion import latent_cache
 from lidit_jax.diffusion.vae import make_image_space
-from lidit_jax.evaluate import during_training
 from lidit_jax.text import cache as text_cache
 from lidit_jax.text.encoder import PromptEncoder
-from lidit_jax.train import sampling
+from lidit_jax.train import during_training, sampling
 
 NEEDS_WORKDIR = True
 ENCODE_BATCH_SIZE = 64

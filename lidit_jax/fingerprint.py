@@ -4,7 +4,7 @@ The fingerprint is the sha256 over the files' names, sizes and full bytes, so it
 every host holding the same files, and any re-quantization, fine-tune, edited config or
 truncation changes it. Reading every byte is the cost: LI-DiT-10B's two 8B LLMs are 31 GB, which
 every process of every start used to hash. So each result is kept in a small record on the host
-(<cache dir>/fingerprints/, text/models.cache_dir), keyed by each file's path, size, mtime,
+(<cache dir>/fingerprints/, paths.cache_dir), keyed by each file's path, size, mtime,
 ctime and inode; a later call whose files all stat the same returns the record after one stat per
 file. A write to a file changes its mtime and ctime (tools that restore the mtime, cp -p or rsync
 -t, still change the ctime; a file replaced by another changes the inode), so changed weights are
@@ -69,10 +69,8 @@ def _stat_key(path):
 
 
 def _record_path(stats):
-    # Imported here: lidit_jax.text imports this module (weights.py).
-    from lidit_jax.text.models import cache_dir
     name = hashlib.sha256("\0".join(stat[0] for stat in stats).encode()).hexdigest()[:32]
-    return cache_dir() / "fingerprints" / f"{name}.json"
+    return paths.cache_dir() / "fingerprints" / f"{name}.json"
 
 
 def _read_record(record_path):

@@ -22,6 +22,7 @@ Two things object stores lack, handled here once:
 import contextlib
 import hashlib
 import os
+import pathlib
 import shutil
 import tempfile
 
@@ -30,6 +31,13 @@ from etils import epath
 
 REMOTE_PREFIXES = ("gs://",)
 STAGING_ENV = "LIDIT_STAGING_DIR"
+CACHE_ENV = "LIDIT_JAX_CACHE"  # Overrides the cache directory (default ~/.cache/lidit_jax).
+
+
+def cache_dir():
+    """This machine's cache of assembled model files (text/models.py) and weights fingerprints
+    (fingerprint.py): $LIDIT_JAX_CACHE, else ~/.cache/lidit_jax. Always local."""
+    return pathlib.Path(os.environ.get(CACHE_ENV) or pathlib.Path.home() / ".cache" / "lidit_jax")
 
 
 def path(p):

@@ -14,14 +14,13 @@ import numpy as np
 from absl import flags
 
 from lidit_jax import paths
-from lidit_jax.data.images import to_uint8
+from lidit_jax.data.images import save_png, to_uint8
 from lidit_jax.diffusion.objectives import make_objective
 from lidit_jax.inference import apply_sampling_flags, load_trained_run
 from lidit_jax.parallel import mesh as mesh_lib
 from lidit_jax.parallel import sharding
 from lidit_jax.text.encoder import as_text_inputs
-from lidit_jax.train.metrics import save_png
-from lidit_jax.train.sampling import make_generate
+from lidit_jax.diffusion.samplers import make_generate
 
 NEEDS_WORKDIR = True
 FLAGS = flags.FLAGS

@@ -180,7 +180,7 @@ def test_validation_loss_is_identical_across_calls(tiny_llm, tmp_path):
     from configs.ablations import lidit
     from lidit_jax.diffusion.dit import LIDiT
     from lidit_jax.diffusion.objectives import make_objective
-    from lidit_jax.evaluate.during_training import TrainingEval
+    from lidit_jax.train.during_training import TrainingEval
     from lidit_jax.parallel import mesh as mesh_lib
     from lidit_jax.train.inputs import TrainInputs
 

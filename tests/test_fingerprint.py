@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from lidit_jax.fingerprint import file_fingerprint
-from lidit_jax.text import models
+from lidit_jax import paths
 
 SIZE = 8 << 20  # A full read stands far out from the record's few hundred bytes.
 HOUR_AGO = time.time() - 3600
@@ -19,7 +19,7 @@ HOUR_AGO = time.time() - 3600
 @pytest.fixture(autouse=True)
 def record_dir(tmp_path, monkeypatch):
     """The fingerprint records go into this test's folder, never the user's cache."""
-    monkeypatch.setenv(models.CACHE_ENV, str(tmp_path / "cache"))
+    monkeypatch.setenv(paths.CACHE_ENV, str(tmp_path / "cache"))
     return tmp_path / "cache" / "fingerprints"
 
 

@@ -7,7 +7,7 @@ from flax import nnx
 from configs import lidit_10b
 from lidit_jax import configuration
 from lidit_jax.diffusion.dit import LIDiT
-from lidit_jax.export import FORMAT, export_params
+from lidit_jax.train.ema_safetensors import FORMAT, export_params
 from lidit_jax.train import checkpoint as checkpoint_lib
 from lidit_jax.train import init_from
 from lidit_jax.train.state import create_train_state

@@ -351,7 +351,7 @@ def test_export_writes_the_ema_weights_and_loads_back(run_a, tiny_args, tmp_path
     from safetensors.numpy import load_file
 
     from lidit_jax.diffusion.dit import LIDiT
-    from lidit_jax.export import load_exported
+    from lidit_jax.train.ema_safetensors import load_exported
 
     output = tmp_path / "ema.safetensors"
     result = run_main(run_a, "export", *tiny_args, f"--output={output}")

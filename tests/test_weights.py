@@ -10,6 +10,7 @@ import safetensors.numpy
 import torch
 
 from lidit_jax.fingerprint import file_fingerprint
+from lidit_jax import paths
 from lidit_jax.text import load_llm, models
 from test_llm import build_tiny, random_batch
 
@@ -249,7 +250,7 @@ def test_resolve_model_path(tmp_path):
 
 
 def test_gemma3_is_assembled_once_into_the_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv(models.CACHE_ENV, str(tmp_path))
+    monkeypatch.setenv(paths.CACHE_ENV, str(tmp_path))
     path = models.default_model_path("gemma3")
     assert path == tmp_path / models.GEMMA3_FILE and path.stat().st_size == 253113024
     assert [p.name for p in tmp_path.iterdir()] == [models.GEMMA3_FILE]  # No partial left.

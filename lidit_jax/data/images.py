@@ -1,4 +1,5 @@
-"""Image decoding, validation, bucket list parsing, resize and center crop.
+"""Image decoding, validation, bucket list parsing, resize and center crop; uint8 images, grids
+and PNG files out.
 
 Bad inputs raise BadRecord with the reason; the pipeline skips and counts them.
 """
@@ -7,6 +8,8 @@ import warnings
 
 import numpy as np
 from PIL import Image
+
+from lidit_jax import paths
 
 MIN_SIDE = 8  # Smaller images (1x1 thumbnails, tracking pixels) are not training data.
 MAX_PIXELS = 64 * 1024 * 1024  # Larger ones are corrupt headers or decompression bombs.
@@ -97,3 +100,33 @@ def to_uint8(pixels):
     """Decoded pixels [..., C] in [-1, 1] (any float array) -> uint8, rounded and clipped: the
     inverse of `to_model_range`, for every image the project writes or scores."""
     return np.clip((np.asarray(pixels, np.float32) + 1.0) * 127.5 + 0.5, 0, 255).astype(np.uint8)
+
+
+def image_grid(images, columns=None):
+    """[n, H, W, C] uint8 (`to_uint8`) -> one uint8 [rows*H, columns*W, 3] grid."""
+    images = np.asarray(images)
+    if images.dtype != np.uint8:
+        raise TypeError(f"image_grid takes uint8 images (data.images.to_uint8), got {images.dtype}")
+    n, height, width, channels = images.shape
+    if channels == 1:
+        images = np.repeat(images, 3, axis=-1)
+    columns = columns or int(np.ceil(np.sqrt(n)))
+    rows = int(np.ceil(n / columns))
+    grid = np.zeros((rows * height, columns * width, 3), np.uint8)
+    pixels = images[..., :3]
+    for i in range(n):
+        r, c = divmod(i, columns)
+        grid[r * height:(r + 1) * height, c * width:(c + 1) * width] = pixels[i]
+    return grid
+
+
+def save_png(path, image_uint8, upscale=1):
+    """Writes a PNG to a local or remote path."""
+    image = Image.fromarray(image_uint8)
+    if upscale > 1:
+        image = image.resize((image.width * upscale, image.height * upscale), Image.NEAREST)
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    path = paths.path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(buffer.getvalue())

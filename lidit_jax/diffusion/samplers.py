@@ -10,12 +10,17 @@ shape, sampler=..., steps=...))` compiles one step's graph, and the result depen
 `denoise_fn(x [b, H, W, C], model_t [b], text) -> prediction [b, H, W, C]`; for an nnx model
 (an LIDiT) use `denoiser(model)`, which re-creates the module inside each step's trace.
 
+`make_generate` is the one jitted sampling program that training, `--mode=sample` and evaluation
+share.
+
 Guidance: with `uncond` (the empty prompt's text, batch 1 or the same batch as `cond`), cond and
 uncond run as one forward of batch 2b, and prediction = uncond + scale * (cond - uncond).
 """
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
 
 from lidit_jax.diffusion.objectives import FlowObjective
 
@@ -190,3 +195,24 @@ def ddim_invert(denoise_fn, objective, x0, *, steps=50, guidance_scale=1.0, cond
 
     x, _ = jax.lax.scan(step, x0.astype(jnp.float32), jnp.arange(steps, 0, -1))
     return x
+
+
+def make_generate(graphdef, objective, shape, diffusion_config):
+    """(params, key, cond, uncond) -> host numpy samples [shape], CFG with the empty prompt.
+
+    The sampler is one jitted program over the run's mesh; its result is gathered from every
+    process, so each one holds all samples.
+    """
+
+    @jax.jit
+    def generate(params, key, cond, uncond):
+        model = nnx.merge(graphdef, params)
+        return sample(denoiser(model), objective, shape, key, sampler=diffusion_config.sampler,
+                      steps=diffusion_config.sample_steps,
+                      guidance_scale=diffusion_config.guidance_scale, cond=cond, uncond=uncond)
+
+    def generate_on_host(params, key, cond, uncond):
+        samples = generate(params, key, cond, uncond)
+        return np.asarray(multihost_utils.process_allgather(samples, tiled=True))
+
+    return generate_on_host

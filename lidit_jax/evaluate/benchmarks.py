@@ -22,10 +22,9 @@ import jax
 import numpy as np
 
 from lidit_jax import paths
-from lidit_jax.data.images import to_uint8
+from lidit_jax.data.images import save_png, to_uint8
 from lidit_jax.diffusion.objectives import make_objective
-from lidit_jax.train.metrics import save_png
-from lidit_jax.train.sampling import make_generate
+from lidit_jax.diffusion.samplers import make_generate
 
 PROMPTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "prompts")
 T2I_COMPBENCH_CATEGORIES = ("color", "shape", "texture", "spatial", "non_spatial", "complex",

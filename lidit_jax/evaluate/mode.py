@@ -20,6 +20,7 @@ import numpy as np
 from absl import flags
 
 from lidit_jax import paths
+from lidit_jax.data.images import image_grid, save_png
 from lidit_jax.diffusion.objectives import make_objective
 from lidit_jax.evaluate import scorer
 from lidit_jax.evaluate.shapes_eval import ShapesEvaluator
@@ -27,7 +28,6 @@ from lidit_jax.inference import apply_sampling_flags, load_trained_run
 from lidit_jax.parallel import mesh as mesh_lib
 from lidit_jax.parallel import sharding
 from lidit_jax.text.encoder import as_text_inputs
-from lidit_jax.train import metrics as metrics_lib
 
 NEEDS_WORKDIR = True
 FLAGS = flags.FLAGS
@@ -88,7 +88,5 @@ def shapes_report(config, trained, mesh, output):
         buffer = io.BytesIO()
         np.savez_compressed(buffer, images=images)
         (output / "images.npz").write_bytes(buffer.getvalue())
-        metrics_lib.save_png(output / "samples.png",
-                             metrics_lib.image_grid(images[:32], columns=8),
-                             upscale=2)
+        save_png(output / "samples.png", image_grid(images[:32], columns=8), upscale=2)
     return scores

@@ -10,7 +10,7 @@ import numpy as np
 from lidit_jax.data import shapes
 from lidit_jax.data.images import to_uint8
 from lidit_jax.evaluate import scorer
-from lidit_jax.train.sampling import make_generate
+from lidit_jax.diffusion.samplers import make_generate
 
 
 def heldout_records(config):

@@ -253,7 +253,7 @@ def attention_with_lse(query, key, value, mask, scale):
     [b, s, kv_heads, d], mask None or bool [b | 1, 1, t, s]; masked logits are float32's
     minimum, so a row with every key masked averages all values and its lse is that minimum:
     finite, and weighted exp(lse - lse_other) = 0 when merged with the same row over other
-    keys of which one is visible (`lidit_jax.parallel.context`'s ring)."""
+    keys of which one is visible (`lidit_jax.nn.context_parallel`'s ring)."""
     logits = _masked_logits(query, key, mask, scale)
     peak = jnp.max(logits, axis=-1, keepdims=True)
     unnormalized = jnp.exp(logits - peak)  # One exp per logit, as a softmax.
@@ -327,7 +327,7 @@ def _splash_sharded(query, key, value, key_mask, causal, sliding_window, scale, 
     """Splash attention inside shard_map over the mesh's batch and head axes (from the rules).
 
     The sequence axes are gathered: each device holds whole sequences of its batch rows and
-    heads, as the kernel needs (sequence sharding is `lidit_jax.parallel.context`'s job).
+    heads, as the kernel needs (sequence sharding is `lidit_jax.nn.context_parallel`'s job).
     """
     attend = functools.partial(_splash_local, causal=causal, scale=scale,
                                block_sizes=block_sizes)

@@ -9,7 +9,7 @@ from flax import nnx
 
 from lidit_jax.nn.attention import dot_product_attention, target_device
 from lidit_jax.nn.positions import apply_rope
-from lidit_jax.parallel.context import context_parallel_attention
+from lidit_jax.nn.context_parallel import context_parallel_attention
 from lidit_jax.parallel.sharding import constrain
 
 default_kernel_init = nnx.initializers.lecun_normal()
@@ -182,7 +182,7 @@ class Attention(nnx.Module):
     [heads*head_dim, embed] ("heads", "embed"); q/k norm scales [head_dim] ("norm").
     `implementation` and `block_sizes` go to `dot_product_attention`; `context_parallel`
     (none | all_gather | ulysses | ring) routes self-attention through
-    `lidit_jax.parallel.context` when the mesh has a `context` axis larger than 1.
+    `lidit_jax.nn.context_parallel` when the mesh has a `context` axis larger than 1.
     """
 
     def __init__(self, width, heads, *, qk_norm=True, implementation="xla", block_sizes=None,

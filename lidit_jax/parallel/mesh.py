@@ -6,7 +6,7 @@ import numpy as np
 from absl import logging
 from jax.experimental import mesh_utils
 
-# `context` (sequence parallelism, lidit_jax.parallel.context) sits next to `tensor`, the
+# `context` (sequence parallelism, lidit_jax.nn.context_parallel) sits next to `tensor`, the
 # innermost axis: both exchange activations inside every layer, so they get the nearest chips.
 MESH_AXES = ("data", "fsdp", "context", "tensor")
 

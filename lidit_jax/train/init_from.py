@@ -13,6 +13,7 @@ from absl import logging
 from flax import nnx
 
 from lidit_jax.train import checkpoint as checkpoint_lib
+from lidit_jax.train.ema_safetensors import load_exported
 
 
 def _like(source, target):
@@ -25,7 +26,6 @@ def initialize(state, graphdef, config, fingerprints):
     """Returns `state` with params / EMA from config.train.init_from (see the module doc)."""
     path = config.train.init_from
     if path.endswith(".safetensors"):
-        from lidit_jax.export import load_exported
         model = nnx.merge(graphdef, state.params)
         metadata = load_exported(path, model)
         params = _like(nnx.state(model, nnx.Param), state.params)

@@ -23,10 +23,10 @@ from lidit_jax import configuration, paths
 from lidit_jax.diffusion.dit import LIDiT
 from lidit_jax.diffusion.flops import train_step_flops
 from lidit_jax.diffusion.objectives import make_objective
-from lidit_jax.evaluate import during_training
 from lidit_jax.parallel import mesh as mesh_lib
 from lidit_jax.parallel import sharding
 from lidit_jax.train import checkpoint as checkpoint_lib
+from lidit_jax.train import during_training
 from lidit_jax.train import init_from
 from lidit_jax.train import inputs as inputs_lib
 from lidit_jax.train import metrics as metrics_lib

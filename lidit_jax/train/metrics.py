@@ -2,7 +2,6 @@
 
 Everything lands under the workdir, local or `gs://` (lidit_jax.paths); only process 0 writes.
 """
-import io
 import json
 import os
 import threading
@@ -11,7 +10,6 @@ import time
 import fsspec
 import jax
 import numpy as np
-from PIL import Image
 
 from lidit_jax import hardware, paths
 
@@ -167,36 +165,6 @@ class MetricsWriter:
                 self.metrics.close()
             finally:
                 self.record_ids.close()
-
-
-def image_grid(images, columns=None):
-    """[n, H, W, C] uint8 (`data.images.to_uint8`) -> one uint8 [rows*H, columns*W, 3] grid."""
-    images = np.asarray(images)
-    if images.dtype != np.uint8:
-        raise TypeError(f"image_grid takes uint8 images (data.images.to_uint8), got {images.dtype}")
-    n, height, width, channels = images.shape
-    if channels == 1:
-        images = np.repeat(images, 3, axis=-1)
-    columns = columns or int(np.ceil(np.sqrt(n)))
-    rows = int(np.ceil(n / columns))
-    grid = np.zeros((rows * height, columns * width, 3), np.uint8)
-    pixels = images[..., :3]
-    for i in range(n):
-        r, c = divmod(i, columns)
-        grid[r * height:(r + 1) * height, c * width:(c + 1) * width] = pixels[i]
-    return grid
-
-
-def save_png(path, image_uint8, upscale=1):
-    """Writes a PNG to a local or remote path."""
-    image = Image.fromarray(image_uint8)
-    if upscale > 1:
-        image = image.resize((image.width * upscale, image.height * upscale), Image.NEAREST)
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    path = paths.path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(buffer.getvalue())
 
 
 class StepTimer:
