@@ -28,7 +28,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from lidit_jax import aot  # noqa: E402
+from lidit_jax import aot, config_files  # noqa: E402
 
 # (config module, topology) -> list of (setting name, {dotted key: value}).
 _1024 = {"data.image_size": 1024, "data.buckets": "1024x1024", "model.remat": "full"}
@@ -93,13 +93,7 @@ def build_config(name, topology, overrides):
     config = importlib.import_module(f"configs.{name}").get_config()
     config.aot.topology = topology
     config.text.cache_dir = "never-read-by-compile"  # The cached path, unless a row says "".
-    for dotted, value in overrides.items():
-        node = config
-        *parents, leaf = dotted.split(".")
-        for part in parents:
-            node = node[part]
-        node[leaf] = value
-    return config
+    return config_files.apply_overrides(config, overrides.items())
 
 
 def estimate(name, topology, overrides, speed_only=False, memory_only=False):

@@ -5,10 +5,7 @@
 class lives in `lidit_jax.errors`, so that the layers below, which know their own keys, raise it
 too).
 """
-import difflib
 import math
-
-import ml_collections
 
 from lidit_jax.data.shapes import LAYOUTS
 from lidit_jax.errors import ConfigError
@@ -49,22 +46,6 @@ def get_path(config, dotted):
     for part in dotted.split("."):
         node = node[part]
     return node
-
-
-def nearest_key(config, dotted):
-    """The existing dotted key closest to `dotted` (for 'did you mean' messages), or None."""
-    keys = list(flatten_keys(config))
-    match = difflib.get_close_matches(dotted, keys, n=1, cutoff=0.5)
-    return match[0] if match else None
-
-
-def flatten_keys(config, prefix=""):
-    for key, value in config.items():
-        path = f"{prefix}{key}"
-        if isinstance(value, ml_collections.ConfigDict):
-            yield from flatten_keys(value, path + ".")
-        else:
-            yield path
 
 
 def encoder_names(config):

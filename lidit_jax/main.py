@@ -7,7 +7,6 @@ Each mode is one function `run(config, workdir)` in its own module, named in MOD
 only when chosen, so `--mode=describe` never loads data or training code.
 """
 import importlib
-import importlib.util
 import logging as std_logging
 import os
 import sys
@@ -16,7 +15,7 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from lidit_jax import configuration, host_allocator, paths
+from lidit_jax import config_files, configuration, host_allocator, paths
 from lidit_jax.parallel import mesh as mesh_lib
 
 MODES = {
@@ -64,19 +63,13 @@ def _unknown_override_message(argv):
     config_arg = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
     if config_arg is None:
         return None
-    path, _, arg = config_arg.partition(":")
-    spec = importlib.util.spec_from_file_location("_config_for_error", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config(arg or None)
-    known = set(configuration.flatten_keys(config))
+    config = config_files.load(config_arg)
     for override in argv:
         if override.startswith("--config.") and "=" in override:
-            key = override[len("--config."):].split("=", 1)[0]
-            if key not in known and not any(k.startswith(key + ".") for k in known):
-                nearest = configuration.nearest_key(config, key)
-                hint = f"; did you mean '{nearest}'?" if nearest else ""
-                return f"unknown config key '{key}' in {override}{hint}"
+            message = config_files.unknown_key_message(
+                config, override[len("--config."):].split("=", 1)[0])
+            if message:
+                return f"{message} in {override}"
     return None
 
 

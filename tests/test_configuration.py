@@ -2,7 +2,7 @@
 import pytest
 
 from configs import common, lidit_10b, lidit_1b
-from lidit_jax import configuration
+from lidit_jax import config_files, configuration
 from lidit_jax.configuration import ConfigError, validate
 
 
@@ -79,5 +79,19 @@ def test_rules_naming_missing_mesh_axis():
 
 def test_nearest_key():
     config = common.get_config()
-    assert configuration.nearest_key(config, "train.setps") == "train.steps"
-    assert configuration.nearest_key(config, "zzzzzz.qqqq") is None
+    assert config_files.nearest_key(config, "train.setps") == "train.steps"
+    assert config_files.nearest_key(config, "zzzzzz.qqqq") is None
+
+
+def test_overrides_mean_the_same_everywhere():
+    """config_files: the loader of the ablation/readout arms, tpu_estimates and main's message."""
+    config = config_files.load("configs/demo_shapes.py")
+    config_files.apply_overrides(config, ["train.steps=7", "text.llms.smollm2.layer=[-1, -3]",
+                                          "data.source=shapes", ("train.learning_rate", 3e-4)])
+    assert (config.train.steps, config.text.llms.smollm2.layer) == (7, [-1, -3])
+    assert (config.data.source, config.train.learning_rate) == ("shapes", 3e-4)
+    with pytest.raises(KeyError, match=r"'train.setps'.*did you mean 'train.steps'"):
+        config_files.apply_overrides(config, ["train.setps=3"])
+    assert config_files.unknown_key_message(config, "text.llms") is None  # A group of keys.
+    assert config_files.parse_value("all_norm_avg") == "all_norm_avg"
+    assert config_files.load("configs/lidit_10b.py:1024").data.image_size == 1024

@@ -12,7 +12,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 # Bottom first. A module belongs to the layer of its longest matching prefix.
 LAYERS = (
-    ("base", ("errors", "paths", "hardware", "host_allocator", "fingerprint")),
+    ("base", ("errors", "paths", "hardware", "host_allocator", "fingerprint", "config_files")),
     ("parallel", ("parallel",)),
     ("layers", ("nn",)),
     ("data and text", ("data", "text")),

@@ -17,11 +17,9 @@ JAX's persistent compilation cache (DIR/jax_cache): seeds of an arm compile once
 Then `summarise` writes DIR/ablation.md (mean and spread over seeds of every metric, per arm),
 DIR/accuracy.png (bars), DIR/by_mention.png (positional-bias curves), DIR/samples/<arm>.png.
 """
-import ast
 import contextlib
 import fcntl
 import hashlib
-import importlib.util
 import json
 import os
 import time
@@ -31,7 +29,7 @@ import jax
 import numpy as np
 from absl import app, flags, logging
 
-from lidit_jax import configuration
+from lidit_jax import config_files, configuration
 from lidit_jax.evaluate import statistics
 
 TABLE_METRICS = ("prompt_accuracy", "object_accuracy", "colour_accuracy", "shape_accuracy",
@@ -45,21 +43,10 @@ def load_arm(configs_dir, arm, overrides=(), seed=0):
         known = sorted(f[:-3] for f in os.listdir(configs_dir)
                        if f.endswith(".py") and f not in ("__init__.py", "base.py"))
         raise ValueError(f"no arm {arm!r} in {configs_dir}; known arms: {known}")
-    spec = importlib.util.spec_from_file_location(f"_ablation_arm_{arm}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config()
-    for override in overrides:
-        key, _, text = override.partition("=")
-        if key not in set(configuration.flatten_keys(config)):
-            nearest = configuration.nearest_key(config, key)
-            raise ValueError(f"--set {override}: unknown config key {key!r}"
-                             + (f"; did you mean {nearest!r}?" if nearest else ""))
-        try:
-            value = ast.literal_eval(text)
-        except (ValueError, SyntaxError):
-            value = text  # A bare string.
-        config.update_from_flattened_dict({key: value})
+    try:
+        config = config_files.apply_overrides(config_files.load(path), overrides)
+    except KeyError as e:
+        raise ValueError(f"--set {e.args[0]}") from None
     config.seed = seed
     return config
 
