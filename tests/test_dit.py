@@ -192,11 +192,11 @@ def test_one_and_eight_devices_agree():
     config.mesh.data, config.mesh.fsdp, config.mesh.tensor = 1, 4, 2
     mesh = mesh_lib.build_mesh(config.mesh)
     rules = config.mesh.rules
-    sharded = sharding.create_sharded(lambda: dit.LIDiT(config, LLM_WIDTHS, 3, rngs=nnx.Rngs(0)),
-                                      mesh, rules, check_replicated=False)
-    state = nnx.state(sharded)
-    nnx.update(sharded, jax.device_put(nnx.state(single),
-                                       jax.tree.map(lambda a: a.sharding, state)))
+    abstract = nnx.state(nnx.eval_shape(lambda: dit.LIDiT(config, LLM_WIDTHS, 3,
+                                                          rngs=nnx.Rngs(0))))
+    shardings = sharding.checked_shardings(abstract, mesh, rules, check_replicated=False)
+    graphdef, weights = nnx.split(single)
+    sharded = nnx.merge(graphdef, jax.device_put(weights, shardings))
     kernel = sharded.backbone.blocks.mlp.up.kernel[...]
     assert kernel.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor")
     with jax.set_mesh(mesh), sharding.axis_rules(rules):

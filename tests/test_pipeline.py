@@ -200,20 +200,6 @@ def test_workers_give_the_same_batches(record_dir):
         np.testing.assert_array_equal(a["image"], b["image"])
 
 
-def test_to_global_batch():
-    config = _config(source="shapes", shapes_num_records=16)
-    batch = next(pipeline.make_train_iterator(config, global_batch_size=8, seed=0,
-                                              process_index=0, process_count=1))
-    mesh_config = common.get_config().mesh
-    mesh_config.fsdp = 2  # Batch split over data x fsdp = 4 x 2.
-    mesh = mesh_lib.build_mesh(mesh_config)
-    out = pipeline.to_global_batch(batch, mesh)
-    assert isinstance(out["image"], jax.Array) and out["image"].shape == (8, 32, 32, 3)
-    assert len(out["image"].sharding.device_set) == jax.device_count()
-    np.testing.assert_array_equal(np.asarray(out["record_id"]), batch["record_id"])
-    assert out["caption"] is batch["caption"]
-
-
 def test_parse_record_rejects_bad_inputs():
     good = _jpeg(16, 16, 0)
     huge = io.BytesIO()

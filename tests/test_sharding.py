@@ -38,6 +38,14 @@ def test_activation_dimension_not_divisible_is_replicated():
     assert sharding.logical_to_mesh_spec(("embed", "mlp"), RULES, mesh, (16, 16)) == P("fsdp", "tensor")
 
 
+def create_sharded(make, mesh, rules, **check):
+    """`make()` (an nnx module) created directly in its shards, by the library's one path."""
+    graphdef, abstract = nnx.split(nnx.eval_shape(make))
+    shardings = sharding.checked_shardings(abstract, mesh, rules, **check)
+    return nnx.merge(graphdef, sharding.init_in_shards(lambda: nnx.state(make()), shardings,
+                                                       mesh, rules))
+
+
 def test_rules_with_unknown_mesh_axis():
     with pytest.raises(ValueError, match="'stage'.*do not exist"):
         sharding.validate_rules((("embed", "stage"),), mesh_lib.MESH_AXES)
@@ -45,7 +53,7 @@ def test_rules_with_unknown_mesh_axis():
 
 def test_sharded_init_holds_one_eighth_per_device_under_fsdp():
     mesh = make_mesh(1, 8, 1)
-    model = sharding.create_sharded(
+    model = create_sharded(
         lambda: MLP(512, 2048, activation="silu", gated=True, use_bias=False, rngs=nnx.Rngs(0)),
         mesh, RULES)
     kernel = model.up.kernel[...]
@@ -67,7 +75,7 @@ def test_sharded_init_equals_unsharded_values_and_outputs():
         mesh = make_mesh(*sizes) if sizes != (1, 1, 1) else jax.sharding.Mesh(
             np.array(jax.devices()[:1]).reshape(1, 1, 1, 1), mesh_lib.MESH_AXES,
             axis_types=(jax.sharding.AxisType.Auto,) * 4)
-        model = sharding.create_sharded(make, mesh, RULES)
+        model = create_sharded(make, mesh, RULES)
         np.testing.assert_array_equal(model.down.kernel[...], reference.down.kernel[...])
         with jax.set_mesh(mesh), sharding.axis_rules(RULES):
             out = jax.jit(lambda m, v: m(sharding.constrain(v, ("batch", "length", "embed"))))(model, x)
@@ -78,14 +86,14 @@ def test_large_replicated_parameter_fails_the_check():
     mesh = make_mesh(1, 8, 1)
     rules = tuple((k, None if k in ("embed", "mlp") else v) for k, v in RULES)
     with pytest.raises(ValueError, match="replicated on every device.*up.kernel"):
-        sharding.create_sharded(lambda: MLP(512, 2048, rngs=nnx.Rngs(0)), mesh, rules,
+        create_sharded(lambda: MLP(512, 2048, rngs=nnx.Rngs(0)), mesh, rules,
                                 replicated_min_size=512 * 1024)
     # Also when its spec names only a mesh axis of size 1: P(None, 'tensor') at tensor=1.
     only_tensor = tuple((k, None if k == "embed" else v) for k, v in RULES)
     with pytest.raises(ValueError, match="replicated on every device.*up.kernel"):
-        sharding.create_sharded(lambda: MLP(512, 2048, rngs=nnx.Rngs(0)), mesh, only_tensor,
+        create_sharded(lambda: MLP(512, 2048, rngs=nnx.Rngs(0)), mesh, only_tensor,
                                 replicated_min_size=512 * 1024)
-    model = sharding.create_sharded(lambda: MLP(512, 2048, rngs=nnx.Rngs(0)), mesh, rules,
+    model = create_sharded(lambda: MLP(512, 2048, rngs=nnx.Rngs(0)), mesh, rules,
                                     check_replicated=False)
     assert model.up.kernel[...].sharding.is_fully_replicated
 
@@ -98,8 +106,8 @@ def test_parameter_dimension_not_divisible_fails_naming_parameter_and_axis():
     with pytest.raises(ValueError, match=r"up\.kernel \(12, 16\): dimension 0 \('embed', 12\) "
                                           r"over mesh axes \('fsdp',\) of size 8.*"
                                           r"mesh\.check_replicated=False"):
-        sharding.create_sharded(make, mesh, RULES)
-    model = sharding.create_sharded(make, mesh, RULES, check_replicated=False)
+        create_sharded(make, mesh, RULES)
+    model = create_sharded(make, mesh, RULES, check_replicated=False)
     assert model.up.kernel[...].sharding.spec == P(None, "tensor")
 
 

@@ -38,7 +38,6 @@ import grain
 import jax
 import numpy as np
 from absl import logging
-from jax.sharding import NamedSharding, PartitionSpec
 
 from lidit_jax.data import batch_plan, images, records, shapes
 
@@ -268,14 +267,3 @@ def make_train_iterator(data_config, *, global_batch_size, seed=None, process_in
         num_workers=int(data_config.num_workers), record_transform=record_transform,
         latents=latents)
 
-
-def to_global_batch(local_batch, mesh, batch_axes=("data", "fsdp")):
-    """Numeric fields -> global jax.Arrays sharded on dim 0 over `batch_axes`; strings stay."""
-    out = {}
-    for key, value in local_batch.items():
-        if value.dtype == object or value.dtype.kind in "US":
-            out[key] = value
-            continue
-        spec = PartitionSpec(batch_axes, *([None] * (value.ndim - 1)))
-        out[key] = jax.make_array_from_process_local_data(NamedSharding(mesh, spec), value)
-    return out

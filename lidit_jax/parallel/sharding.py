@@ -118,20 +118,18 @@ def state_shardings(abstract_state, mesh, rules):
                         is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
-def create_sharded(constructor, mesh, rules, *, check_replicated=True, replicated_min_size=2**22):
-    """Builds `constructor()` (an nnx.Module or any nnx graph) directly sharded over `mesh`.
-
-    Returns the module. With `check_replicated` on, raises as `check_parameter_shardings` does.
-    """
+def checked_shardings(abstract_state, mesh, rules, *, check_replicated=True,
+                      replicated_min_size=2**22):
+    """The sharding of every variable of `abstract_state` (an nnx.State, abstract or not) by its
+    logical axes through `rules`, after checking the rules name only `mesh`'s axes and, with
+    `check_replicated`, that every parameter is sharded as they say
+    (`check_parameter_shardings`). The train state's parameters take this path
+    (train/state.py); `init_in_shards` then creates them in these shardings."""
     validate_rules(rules, mesh.axis_names)
-    abstract = nnx.eval_shape(constructor)
-    graphdef, abstract_state = nnx.split(abstract)
     shardings = state_shardings(abstract_state, mesh, rules)
     if check_replicated:
         check_parameter_shardings(abstract_state, shardings, mesh, rules, replicated_min_size)
-
-    state = init_in_shards(lambda: nnx.state(constructor()), shardings, mesh, rules)
-    return nnx.merge(graphdef, state)
+    return shardings
 
 
 def init_in_shards(init, shardings, mesh, rules):

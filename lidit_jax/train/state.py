@@ -86,13 +86,10 @@ def abstract_train_state(model_constructor, config, mesh):
     counters and the RNG are replicated. Works for meshes of devices this host does not have
     (AOT compilation for a TPU topology).
     """
-    rules = config.mesh.rules
-    sharding.validate_rules(rules, mesh.axis_names)
     graphdef, abstract_params = _split_params(nnx.eval_shape(model_constructor))
-    param_shardings = sharding.state_shardings(abstract_params, mesh, rules)
-    if config.mesh.check_replicated:
-        sharding.check_parameter_shardings(abstract_params, param_shardings, mesh, rules,
-                                           config.mesh.replicated_min_size)
+    param_shardings = sharding.checked_shardings(
+        abstract_params, mesh, config.mesh.rules, check_replicated=config.mesh.check_replicated,
+        replicated_min_size=config.mesh.replicated_min_size)
     tx = make_optimizer(config.train)
     abstract = jax.eval_shape(lambda p: _init_state(p, tx, config.seed), abstract_params)
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
