@@ -68,3 +68,13 @@ def peak_flops(device=None):
         return measure_cpu_peak_flops()
     found = chip(device.device_kind)
     return None if found is None else found.bf16_peak_flops
+
+
+def target_device():
+    """(platform, device_kind) of the devices the current computation is compiled for.
+
+    Inside `jax.set_mesh(mesh)` that is the mesh's devices, so `--mode=compile` for a TPU
+    topology on a CPU host selects kernels for the TPU; otherwise the default backend's.
+    """
+    device = jax.sharding.get_abstract_mesh().abstract_device or jax.devices()[0]
+    return device.platform, getattr(device, "device_kind", "")

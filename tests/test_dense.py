@@ -1,12 +1,12 @@
-"""nnx.Linear's and nnx.Conv's contractions on CPU (`nn.layers.dense_dot_general`,
-`nn.layers.conv_general_dilated`): the same values and gradients as lax's."""
+"""nnx.Linear's and nnx.Conv's contractions on CPU (`nn.cpu_paths.dense_dot_general`,
+`nn.cpu_paths.conv_general_dilated`): the same values and gradients as lax's."""
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
-from lidit_jax.nn import layers
+from lidit_jax.nn import cpu_paths, layers
 
 
 def _assert_same_loss_and_gradients(ours, plain, x, outputs, rtol, atol):
@@ -49,7 +49,7 @@ def test_cpu_conv_matches_lax_forward_and_gradients(kernel_size, strides):
     rng = np.random.default_rng(1)
     x = jnp.asarray(rng.standard_normal((2, 7, 6, 8)), jnp.float32)
     kwargs = dict(strides=strides, padding="SAME", rngs=nnx.Rngs(0))
-    ours = nnx.Conv(8, 12, kernel_size, conv_general_dilated=layers.conv_general_dilated,
+    ours = nnx.Conv(8, 12, kernel_size, conv_general_dilated=cpu_paths.conv_general_dilated,
                     **kwargs)
     _assert_same_loss_and_gradients(ours, nnx.Conv(8, 12, kernel_size, **kwargs), x, 12,
                                     rtol=1e-4, atol=1e-5)

@@ -45,9 +45,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from lidit_jax.nn.attention import target_device
-from lidit_jax.nn.layers import (MLP, Attention, RMSNorm, TimestepEmbedder, conv_general_dilated,
-                                 layer_norm, linear, modulate)
+from lidit_jax.nn import cpu_paths
+from lidit_jax.nn.layers import (MLP, Attention, RMSNorm, TimestepEmbedder, layer_norm, linear,
+                                 modulate)
 from lidit_jax.nn.positions import POSITION_EMBEDDINGS, rope_2d, sincos_2d
 from lidit_jax.parallel.sharding import constrain
 from lidit_jax.text.refiner import TextConditioner
@@ -126,7 +126,7 @@ class PositionResBlock(nnx.Module):
                 kernel_init=nnx.with_partitioning(nnx.initializers.lecun_normal(),
                                                   ("kernel_h", "kernel_w", "conv_in", "conv_out")),
                 bias_init=nnx.with_partitioning(zeros_init, ("conv_out",)),
-                conv_general_dilated=conv_general_dilated, rngs=rngs)
+                conv_general_dilated=cpu_paths.conv_general_dilated, rngs=rngs)
 
         self.norm1 = RMSNorm(width, param_dtype=param_dtype)
         self.conv1 = conv()
@@ -211,13 +211,8 @@ class DiTBackbone(nnx.Module):
         if self.remat != "none":
             apply_block = nnx.remat(apply_block, policy=REMAT_POLICIES[self.remat])
         if self.scan_layers:
-            # XLA:CPU runs a loop body's ops one after another and copies every layer's
-            # residuals into stacked buffers: compiled for CPU the scan is unrolled (the same
-            # stacked parameters), 16 % faster at the benchmarks' PixArt shape. TPU and GPU keep
-            # the loop, for compile time and memory.
-            unroll = self.depth if target_device()[0] == "cpu" else 1
             scan = nnx.scan(apply_block, in_axes=(nnx.Carry, 0, None, None, None, None),
-                            out_axes=nnx.Carry, unroll=unroll,
+                            out_axes=nnx.Carry, unroll=cpu_paths.scan_unroll(self.depth),
                             transform_metadata={nnx.PARTITION_NAME: "layers"})
             return scan(x, self.blocks, c, context, context_mask, rope)
         for block in self.blocks:

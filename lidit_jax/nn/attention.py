@@ -6,8 +6,8 @@ the kernel choice is made in one place:
   xla     XLA ops that materialise [batch, heads, q_len, kv_len] logits; on TPU and GPU with a
           backward that recomputes the probabilities from a saved log-sum-exp
           (`_xla_attention`), on CPU head-major with autodiff's backward
-          (`_head_major_attention`), with a `bias` (T5) jax.nn's. Right for short sequences
-          (text, 256 px images) and on CPU.
+          (`cpu_paths.head_major_attention`), with a `bias` (T5) jax.nn's. Right for short
+          sequences (text, 256 px images) and on CPU.
   cudnn   cuDNN flash attention through jax.nn.dot_product_attention (NVIDIA GPUs only).
   splash  Pallas TPU splash attention (flash attention with block-sparse masks): never builds
           the logits; inside `shard_map` over the mesh's batch and head axes. Off TPU the same
@@ -27,6 +27,8 @@ import jax.numpy as jnp
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as splash_mask
 
+from lidit_jax.hardware import target_device
+from lidit_jax.nn.cpu_paths import head_major_attention
 from lidit_jax.parallel import sharding
 
 IMPLEMENTATIONS = ("xla", "cudnn", "splash", "auto")
@@ -40,16 +42,6 @@ AUTO_MIN_SEQ_LEN = 1024
 DEFAULT_BLOCK_SIZES = (512, 512)
 # TPU tiles are 128 lanes wide: sequences are padded to a multiple of this (and of the block).
 _LANE = 128
-
-
-def target_device():
-    """(platform, device_kind) of the devices the current computation is compiled for.
-
-    Inside `jax.set_mesh(mesh)` that is the mesh's devices, so `--mode=compile` for a TPU
-    topology on a CPU host selects kernels for the TPU; otherwise the default backend's.
-    """
-    device = jax.sharding.get_abstract_mesh().abstract_device or jax.devices()[0]
-    return device.platform, getattr(device, "device_kind", "")
 
 
 def select_implementation(q_len, kv_len, head_dim, dtype, platform, device_kind=""):
@@ -136,7 +128,7 @@ def _materialized_attention(query, key, value, key_mask, causal, sliding_window,
                             implementation):
     """The xla and cudnn implementations, masks built from `key_mask`, `causal` and the window:
     cuDNN through jax.nn.dot_product_attention; XLA through `_xla_attention` when compiling for
-    TPU or GPU, `_head_major_attention` for CPU, and jax.nn's XLA path with a bias.
+    TPU or GPU, `cpu_paths.head_major_attention` for CPU, and jax.nn's XLA path with a bias.
 
     cuDNN takes padding as key lengths (`_key_length_attention`) wherever the keys' order does
     not matter (no causal mask, no bias): a boolean mask would reach it as a dense
@@ -164,7 +156,7 @@ def _materialized_attention(query, key, value, key_mask, causal, sliding_window,
             causal_mask = jnp.tril(jnp.ones((q_len, kv_len), bool))[None, None]
             mask = causal_mask if mask is None else mask & causal_mask
         if target_device()[0] == "cpu":
-            return _head_major_attention(query, key, value, mask, scale)
+            return head_major_attention(query, key, value, mask, scale)
         return _xla_attention(query, key, value, mask, scale)
     return jax.nn.dot_product_attention(
         query, key, value, bias=bias, mask=mask, is_causal=causal, scale=scale,
@@ -205,36 +197,13 @@ def _key_length_attention(query, key, value, key_mask, scale, implementation):
 # LI-DiT-1B on TPU v5p (256 image and 512 text tokens, head_dim 72) the cost model's step falls
 # from 0.207 to 0.196 s, 44.0 to 46.6 % MFU (benchmarks/tpu_estimates.md). On CPU, where the
 # step is bound by compute rather than memory traffic, the recomputation made the PixArt-shape
-# train step 4.5 % slower than jax.nn's path (and 3.5 % slower than `_head_major_attention`).
+# train step 4.5 % slower than jax.nn's path (3.5 % slower than `cpu_paths.head_major_attention`).
 
 
 def _grouped(query, kv_heads):
     """[b, t, heads, d] -> [b, t, kv_heads, group, d] (GQA: each key head serves a group)."""
     b, t, heads, d = query.shape
     return query.reshape(b, t, kv_heads, heads // kv_heads, d)
-
-
-def _head_major_attention(query, key, value, mask, scale):
-    """The CPU's XLA attention, shapes as `_xla_attention`'s: heads moved before the tokens
-    ([b, kv_heads, group, t, d]) so every matmul is a plain batched one, then back.
-
-    XLA:CPU runs jax.nn's token-major einsums as matmuls with a transposed operand or output
-    (its P v emitted [b, heads, d, t] ran at 18 GFLOP/s in the train step); this order costs
-    three small copies of q, k, v and one of the output. Self-attention at the PixArt shape
-    ([32, 256, 6, 64]) forward and backward: 125 ms for jax.nn's, 99 here, 72 in PyTorch's
-    fused CPU kernel (docs/performance.md). Autodiff's backward keeps the probabilities: a
-    recomputing one (`_xla_attention`) is slower on CPU, which is bound by compute.
-    """
-    b, t, heads, d = query.shape
-    kv_heads = key.shape[2]
-    q = _grouped(query, kv_heads).transpose(0, 2, 3, 1, 4)
-    k, v = (x.transpose(0, 2, 1, 3) for x in (key, value))  # [b, kv_heads, s, d]
-    logits = jnp.einsum("bkgtd,bksd->bkgts", q, k, preferred_element_type=jnp.float32) * scale
-    if mask is not None:  # [b | 1, 1, t, s] -> [b | 1, 1, 1, t, s]
-        logits = jnp.where(mask[:, :, None], logits, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(logits, axis=-1).astype(value.dtype)
-    out = jnp.einsum("bkgts,bksd->bkgtd", probs, v, preferred_element_type=jnp.float32)
-    return out.transpose(0, 3, 1, 2, 4).reshape(b, t, heads, d).astype(query.dtype)
 
 
 def _masked_logits(query, key, mask, scale):

@@ -36,6 +36,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from lidit_jax.hardware import target_device
 from lidit_jax.nn import attention as attention_lib
 from lidit_jax.parallel import sharding
 
@@ -104,7 +105,7 @@ def context_parallel_attention(query, key, value, *, strategy, key_mask=None, ca
             # queries must not drop a long sequence under AUTO_MIN_SEQ_LEN onto XLA's logits.
             implementation = attention_lib.select_implementation(
                 query.shape[1], key.shape[1], query.shape[-1], query.dtype,
-                *attention_lib.target_device())
+                *target_device())
         attend = functools.partial(local, implementation=implementation)
         body = functools.partial(_all_gather, attend=attend)
     else:

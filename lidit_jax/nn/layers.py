@@ -7,111 +7,13 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from lidit_jax.nn.attention import dot_product_attention, target_device
-from lidit_jax.nn.positions import apply_rope
+from lidit_jax.nn.attention import dot_product_attention
 from lidit_jax.nn.context_parallel import context_parallel_attention
+from lidit_jax.nn.cpu_paths import conv_general_dilated, dense_dot_general
+from lidit_jax.nn.positions import apply_rope
 from lidit_jax.parallel.sharding import constrain
 
 default_kernel_init = nnx.initializers.lecun_normal()
-
-
-@jax.custom_vjp
-def _dense_with_separate_transposes(x, kernel):
-    """x [..., in] @ kernel [in, out], whose backward keeps XLA:CPU's transposes apart."""
-    return jnp.einsum("...i,io->...o", x, kernel)
-
-
-def _dense_forward(x, kernel):
-    return _dense_with_separate_transposes(x, kernel), (x, kernel)
-
-
-def _dense_backward(residuals, grad):
-    x, kernel = residuals
-    # The weight gradient x^T grad needs one operand transposed. XLA:CPU fuses that transposed
-    # copy into the fusion producing it (a layer-norm/adaLN backward with ~20 operands) and
-    # emits the fusion in the transposed order, reading every operand with a stride of the
-    # width; behind the barrier the transpose is a copy of its own (tiled). 1.10x on the
-    # PixArt-shape train step, 1.11x on the demo's (docs/performance.md).
-    rows, grad_rows = jax.lax.optimization_barrier(
-        (x.reshape(-1, x.shape[-1]), grad.reshape(-1, grad.shape[-1])))
-    return (jnp.einsum("...o,io->...i", grad, kernel),
-            jnp.einsum("ti,to->io", rows, grad_rows))
-
-
-_dense_with_separate_transposes.defvjp(_dense_forward, _dense_backward)
-
-
-def dense_dot_general(inputs, kernel, dimension_numbers, precision=None,
-                      preferred_element_type=None, out_sharding=None):
-    """nnx.Linear's contraction ([..., in] x [in, out]): `lax.dot_general`, except when compiling
-    for CPU, where `_dense_backward` spares XLA:CPU its strided transposing fusions. The choice
-    follows the compile target (`target_device`), so TPU and GPU programs are unchanged."""
-    plain = (dimension_numbers == (((inputs.ndim - 1,), (0,)), ((), ()))
-             and precision is None and preferred_element_type is None and out_sharding is None)
-    if plain and target_device()[0] == "cpu":
-        return _dense_with_separate_transposes(inputs, kernel)
-    return jax.lax.dot_general(inputs, kernel, dimension_numbers, precision=precision,
-                               preferred_element_type=preferred_element_type,
-                               out_sharding=out_sharding)
-
-
-_NHWC_HWIO = jax.lax.ConvDimensionNumbers(lhs_spec=(0, 3, 1, 2), rhs_spec=(3, 2, 0, 1),
-                                          out_spec=(0, 3, 1, 2))
-
-
-def _same_conv(x, kernel):
-    return jax.lax.conv_general_dilated(x, kernel, (1, 1), "SAME", dimension_numbers=_NHWC_HWIO)
-
-
-@jax.custom_vjp
-def _same_conv_with_patch_matmul(x, kernel):
-    """Stride-1 'SAME' convolution, x [b, h, w, in] with kernel [kh, kw, in, out] (odd kh, kw),
-    whose kernel gradient is one matmul over im2col patches."""
-    return _same_conv(x, kernel)
-
-
-def _same_conv_forward(x, kernel):
-    return _same_conv(x, kernel), (x, kernel)
-
-
-def _same_conv_backward(residuals, grad):
-    x, kernel = residuals
-    kh, kw, _, _ = kernel.shape
-    b, h, w, _ = x.shape
-    # XLA:CPU's kernel-gradient convolution ran at ~90 GFLOP/s where a matmul runs at ~290: the
-    # 3x3 patches [b, h, w, kh*kw*in] (9x the input) times grad [b, h, w, out] is that matmul.
-    # The input gradient is the forward convolution of grad with the kernel flipped in space,
-    # in and out swapped. A 384-wide 3x3 convolution's backward: 1.2x faster (docs/performance.md).
-    padded = jnp.pad(x, ((0, 0), (kh // 2, kh // 2), (kw // 2, kw // 2), (0, 0)))  # 'SAME'
-    patches = jnp.concatenate([padded[:, i:i + h, j:j + w] for i in range(kh) for j in range(kw)],
-                              axis=-1)
-    d_kernel = jnp.einsum("bhwk,bhwo->ko", patches, grad).reshape(kernel.shape)
-    d_x = _same_conv(grad, jnp.flip(kernel, (0, 1)).swapaxes(2, 3))
-    return d_x.astype(x.dtype), d_kernel.astype(kernel.dtype)
-
-
-_same_conv_with_patch_matmul.defvjp(_same_conv_forward, _same_conv_backward)
-
-
-def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
-                         dimension_numbers=None, feature_group_count=1, precision=None,
-                         **kwargs):
-    """nnx.Conv's convolution: `lax.conv_general_dilated`, except when compiling for CPU a
-    stride-1 'SAME' NHWC convolution with an odd window (the position ResBlock's 3x3), whose
-    backward `_same_conv_backward` computes with a matmul. TPU and GPU programs are unchanged."""
-    plain = (tuple(window_strides) == (1, 1) and padding == "SAME"
-             and tuple(lhs_dilation or (1, 1)) == (1, 1)
-             and tuple(rhs_dilation or (1, 1)) == (1, 1)
-             and dimension_numbers == _NHWC_HWIO and feature_group_count == 1
-             and precision is None and kwargs.get("out_sharding") is None
-             and kwargs.get("preferred_element_type") is None
-             and all(k % 2 for k in rhs.shape[:2]))
-    if plain and target_device()[0] == "cpu":
-        return _same_conv_with_patch_matmul(lhs, rhs)
-    return jax.lax.conv_general_dilated(
-        lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation, rhs_dilation=rhs_dilation,
-        dimension_numbers=dimension_numbers, feature_group_count=feature_group_count,
-        precision=precision, **kwargs)
 
 
 def linear(
