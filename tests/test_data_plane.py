@@ -75,9 +75,9 @@ def test_opening_reads_the_manifest_whatever_the_shard_count(gcs):
         assert len(records.ArrayRecordSource(f"{root}/records")) == count
         assert len(array_cache.ArrayCache(f"{root}/cache")) == count
         requests[count] = gcs.requests
-    # The same few reads (metadata, manifest) at both counts; gcsfs's listing cache may save
-    # one or two, so the counts are compared with that slack.
-    assert requests[24] <= requests[2] + 2 <= 14, requests
+    # The same few reads (metadata, manifest) at both counts, where a per-shard open would add
+    # 22 or more; gcsfs's listing cache and a retry under load move the count by one or two.
+    assert requests[24] <= requests[2] + 2 and requests[2] <= 20, requests
 
 
 def test_sets_and_caches_without_manifest_or_spans_still_read_with_a_warning(tmp_path, caplog):
