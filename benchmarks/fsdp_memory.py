@@ -22,13 +22,11 @@ if "jax" not in sys.modules:
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax  # noqa: E402
-from flax import nnx  # noqa: E402
 
 from benchmarks import train_step  # noqa: E402
-from lidit_jax.diffusion.dit import LIDiT  # noqa: E402
 from lidit_jax.parallel import mesh as mesh_lib  # noqa: E402
 from lidit_jax.parallel import sharding  # noqa: E402
-from lidit_jax.train.state import create_train_state  # noqa: E402
+from lidit_jax.train.program import abstract_model  # noqa: E402
 
 
 def state_bytes(shape, num_devices):
@@ -36,8 +34,7 @@ def state_bytes(shape, num_devices):
     config = train_step.model_config(shape)
     config.mesh.update(data=1, fsdp=num_devices, tensor=1)
     mesh = mesh_lib.build_mesh(config.mesh, jax.devices()[:num_devices])
-    _, state = create_train_state(lambda: LIDiT(config, [shape["llm"]], 3, rngs=nnx.Rngs(0)),
-                                  config, mesh)
+    state = abstract_model(config, mesh, [shape["llm"]], 3).init_state()
     per_device = sharding.bytes_per_device(state)
     del state
     return max(per_device.values())

@@ -20,18 +20,13 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-from flax import nnx  # noqa: E402
 
 from benchmarks.timing import interleaved_seconds_apart, load_average  # noqa: E402
 from configs import common  # noqa: E402
 from lidit_jax import host_allocator  # noqa: E402
-from lidit_jax.diffusion import flops as flops_lib  # noqa: E402
-from lidit_jax.diffusion.dit import LIDiT  # noqa: E402
-from lidit_jax.diffusion.objectives import make_objective  # noqa: E402
 from lidit_jax.parallel import mesh as mesh_lib  # noqa: E402
 from lidit_jax import hardware  # noqa: E402
-from lidit_jax.train.state import create_train_state, shardings_of  # noqa: E402
-from lidit_jax.train.step import jit_train_step, make_train_step  # noqa: E402
+from lidit_jax.train import program as program_lib  # noqa: E402
 
 # (name, depth, width, heads, image size, patch, text tokens, LLM width, batch)
 SHAPES = {
@@ -73,27 +68,22 @@ def ours_step(config, arrays, llm_width):
     """(run, flops): `run()` does one jitted train step of `config`'s LI-DiT on `arrays` (the
     state is donated and carried from call to call); `flops` = its model FLOPs."""
     mesh = mesh_lib.build_mesh(config.mesh, jax.devices()[:1])
-    graphdef, state = create_train_state(
-        lambda: LIDiT(config, [llm_width], 3, rngs=nnx.Rngs(0)), config, mesh)
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     batch = {"x0": jnp.asarray(arrays["x0"]),
              "text": {"states": [jnp.asarray(arrays["states"])],
                       "masks": [jnp.asarray(arrays["mask"])],
                       "prompt_masks": [jnp.asarray(arrays["mask"])]}}
     batch = jax.device_put(batch, replicated)
-    step = jit_train_step(make_train_step(graphdef, config, make_objective(config.diffusion)),
-                          shardings_of(state), jax.tree.map(lambda _: replicated, batch), mesh)
-    holder = [state]
+    program = program_lib.build(config, mesh, [llm_width], 3, arrays["x0"].shape[1:3],
+                                jax.tree.map(lambda _: replicated, batch))
+    step = program.step
+    holder = [program.init_state()]
 
     def run():
         holder[0], out = step(holder[0], batch)
         jax.block_until_ready(out["loss"])
 
-    b, height, width, channels = arrays["x0"].shape
-    flops = flops_lib.train_step_flops(config, [llm_width], batch=b, hw=(height, width),
-                                       text_lengths=[arrays["states"].shape[1]],
-                                       in_channels=channels)
-    return run, flops
+    return run, program.model_flops_per_step  # The arrays are model_config's batch and length.
 
 
 def diffusers_step(shape, arrays):

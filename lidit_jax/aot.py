@@ -39,8 +39,6 @@ from flax import nnx
 
 from lidit_jax import configuration, hardware
 from lidit_jax.diffusion import flops as flops_lib
-from lidit_jax.diffusion.dit import LIDiT
-from lidit_jax.diffusion.objectives import make_objective
 from lidit_jax.nn.attention import select_implementation, splash_tiles
 from lidit_jax.parallel import mesh as mesh_lib
 from lidit_jax.parallel import sharding
@@ -51,8 +49,8 @@ from lidit_jax.text.in_step import StateChoice, TextEncoders
 from lidit_jax.text.llm import keep_layers
 from lidit_jax.text.models import resolve_model_path
 from lidit_jax.train.inputs import abstract_batch
-from lidit_jax.train.state import abstract_train_state, shardings_of
-from lidit_jax.train.step import jit_train_step, make_train_step
+from lidit_jax.train import program as program_lib
+from lidit_jax.train.state import shardings_of
 
 NEEDS_WORKDIR = False
 
@@ -136,9 +134,6 @@ def compile_train_step(config, devices):
     configuration.validate(config, num_devices=len(devices))
     mesh = mesh_lib.build_mesh(config.mesh, devices)
     llm_widths = configuration.llm_widths_from_config(config)
-    constructor = lambda: LIDiT(config, llm_widths, config.vae.latent_channels,  # noqa: E731
-                                rngs=nnx.Rngs(config.seed))
-    graphdef, state = abstract_train_state(constructor, config, mesh)
     side = config.data.image_size // config.vae.downsample
     batch = abstract_batch(config, mesh, [(w,) for w in llm_widths], config.vae.latent_channels,
                            (side, side))
@@ -148,11 +143,12 @@ def compile_train_step(config, devices):
     if not config.text.cache_dir:
         text_encoders, encoder_params = abstract_text_encoders(config, mesh)
         encoder_args = (encoder_params,)
-    step = make_train_step(graphdef, config, make_objective(config.diffusion), text_encoders)
-    jitted = jit_train_step(step, shardings_of(state), shardings_of(batch), mesh,
-                            *(shardings_of(a) for a in encoder_args))
+    program = program_lib.build(config, mesh, llm_widths, config.vae.latent_channels,
+                                (side, side), shardings_of(batch), text_encoders,
+                                *(shardings_of(a) for a in encoder_args))
+    state = program.abstract_state
     with jax.set_mesh(mesh), sharding.axis_rules(config.mesh.rules):
-        return jitted.lower(state, batch, *encoder_args).compile(), state
+        return program.step.lower(state, batch, *encoder_args).compile(), state
 
 
 def encoder_report(config, devices):

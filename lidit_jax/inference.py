@@ -9,11 +9,10 @@ from absl import flags, logging
 from flax import nnx
 
 from lidit_jax import configuration, paths
-from lidit_jax.diffusion.dit import LIDiT
 from lidit_jax.diffusion.vae import make_image_space
 from lidit_jax.text.encoder import PromptEncoder
 from lidit_jax.train import checkpoint as checkpoint_lib
-from lidit_jax.train.state import abstract_train_state
+from lidit_jax.train.program import abstract_model
 
 
 @dataclasses.dataclass
@@ -31,9 +30,8 @@ def load_trained_run(config, workdir, mesh):
                 for name in configuration.encoder_names(config)]
     image_space = make_image_space(config.vae)
     widths = [e.width for e in encoders]
-    constructor = lambda: LIDiT(config, widths, image_space.channels,  # noqa: E731
-                                rngs=nnx.Rngs(config.seed))
-    graphdef, abstract = abstract_train_state(constructor, config, mesh)
+    model = abstract_model(config, mesh, widths, image_space.channels)
+    graphdef, abstract = model.graphdef, model.abstract_state
     # Only the EMA weights are read: parameters and optimizer moments never reach the devices.
     restored = checkpoint_lib.Checkpointer(workdir, config.checkpoint).restore_latest(
         checkpoint_lib.ema_only(abstract), checkpoint_lib.encoder_fingerprints(encoders, image_space),

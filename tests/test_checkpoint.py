@@ -9,11 +9,9 @@ import jax
 import numpy as np
 import pytest
 import tensorstore as ts
-from flax import nnx
 
-from lidit_jax.diffusion.dit import LIDiT
 from lidit_jax.train import checkpoint as checkpoint_lib
-from lidit_jax.train.state import create_train_state
+from lidit_jax.train.program import abstract_model
 from train_helpers import LLM_WIDTH, make_mesh, tiny_config
 
 FINGERPRINTS = {"smollm2": {"llm": "llama:tiny", "fingerprint": "abc", "layer": -3}}
@@ -21,8 +19,7 @@ FINGERPRINTS = {"smollm2": {"llm": "llama:tiny", "fingerprint": "abc", "layer": 
 
 def make_state(config, mesh, seed=0):
     config.seed = seed
-    constructor = lambda: LIDiT(config, [LLM_WIDTH], 3, rngs=nnx.Rngs(seed))  # noqa: E731
-    return create_train_state(constructor, config, mesh)[1]
+    return abstract_model(config, mesh, [LLM_WIDTH], 3).init_state()
 
 
 def save_steps(tmp_path, config, mesh, steps):

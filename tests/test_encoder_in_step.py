@@ -10,12 +10,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 
 from configs import demo_shapes
 from lidit_jax import encode
-from lidit_jax.diffusion.dit import LIDiT
-from lidit_jax.diffusion.objectives import make_objective
 from lidit_jax.parallel import sharding
 from lidit_jax.text import features
 from lidit_jax.text.encoder import PromptEncoder
@@ -23,8 +20,8 @@ from lidit_jax.text.in_step import length_bucket
 from lidit_jax.text.weights import load_llm
 from lidit_jax.train import loop
 from lidit_jax.train.inputs import TrainInputs
-from lidit_jax.train.state import create_train_state, shardings_of
-from lidit_jax.train.step import jit_train_step, make_train_step
+from lidit_jax.train import program as program_lib
+from lidit_jax.train.state import shardings_of
 from train_helpers import make_mesh
 
 NUM_LAYERS = 4
@@ -124,15 +121,14 @@ def test_train_step_runs_the_frozen_llm_sharded_on_the_global_mesh(llm4, tmp_pat
     assert all(w.dtype == jnp.bfloat16 for w in weights)
     assert all(w.sharding.mesh.shape == mesh.shape for w in weights)  # The global mesh.
 
-    graphdef, state = create_train_state(
-        lambda: LIDiT(config, inputs.llm_widths, inputs.channels, rngs=nnx.Rngs(0)), config, mesh)
+    program = program_lib.build(config, mesh, inputs.llm_widths, inputs.channels,
+                                inputs.image_hw, inputs.batch_shardings(), inputs.text_encoders,
+                                shardings_of(inputs.encoder_params))
+    state = program.init_state()
     # The LLM is no trainable parameter: no optimizer moments, no EMA.
     assert not any(x.shape[-1] == NUM_LAYERS or x.size >= 49152 * 32
                    for x in jax.tree.leaves(state.params))
-    step = jit_train_step(make_train_step(graphdef, config, make_objective(config.diffusion),
-                                          inputs.text_encoders),
-                          shardings_of(state), inputs.batch_shardings(), mesh,
-                          shardings_of(inputs.encoder_params))
+    step = program.step
     before = [np.asarray(w) for w in weights]
     with jax.set_mesh(mesh), sharding.axis_rules(config.mesh.rules):
         state, metrics = step(state, batch, inputs.encoder_params)

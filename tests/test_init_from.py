@@ -2,23 +2,21 @@
 import jax
 import numpy as np
 import pytest
-from flax import nnx
 
 from configs import lidit_10b
 from lidit_jax import configuration
-from lidit_jax.diffusion.dit import LIDiT
 from lidit_jax.train.ema_safetensors import FORMAT, export_params
 from lidit_jax.train import checkpoint as checkpoint_lib
 from lidit_jax.train import init_from
-from lidit_jax.train.state import create_train_state
+from lidit_jax.train.program import abstract_model
 from train_helpers import LLM_WIDTH, make_mesh, tiny_config
 
 
 def _state(config, seed):
     config.seed = seed
     mesh = make_mesh(1, 1, 1)
-    return create_train_state(
-        lambda: LIDiT(config, [LLM_WIDTH], 3, rngs=nnx.Rngs(seed)), config, mesh)
+    model = abstract_model(config, mesh, [LLM_WIDTH], 3)
+    return model.graphdef, model.init_state()
 
 
 def _leaves(tree):

@@ -11,7 +11,7 @@ import pytest
 
 from configs import demo_shapes
 from lidit_jax.parallel import mesh as mesh_lib
-from lidit_jax.train.inputs import TrainInputs
+from lidit_jax.train.inputs import TrainInputs, abstract_batch, random_batch
 
 
 def _inputs(tiny_llm, tmp_path, device_prefetch):
@@ -91,3 +91,19 @@ def test_a_failure_in_the_prefetch_thread_is_raised_by_next_batch(tiny_llm, tmp_
         with pytest.raises(OSError, match="shard unreadable"):
             inputs.next_batch()
     inputs.close()
+
+
+@pytest.mark.parametrize("cache_dir", ["some/cache", ""])
+def test_random_batch_keeps_the_batch_contract(cache_dir):
+    """Benchmarks' and tests' batches have abstract_batch's shapes, dtypes and shardings."""
+    config = demo_shapes.get_config()
+    config.text.cache_dir = cache_dir
+    config.mesh.data, config.mesh.fsdp = 2, 4
+    mesh = mesh_lib.build_mesh(config.mesh)
+    abstract = abstract_batch(config, mesh, [(576,)], 3, (32, 32))
+    batch = random_batch(abstract, seed=1)
+    assert jax.tree.structure(batch) == jax.tree.structure(abstract)
+    for leaf, spec in zip(jax.tree.leaves(batch), jax.tree.leaves(abstract), strict=True):
+        assert (leaf.shape, leaf.dtype, leaf.sharding) == (spec.shape, spec.dtype, spec.sharding)
+    mask, prompt = (np.asarray(batch["text"][k][0]) for k in ("masks", "prompt_masks"))
+    assert (prompt <= mask).all() and prompt.any(axis=1).all() and not mask.all()

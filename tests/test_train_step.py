@@ -6,11 +6,10 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from lidit_jax.diffusion.dit import LIDiT
-from lidit_jax.diffusion.objectives import make_objective
 from lidit_jax.parallel import sharding
-from lidit_jax.train.state import create_train_state, make_optimizer, shardings_of
-from lidit_jax.train.step import (NUM_TIMESTEP_BUCKETS, jit_train_step, make_train_step,
-                                  merge_microbatches, split_microbatches)
+from lidit_jax.train import program as program_lib
+from lidit_jax.train.state import make_optimizer
+from lidit_jax.train.step import NUM_TIMESTEP_BUCKETS, merge_microbatches, split_microbatches
 from train_helpers import LLM_WIDTH, make_mesh, random_batch, tiny_config
 
 
@@ -21,11 +20,9 @@ def batch_shardings(batch, mesh, rules):
 
 def jitted_step_and_state(config, mesh, batch):
     """(the jitted train step for batches shaped like `batch`, a fresh sharded train state)."""
-    constructor = lambda: LIDiT(config, [LLM_WIDTH], 3, rngs=nnx.Rngs(0))  # noqa: E731
-    graphdef, state = create_train_state(constructor, config, mesh)
-    step = jit_train_step(make_train_step(graphdef, config, make_objective(config.diffusion)),
-                          shardings_of(state), batch_shardings(batch, mesh, config.mesh.rules), mesh)
-    return step, state
+    program = program_lib.build(config, mesh, [LLM_WIDTH], 3, batch["x0"].shape[1:3],
+                                batch_shardings(batch, mesh, config.mesh.rules))
+    return program.step, program.init_state()
 
 
 def train(config, mesh, batches):

@@ -60,6 +60,32 @@ def abstract_batch(config, mesh, state_shapes, channels, image_hw):
     return {"x0": on_batch((batch, *image_hw, channels), jnp.float32), "text": text}
 
 
+def random_batch(abstract, seed=0, vocab_size=1000):
+    """Random values of `abstract_batch`'s shapes, dtypes and shardings: the batch of benchmarks
+    and tests. x0 and text states standard normal; each row's text mask a random length of at
+    least a quarter of the sequence, its prompt mask the same after 4 instruction tokens; token
+    ids below `vocab_size`. (Single-process: the arrays are placed from this host.)"""
+    rng = np.random.default_rng(seed)
+    text = abstract["text"]
+    batch_size, length = text["masks"][0].shape
+    lengths = rng.integers(max(length // 4, 1), length + 1, size=batch_size)
+    mask = np.arange(length)[None] < lengths[:, None]
+    prompt_mask = mask & (np.arange(length)[None] >= min(4, length - 1))
+
+    def fill(leaf, value):
+        return jax.device_put(np.asarray(value, leaf.dtype), leaf.sharding)
+
+    out = {"x0": fill(abstract["x0"], rng.normal(size=abstract["x0"].shape)), "text": {
+        "masks": [fill(m, mask) for m in text["masks"]],
+        "prompt_masks": [fill(m, prompt_mask) for m in text["prompt_masks"]]}}
+    if "states" in text:
+        out["text"]["states"] = [fill(s, rng.normal(size=s.shape)) for s in text["states"]]
+    if "input_ids" in text:
+        out["text"]["input_ids"] = [fill(i, rng.integers(0, vocab_size, size=i.shape))
+                                    for i in text["input_ids"]]
+    return out
+
+
 class _Taken(NamedTuple):
     """A global batch and what the data iterator was like right after reading it."""
     batch: dict  # On the devices (see the module docstring).

@@ -16,13 +16,9 @@ import tempfile
 import jax
 import tqdm
 from absl import logging
-from flax import nnx
 from jax.experimental import multihost_utils
 
 from lidit_jax import configuration, paths
-from lidit_jax.diffusion.dit import LIDiT
-from lidit_jax.diffusion.flops import train_step_flops
-from lidit_jax.diffusion.objectives import make_objective
 from lidit_jax.parallel import mesh as mesh_lib
 from lidit_jax.parallel import sharding
 from lidit_jax.train import checkpoint as checkpoint_lib
@@ -30,9 +26,9 @@ from lidit_jax.train import during_training
 from lidit_jax.train import init_from
 from lidit_jax.train import inputs as inputs_lib
 from lidit_jax.train import metrics as metrics_lib
+from lidit_jax.train import program as program_lib
 from lidit_jax.train import sampling
-from lidit_jax.train.state import abstract_train_state, init_train_state, shardings_of
-from lidit_jax.train.step import jit_train_step, make_train_step
+from lidit_jax.train.state import shardings_of
 
 NEEDS_WORKDIR = True
 
@@ -86,13 +82,17 @@ def run(config, workdir):
     # images are encoded by the VAE (or are pixels).
     inputs = inputs_lib.TrainInputs(config, workdir, mesh)
 
+    # ---- The train program: model, abstract state, jitted step (train/program.py) -------------
+    encoder_args = () if inputs.text_encoders is None else (inputs.encoder_params,)
+    program = program_lib.build(
+        config, mesh, inputs.llm_widths, inputs.channels, inputs.image_hw,
+        inputs.batch_shardings(), inputs.text_encoders,
+        *(shardings_of(a) for a in encoder_args))
+    graphdef, objective = program.graphdef, program.objective
+
     # ---- Samples for fixed prompts, from the EMA weights ---------------------------------------
     # Read from the text cache (--mode=encode stores the fixed prompts); a prompt missing there
     # loads the LLMs, which leave device memory before the train state is allocated.
-    objective = make_objective(config.diffusion)
-    constructor = lambda: LIDiT(config, inputs.llm_widths, inputs.channels,  # noqa: E731
-                                rngs=nnx.Rngs(config.seed))
-    graphdef, abstract_state = abstract_train_state(constructor, config, mesh)
     sampler = sampling.FixedPromptSampler(config, graphdef, objective, inputs, mesh)
     # Shapes scores and a fixed-noise validation loss every eval.every steps (0: off); its
     # prompts are encoded here too, before the LLMs are released.
@@ -106,30 +106,19 @@ def run(config, workdir):
     checkpointer = checkpoint_lib.Checkpointer(workdir, config.checkpoint,
                                                remove_unfinished=True)
     restored = checkpointer.restore_latest(
-        abstract_state, inputs.fingerprints(),
+        program.abstract_state, inputs.fingerprints(),
         allow_mismatch=config.text.allow_fingerprint_mismatch)
     if restored is not None:
         step, state, data_state, _ = restored
         inputs.set_state(data_state)
         logging.info("resumed from step %d", step)
     else:
-        state = init_train_state(constructor, config, mesh, abstract_state)
+        state = program.init_state()
         if config.train.init_from:  # A new run from another run's weights (train.init_from).
             state = init_from.initialize(state, graphdef, config, inputs.fingerprints())
     logging.info("trainable parameters: %d",
                  sum(x.size for x in jax.tree.leaves(state.params)))
     start_step = int(state.step)
-
-    # ---- Train step -------------------------------------------------------------------------------
-    encoder_args = () if inputs.text_encoders is None else (inputs.encoder_params,)
-    train_step = jit_train_step(
-        make_train_step(graphdef, config, objective, inputs.text_encoders),
-        shardings_of(abstract_state), inputs.batch_shardings(), mesh,
-        *(shardings_of(a) for a in encoder_args))
-    flops_per_step = train_step_flops(
-        config, inputs.llm_widths, batch=config.train.batch_size, hw=inputs.image_hw,
-        text_lengths=[config.text.max_length] * len(inputs.llm_widths),
-        in_channels=inputs.channels)
 
     # ---- Loop -------------------------------------------------------------------------------------
     writer = metrics_lib.MetricsWriter(workdir, config.logging.tensorboard)
@@ -140,7 +129,7 @@ def run(config, workdir):
     nan_guard = _NonFiniteGuard(config.train.nan_policy, int(state.skipped_steps), start_step,
                                 checkpointer.directory)
     log = _DeferredLog(writer, timer, nan_guard, progress, config.train.batch_size,
-                       flops_per_step)
+                       program.model_flops_per_step)
     step = start_step
     try:
         with jax.set_mesh(mesh), sharding.axis_rules(rules):
@@ -148,7 +137,7 @@ def run(config, workdir):
                 profile.before_step(step)
                 batch = inputs.next_batch()  # On the devices already (data.device_prefetch).
                 timer.data_ready()
-                state, step_metrics = train_step(state, batch, *encoder_args)
+                state, step_metrics = program.step(state, batch, *encoder_args)
                 step += 1
                 timer.dispatched(step_metrics["loss"])
                 last = step == config.train.steps

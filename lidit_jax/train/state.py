@@ -118,15 +118,6 @@ def init_train_state(model_constructor, config, mesh, abstract):
     return sharding.init_in_shards(init, shardings_of(abstract), mesh, config.mesh.rules)
 
 
-def create_train_state(model_constructor, config, mesh):
-    """(graphdef, state): the model, optimizer and EMA created directly in their shards.
-
-    `nnx.merge(graphdef, state.params)` gives the model back.
-    """
-    graphdef, abstract = abstract_train_state(model_constructor, config, mesh)
-    return graphdef, init_train_state(model_constructor, config, mesh, abstract)
-
-
 def shardings_of(state):
     """The sharding of every leaf of a concrete or abstract state (jit in/out shardings)."""
     return jax.tree.map(lambda x: x.sharding, state)
