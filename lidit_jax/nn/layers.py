@@ -58,9 +58,7 @@ class RMSNorm(nnx.Module):
         self.scale_offset = scale_offset
 
     def __call__(self, x):
-        x32 = x.astype(jnp.float32)
-        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-        return (normed * (self.scale_offset + self.scale[...].astype(jnp.float32))).astype(x.dtype)
+        return rms_norm(x, self.scale[...], self.eps, self.scale_offset).astype(x.dtype)
 
 
 def layer_norm(x, eps=1e-6):
@@ -70,10 +68,25 @@ def layer_norm(x, eps=1e-6):
     return (x - mean) * jax.lax.rsqrt(jnp.mean(jnp.square(x - mean), -1, keepdims=True) + eps)
 
 
-def normalize_rms(x, eps=1e-6):
-    """Parameter-free RMS normalisation over the last axis (float32 inside)."""
+def _rms_normalized(x, eps):
+    """x / RMS(x) over the last axis, in float32."""
     x32 = x.astype(jnp.float32)
-    return (x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)).astype(x.dtype)
+    return x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+
+
+def normalize_rms(x, eps=1e-6):
+    """Parameter-free RMS normalisation over the last axis (float32 inside), in x's dtype."""
+    return _rms_normalized(x, eps).astype(x.dtype)
+
+
+def rms_norm(x, weight, eps, offset):
+    """RMS norm over the last axis in float32, the weight applied the way each family does:
+    Llama/Qwen2 (offset 0) w * normed.astype(dtype); Gemma (offset 1) (normed * (1 + w)) cast.
+    The one RMS norm of the frozen LLMs, T5 and `RMSNorm` (the DiT and refiners)."""
+    normed = _rms_normalized(x, eps)
+    if offset:
+        return (normed * (offset + weight.astype(jnp.float32))).astype(x.dtype)
+    return weight * normed.astype(x.dtype)
 
 
 class Attention(nnx.Module):

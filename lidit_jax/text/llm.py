@@ -34,6 +34,7 @@ import numpy as np
 from flax import nnx
 
 from lidit_jax.nn.attention import dot_product_attention
+from lidit_jax.nn.layers import rms_norm
 from lidit_jax.parallel.sharding import axis_rules, constrain
 
 FAMILIES = ("llama", "qwen2", "qwen3", "gemma3")
@@ -240,18 +241,6 @@ def _llama3_inv_freq(inv_freq, scaling):
     smoothed = (1 - smooth) * scaled / factor + smooth * scaled
     is_medium = ~(wavelen < old_context / high) & ~(wavelen > old_context / low)
     return np.where(is_medium, smoothed, scaled)
-
-
-def rms_norm(x, weight, eps, offset):
-    """RMS norm over the last axis in float32, weight applied the way each family does.
-
-    Llama/Qwen2 (offset 0): w * normed.astype(dtype); Gemma (offset 1): (normed * (1 + w)) cast.
-    """
-    x32 = x.astype(jnp.float32)
-    normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
-    if offset:
-        return (normed * (offset + weight.astype(jnp.float32))).astype(x.dtype)
-    return weight * normed.astype(x.dtype)
 
 
 def dense(spec, x, w):

@@ -24,8 +24,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from lidit_jax.nn.attention import dot_product_attention
+from lidit_jax.nn.layers import rms_norm
 from lidit_jax.parallel.sharding import constrain
-from lidit_jax.text.llm import FrozenTextModel, dense, rms_norm, transformer_layer_params
+from lidit_jax.text.llm import FrozenTextModel, dense, transformer_layer_params
 
 SUPPORTED_HF_MODEL_TYPES = ("t5", "mt5", "umt5")
 ACTIVATION_NAMES = {"relu": "relu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh",
