@@ -103,7 +103,7 @@ def abstract_text_encoders(config, mesh, depths=None):
     """(in_step.TextEncoders, [abstract weights with shardings]) of the LLMs the train step runs,
     cut to the layers their chosen states need (or to `depths`, one per LLM: cost twins)."""
     graphdefs, choices, params = [], [], []
-    for k, name in enumerate(configuration.encoder_names(config)):
+    for k, name in enumerate(features.encoder_names(config.text)):
         llm = config.text.llms[name]
         architecture = _encoder_architecture(config, name)
         module = weights_lib.model_family(architecture)[0]
@@ -126,7 +126,7 @@ def abstract_text_encoders(config, mesh, depths=None):
 def compile_train_step(config, devices):
     """Lowers and compiles one train step on a mesh of `devices`: (compiled, abstract state);
     with text.cache_dir empty, the frozen LLMs inside it."""
-    pooling = [n for n in configuration.encoder_names(config) if pools_layers(config.text, n)]
+    pooling = [n for n in features.encoder_names(config.text) if pools_layers(config.text, n)]
     if pooling:
         raise configuration.ConfigError(
             f"text.llms.{pooling[0]}.layer='attention_pool': compiling without weights needs "

@@ -48,16 +48,11 @@ def get_path(config, dotted):
     return node
 
 
-def encoder_names(config):
-    """The LLM names of `text.encoders`, in branch order."""
-    return [name.strip() for name in config.text.encoders.split(",") if name.strip()]
-
-
 def llm_widths_from_config(config):
     """The configured LLMs' state widths (text.llms.<name>.width, else the hidden size of its
     `architecture`), without loading weights."""
     widths = []
-    for name in encoder_names(config):
+    for name in features.encoder_names(config.text):
         llm = config.text.llms[name]
         width = llm.width
         if width <= 0 and llm.get("architecture"):
@@ -118,7 +113,7 @@ def validate(config, num_devices=None):
 
 
 def _validate_text(config):
-    names = encoder_names(config)
+    names = features.encoder_names(config.text)
     if not names:
         raise ConfigError("text.encoders is empty; name at least one entry of text.llms, e.g. 'smollm2'")
     for name in names:

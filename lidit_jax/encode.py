@@ -13,11 +13,11 @@ import jax
 import tqdm
 from absl import logging
 
-from lidit_jax import configuration
 from lidit_jax.data import array_cache, pipeline
 from lidit_jax.diffusion import latent_cache
 from lidit_jax.diffusion.vae import make_image_space
 from lidit_jax.text import cache as text_cache
+from lidit_jax.text import features
 from lidit_jax.text.encoder import PromptEncoder
 from lidit_jax.train import during_training, sampling
 
@@ -52,7 +52,7 @@ def _encode_text(config, workdir, source):
     num_records = len(source)
     root = text_cache.cache_root(config, workdir)
     prompts = fixed_prompts(config)
-    for name in configuration.encoder_names(config):
+    for name in features.encoder_names(config.text):
         encoder = PromptEncoder.from_config(config, name)
         logging.info("encoding %d captions and %d fixed prompts with %s (layer %s) into %s",
                      num_records, len(prompts), encoder.llm_name, encoder.layer, root)

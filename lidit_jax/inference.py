@@ -8,7 +8,8 @@ import dataclasses
 from absl import flags, logging
 from flax import nnx
 
-from lidit_jax import configuration, paths
+from lidit_jax import paths
+from lidit_jax.text import features
 from lidit_jax.diffusion.vae import make_image_space
 from lidit_jax.text.encoder import PromptEncoder
 from lidit_jax.train import checkpoint as checkpoint_lib
@@ -27,7 +28,7 @@ class TrainedRun:
 def load_trained_run(config, workdir, mesh):
     """The newest checkpoint of WORKDIR; SystemExit with a clear message when there is none."""
     encoders = [PromptEncoder.from_config(config, name)
-                for name in configuration.encoder_names(config)]
+                for name in features.encoder_names(config.text)]
     image_space = make_image_space(config.vae)
     widths = [e.width for e in encoders]
     model = abstract_model(config, mesh, widths, image_space.channels)

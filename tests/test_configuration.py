@@ -2,7 +2,8 @@
 import pytest
 
 from configs import common, lidit_10b, lidit_1b
-from lidit_jax import config_files, configuration
+from lidit_jax import config_files
+from lidit_jax.text import features
 from lidit_jax.configuration import ConfigError, validate
 
 
@@ -18,8 +19,8 @@ def test_paper_numbers():
     one_b, ten_b = lidit_1b.get_config(), lidit_10b.get_config()
     assert (one_b.model.depth, one_b.model.width, one_b.model.heads, one_b.model.patch_size) == (28, 1152, 16, 2)
     assert (one_b.data.image_size, one_b.train.batch_size) == (256, 2048)
-    assert len(configuration.encoder_names(one_b)) == 2
-    assert all(one_b.text.llms[n].layer == -3 for n in configuration.encoder_names(one_b))
+    assert len(features.encoder_names(one_b.text)) == 2
+    assert all(one_b.text.llms[n].layer == -3 for n in features.encoder_names(one_b.text))
     assert (ten_b.model.depth, ten_b.model.width, ten_b.model.heads) == (48, 2816, 44)
     assert (ten_b.data.image_size, ten_b.train.batch_size) == (512, 4096)
 

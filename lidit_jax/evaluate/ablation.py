@@ -30,6 +30,7 @@ import numpy as np
 from absl import app, flags, logging
 
 from lidit_jax import config_files, configuration
+from lidit_jax.text import features
 from lidit_jax.evaluate import statistics
 
 TABLE_METRICS = ("prompt_accuracy", "object_accuracy", "colour_accuracy", "shape_accuracy",
@@ -72,7 +73,7 @@ def prepare_text_cache(config, root, arm_dir):
     # Workers running other seeds of the same arms (--run_seeds) encode one at a time.
     with open(os.path.join(root, "text_cache.lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        for name in configuration.encoder_names(config):
+        for name in features.encoder_names(config.text):
             shared = os.path.join(root, "text_cache", encoder_setting(config, name))
             os.makedirs(shared, exist_ok=True)
             link = os.path.join(arm_cache, name)

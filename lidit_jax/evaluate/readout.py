@@ -39,6 +39,7 @@ from absl import app, flags, logging
 from flax import nnx
 
 from lidit_jax import configuration
+from lidit_jax.text import features
 from lidit_jax.evaluate import ablation, readout_stats
 from lidit_jax.evaluate import readout_prompts as prompts
 from lidit_jax.nn.layers import MLP, Attention, RMSNorm, TimestepEmbedder, linear
@@ -65,7 +66,7 @@ def encoded_states(config, captions, cache_dir):
     dict(states [n, L, width] bfloat16, mask [n, L] bool, prompt_mask [n, L] bool), L the
     longest caption's tokens rounded up (PromptEncoder.encode(crop_padding=True))."""
     from lidit_jax.text.encoder import PromptEncoder  # Reads tokenizers: only when encoding.
-    name, = configuration.encoder_names(config)
+    name, = features.encoder_names(config.text)
     digest = hashlib.sha1("\n".join(captions).encode()).hexdigest()[:8]
     path = os.path.join(cache_dir, f"{ablation.encoder_setting(config, name)}-{digest}.npz")
     if os.path.exists(path):
@@ -201,7 +202,7 @@ def run_readout(arms, seeds, output, *, steps=1500, num_train=1500, test_groups=
     and returns it."""
     configs = {arm: ablation.load_arm(configs_dir, arm, overrides) for arm in arms}  # Fail early.
     for arm, config in configs.items():
-        if len(configuration.encoder_names(config)) != 1:
+        if len(features.encoder_names(config.text)) != 1:
             raise ValueError(f"readout arm {arm!r}: text.encoders={config.text.encoders!r}; the "
                              "readout takes one encoder per arm")
         configuration.validate(config)

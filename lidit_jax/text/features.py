@@ -28,6 +28,11 @@ class LayerChoiceError(ValueError):
     """A `text.llms.<name>.layer` / `layer_combine` value that cannot be used."""
 
 
+def encoder_names(text_config):
+    """The LLM names of `text.encoders` ('llama3,qwen'), in branch order."""
+    return [name.strip() for name in text_config.encoders.split(",") if name.strip()]
+
+
 def parse(layer, combine, key):
     """A config value -> int, tuple of ints, or a STRATEGIES name (errors name `key`)."""
     if isinstance(layer, bool):

@@ -38,7 +38,7 @@ from flax import nnx
 
 from lidit_jax.nn.layers import MLP, Attention, RMSNorm, layer_norm, linear, modulate
 from lidit_jax.parallel.sharding import constrain
-from lidit_jax.text.features import LayerPool, pools_layers
+from lidit_jax.text.features import LayerPool, encoder_names, pools_layers
 
 TEXT_TOKENS = ("batch", "text_length", "embed")
 FUSIONS = ("single", "concat", "collaborative")
@@ -232,7 +232,7 @@ class TextConditioner(nnx.Module):
         self.drop_instruction = text_config.drop_instruction
         # Branches of encoders with layer="attention_pool" receive all their hidden states
         # [batch, len, S, width_k]; a learned LayerPool per branch reduces them (features.py).
-        names = [n.strip() for n in text_config.encoders.split(",") if n.strip()]
+        names = encoder_names(text_config)
         pooled = [k for k, name in enumerate(names) if pools_layers(text_config, name)]
         if pooled and len(names) != len(llm_widths):
             raise ValueError(f"text.encoders names {len(names)} encoders, {len(llm_widths)} "

@@ -25,12 +25,12 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 
-from lidit_jax import configuration
 from lidit_jax.data import array_cache, pipeline
 from lidit_jax.diffusion import latent_cache
 from lidit_jax.diffusion.vae import make_image_space
 from lidit_jax.parallel import sharding
 from lidit_jax.text import cache as text_cache
+from lidit_jax.text import features
 from lidit_jax.text.encoder import PromptEncoder, as_text_inputs
 from lidit_jax.text.in_step import STATE_DTYPE, TextEncoders, length_bucket
 from lidit_jax.train.checkpoint import encoder_fingerprints
@@ -161,7 +161,7 @@ class TrainInputs:
         self.image_hw = (size, size)
         # Widths, state shapes and fingerprints come from the LLMs' metadata: with the text
         # cache no weights load (a fixed prompt missing from the cache loads them, logged).
-        names = configuration.encoder_names(config)
+        names = features.encoder_names(config.text)
         if config.text.cache_dir:
             self.encoders = [PromptEncoder.from_config(config, name) for name in names]
         else:
