@@ -28,7 +28,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from lidit_jax import aot, config_files  # noqa: E402
+from lidit_jax import aot, aot_compile, aot_cost, config_files  # noqa: E402
 
 # (config module, topology) -> list of (setting name, {dotted key: value}).
 _1024 = {"data.image_size": 1024, "data.buckets": "1024x1024", "model.remat": "full"}
@@ -98,20 +98,20 @@ def build_config(name, topology, overrides):
 
 def estimate(name, topology, overrides, speed_only=False, memory_only=False):
     """One row's numbers: `aot.step_report` of the compiled step (and the wall time it took);
-    speed_only: `aot.speed_report` from the two small twins, without the full step's compile
+    speed_only: `aot_cost.speed_report` from the two small twins, without the full step's compile
     (no memory figures; minutes instead of up to an hour for LI-DiT-1B on 2 cores);
     memory_only: the full step's memory without the twins (v6e, which libtpu has no cost model
     for, or a first look at whether a setting fits)."""
     config = build_config(name, topology, overrides)
     start = time.perf_counter()
-    devices = aot.topology_devices(topology, config.aot.num_slices)
+    devices = aot_compile.topology_devices(topology, config.aot.num_slices)
     if speed_only:
-        report = aot.speed_report(config, devices)
+        report = aot_cost.speed_report(config, devices)
     elif memory_only:
-        compiled, _ = aot.compile_train_step(config, devices)
-        report = aot.memory_report(compiled, devices[0].device_kind)
+        compiled, _ = aot_compile.compile_train_step(config, devices)
+        report = aot_cost.memory_report(compiled, devices[0].device_kind)
     else:
-        compiled, state = aot.compile_train_step(config, devices)
+        compiled, state = aot_compile.compile_train_step(config, devices)
         report = aot.step_report(config, devices, compiled, state)
     return report, time.perf_counter() - start
 

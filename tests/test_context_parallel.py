@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from configs import common
-from lidit_jax import aot, configuration
+from lidit_jax import aot_compile, configuration
 from lidit_jax.nn.attention import dot_product_attention
 from lidit_jax.nn import context_parallel as context
 from lidit_jax.parallel import sharding
@@ -94,7 +94,7 @@ def test_all_gather_auto_chooses_for_the_whole_sequence():
     """`auto` on a TPU target (libtpu's v5p devices, lowering only): 1024 tokens over context 4
     leave 256 local queries, under AUTO_MIN_SEQ_LEN, yet attend to 1024 gathered keys, so the
     choice is splash (a Mosaic custom call), as for unsharded attention, not XLA's logits."""
-    devices = np.array(aot.topology_devices("v5p:2x2x1")).reshape(1, 1, 4, 1)
+    devices = np.array(aot_compile.topology_devices("v5p:2x2x1")).reshape(1, 1, 4, 1)
     mesh = jax.sharding.Mesh(devices, mesh_lib.MESH_AXES,
                              axis_types=(jax.sharding.AxisType.Auto,) * 4)
     x = jax.ShapeDtypeStruct((1, 1024, 2, 128), jnp.bfloat16)

@@ -146,7 +146,7 @@ def test_command_line_sets_lists_and_names():
 
 
 def test_describe_widths_follow_the_choice_and_compile_refuses_attention_pool():
-    from lidit_jax import aot
+    from lidit_jax import aot_compile
     config = common.get_config()
     config.text.llms.smollm2.layer = [-1, -3]
     assert configuration.llm_widths_from_config(config) == [2 * 576]
@@ -155,4 +155,4 @@ def test_describe_widths_follow_the_choice_and_compile_refuses_attention_pool():
     config.text.llms.smollm2.layer = "attention_pool"
     assert configuration.llm_widths_from_config(config) == [576]
     with pytest.raises(configuration.ConfigError, match=r"smollm2\.layer='attention_pool'"):
-        aot.compile_train_step(config, jax.devices()[:1])
+        aot_compile.compile_train_step(config, jax.devices()[:1])

@@ -21,9 +21,10 @@ LAYERS = (
                  "evaluate.readout_prompts", "evaluate.readout_stats")),
     ("configuration", ("configuration",)),
     ("training", ("train", "inference")),
-    ("modes", ("main", "aot", "describe", "encode", "export", "sample", "evaluate.mode",
-               "evaluate.ablation", "evaluate.benchmarks", "evaluate.probes",
-               "evaluate.readout")),
+    ("modes", ("main", "aot", "aot_compile", "aot_cost", "describe", "encode", "export",
+               "sample", "evaluate.mode", "evaluate.ablation", "evaluate.benchmarks",
+               "evaluate.probes", "evaluate.readout", "evaluate.readout_model",
+               "evaluate.scratch_lm")),
 )
 
 

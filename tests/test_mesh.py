@@ -7,7 +7,7 @@ import jax
 import pytest
 
 from configs import common
-from lidit_jax import aot, configuration
+from lidit_jax import aot_compile, configuration
 from lidit_jax.parallel import mesh as mesh_lib
 
 
@@ -67,7 +67,7 @@ def test_shipped_configs_put_each_fsdp_group_on_a_box_of_one_slice(name, arg, to
                                                                     num_slices):
     config = importlib.import_module(f"configs.{name}").get_config(arg)
     config.mesh.dcn_data = num_slices
-    devices = aot.topology_devices(topology or config.aot.topology, num_slices)
+    devices = aot_compile.topology_devices(topology or config.aot.topology, num_slices)
     # Shuffled: on a pod jax.devices() follows process ids, which nothing ties to the torus, so
     # the layout must come from each chip's coordinates (libtpu's list happens to be in order).
     devices = random.Random(0).sample(devices, len(devices))
@@ -91,12 +91,12 @@ def test_tpu_chips_of_several_slices_need_the_dcn_axis():
     # back to list order and left to chance which axis crossed DCN.
     config = common.get_config()
     with pytest.raises(ValueError, match=r"in 2 slice\(s\) .*--config.mesh.dcn_data=2"):
-        mesh_lib.build_mesh(config.mesh, aot.topology_devices("v5e:2x2", num_slices=2))
+        mesh_lib.build_mesh(config.mesh, aot_compile.topology_devices("v5e:2x2", num_slices=2))
 
 
 def test_tpu_chips_with_no_physical_layout_are_an_error_naming_the_axes():
     # Four chips of a 2x2x2 slice that touch only at corners: no box, so no layout exists.
-    corners = [d for d in aot.topology_devices("v5p:2x2x2") if sum(d.coords) % 2 == 0]
+    corners = [d for d in aot_compile.topology_devices("v5p:2x2x2") if sum(d.coords) % 2 == 0]
     config = common.get_config()
     config.mesh.data, config.mesh.fsdp = 2, 2
     with pytest.raises(ValueError, match="no physical layout of data=2, fsdp=2, context=1, "

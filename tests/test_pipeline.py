@@ -2,14 +2,12 @@
 import io
 import json
 
-import jax
 import numpy as np
 import pytest
 from PIL import Image
 
 from configs import common
 from lidit_jax.data import batch_plan, images, pipeline, records
-from lidit_jax.parallel import mesh as mesh_lib
 
 # Record set for the arrayrecord tests: three aspect ratios, 5 % bad records.
 _SIZES = [(16, 32), (32, 16), (24, 24)]

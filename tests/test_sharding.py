@@ -8,7 +8,7 @@ from jax.sharding import PartitionSpec as P
 
 from configs import common, demo_shapes, lidit_1b, lidit_10b
 from configs.ablations import base as ablation_base
-from lidit_jax import aot, configuration
+from lidit_jax import aot_compile, configuration
 from lidit_jax.diffusion.dit import LIDiT
 from lidit_jax.nn.layers import MLP
 from lidit_jax.parallel import mesh as mesh_lib
@@ -120,7 +120,7 @@ def _batch_sharding(devices, **sizes):
 
 def test_hosts_own_distinct_batch_rows_only_when_tensor_stays_within_a_host():
     # libtpu's v5p 4x4x4: 16 hosts of 2x2x1 chips, each device with its process_index.
-    devices = aot.topology_devices("v5p:4x4x4")
+    devices = aot_compile.topology_devices("v5p:4x4x4")
     assert len({d.process_index for d in devices}) == 16
     within = _batch_sharding(devices, data=-1, fsdp=8, tensor=2)
     rows = sharding.batch_rows_by_process(within, 2048)
@@ -144,7 +144,7 @@ def test_compile_refuses_a_mesh_whose_hosts_would_share_batch_rows():
     config.mesh.data, config.mesh.tensor = -1, 8
     config.model.heads, config.train.batch_size = 8, 64
     with pytest.raises(ValueError, match=r"mesh axes \['tensor'\].*span processes"):
-        aot.compile_train_step(config, aot.topology_devices("v5p:4x4x4"))
+        aot_compile.compile_train_step(config, aot_compile.topology_devices("v5p:4x4x4"))
 
 
 def _shipped_configs():
@@ -156,7 +156,7 @@ def _shipped_configs():
                          ("lidit_1b:offline", lidit_1b.get_config("offline")),
                          ("lidit_10b", lidit_10b.get_config()),
                          ("lidit_10b:1024", lidit_10b.get_config("1024"))]:
-        yield name, config, aot.topology_devices(config.aot.topology)
+        yield name, config, aot_compile.topology_devices(config.aot.topology)
 
 
 def test_every_shipped_config_builds_its_abstract_state_and_batch_on_its_mesh():

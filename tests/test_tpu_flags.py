@@ -2,7 +2,7 @@
 import jax
 import pytest
 
-from lidit_jax import aot
+from lidit_jax import aot_compile, aot_cost
 from lidit_jax.parallel import tpu_flags
 from test_aot import small_config
 
@@ -17,11 +17,11 @@ def test_generation_flags_compile_the_step(topology):
     # libtpu validates the flags as it compiles: all-gather continuation fusion (v5e's set) is
     # refused on v5p and v6e with FAILED_PRECONDITION, so a wrong preset fails here, not on a pod.
     config = small_config()
-    devices = aot.topology_devices(topology)
+    devices = aot_compile.topology_devices(topology)
     options = tpu_flags.compiler_options(devices[0])
     assert options and options["xla_tpu_enable_async_collective_fusion"]
-    compiled, _ = aot.compile_train_step(config, devices)
-    assert aot.memory_report(compiled, devices[0].device_kind)["fits"]
+    compiled, _ = aot_compile.compile_train_step(config, devices)
+    assert aot_cost.memory_report(compiled, devices[0].device_kind)["fits"]
 
 
 @pytest.mark.slow
@@ -30,6 +30,6 @@ def test_the_table_reaches_the_compiler(monkeypatch):
     # which shows jit_train_step compiles with this table (what the trainer runs on a pod).
     v5e = tpu_flags.COMPILER_OPTIONS["TPU v5 lite"]
     monkeypatch.setitem(tpu_flags.COMPILER_OPTIONS, "TPU v5", v5e)
-    devices = aot.topology_devices("v5p:2x2x1")
+    devices = aot_compile.topology_devices("v5p:2x2x1")
     with pytest.raises(jax.errors.JaxRuntimeError, match="Continuation fusion for AllGather"):
-        aot.compile_train_step(small_config(), devices)
+        aot_compile.compile_train_step(small_config(), devices)

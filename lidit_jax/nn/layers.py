@@ -9,7 +9,7 @@ from flax import nnx
 
 from lidit_jax.nn.attention import dot_product_attention
 from lidit_jax.nn.context_parallel import context_parallel_attention
-from lidit_jax.nn.cpu_paths import conv_general_dilated, dense_dot_general
+from lidit_jax.nn.cpu_paths import dense_dot_general
 from lidit_jax.nn.positions import apply_rope
 from lidit_jax.parallel.sharding import constrain
 
