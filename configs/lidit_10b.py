@@ -24,11 +24,11 @@ def get_config(arg=None):
     c.model.depth = 48
     c.model.width = 2816
     c.model.heads = 44
-    # dots_saveable at 512 px, on v5p 8x8x8: 70.6 of 95 GiB per chip (13.5 with full remat), and
-    # est. 48.7 % MFU with `auto`'s splash counted at the roofline (41.8 % with XLA attention and
-    # jax.nn's backward, 38.7 % with full remat; benchmarks/tpu_estimates.md, 2026-11-30). The 1024 px stage needs
-    # full remat (below), and so does v6e 16x16 (32 GiB chips, 16 images each): dots_saveable
-    # 139 GiB, full remat 17.6 GiB per chip (benchmarks/tpu_estimates.md).
+    # dots_saveable at 512 px fits v5p 8x8x8 and estimates faster than full remat, with `auto`'s
+    # splash counted at the roofline (benchmarks/tpu_estimates.md, LI-DiT-10B on v5p:8x8x8, 512px).
+    # The 1024 px stage needs full remat (below), and so does v6e 16x16 (32 GiB chips, 16 images
+    # each), where dots_saveable does not fit (benchmarks/tpu_estimates.md, LI-DiT-10B on
+    # v6e:16x16).
     c.model.remat = "dots_saveable"
     c.text.refiner.heads = 22
     c.text.collaborative.heads = 22

@@ -39,10 +39,9 @@ def get_config(arg=None):
     c.model.width = 1152
     c.model.heads = 16
     c.model.patch_size = 2
-    # No remat, FSDP over 32 chips, a bf16 residual stream: est. 0.196 s/step, 46.6 % MFU, 44.3
-    # of 95 GiB per chip on v5p 4x4x4 (XLA attention; 44.0 % with jax.nn's attention backward,
-    # 42.8 % with a float32 stream, 39.0 % with fsdp 8, 33.7 % with dots_saveable; fsdp 1-64 all
-    # measured, benchmarks/tpu_estimates.md).
+    # No remat, FSDP over 32 chips, a bf16 residual stream: the fastest LI-DiT-1B setting on v5p
+    # 4x4x4 that fits (XLA attention; jax.nn's attention backward, a float32 stream, fsdp 1-64 and
+    # dots_saveable all estimate slower): benchmarks/tpu_estimates.md, LI-DiT-1B on v5p:4x4x4.
     c.model.remat = "none"
     c.model.residual_dtype = "bfloat16"
 

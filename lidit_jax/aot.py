@@ -11,11 +11,11 @@ The report (`step_report`): per-chip memory split into parameters, optimizer mom
 activations and temporaries (the compiled step's own numbers); the step's FLOPs with loops
 counted, checked against `diffusion.flops.train_step_flops`; the estimated step time; and the
 implied MFU against the chip's bf16 peak. XLA's cost analysis counts a while loop's body once,
-so with `model.scan_layers` the scanned 28 blocks of LI-DiT-1B count as one (7.7e12 instead of
-4.2e13 FLOPs per chip on v5p 4x4x4). The loop-counted numbers come from two unrolled twins of
-the step, with 1 and 2 blocks and one micro-batch: every block is identical, so
-cost(depth D) = cost(1) + (D - 1) (cost(2) - cost(1)), times the micro-batches. Two small
-compiles instead of one unrolled 28-block compile (4 minutes on 2 cores for LI-DiT-1B).
+so with `model.scan_layers` the scanned 28 blocks of LI-DiT-1B count as one (the measured
+undercount: docs/kernels.md, "Honest `--mode=compile`"). The loop-counted numbers come from
+two unrolled twins of the step, with 1 and 2 blocks and one micro-batch: every block is
+identical, so cost(depth D) = cost(1) + (D - 1) (cost(2) - cost(1)), times the micro-batches.
+Two small compiles instead of one unrolled 28-block compile (4 minutes on 2 cores for LI-DiT-1B).
 
 With text.cache_dir empty the frozen LLMs run inside the step (text/in_step.py) and are counted:
 their weights are arguments of the compiled step (in its memory), built from each LLM's

@@ -6,7 +6,7 @@ through `path()`, so `--workdir=gs://BUCKET/run` and `--workdir=runs/demo` take 
 `gs://` goes through gcsfs (epath's backend when TensorFlow is absent), TensorBoard events
 through google-cloud-storage (tensorboardX) and Orbax's arrays through tensorstore; all three
 honour the standard emulator variables (STORAGE_EMULATOR_HOST, TENSORSTORE_GCS_HTTP_URL with
-GOOGLE_AUTH_TOKEN_FOR_TESTING), see README "Run against the GCS emulator".
+GOOGLE_AUTH_TOKEN_FOR_TESTING), see docs/launch.md "Run against the GCS emulator".
 
 Two things object stores lack, handled here once:
   - ArrayRecord's C++ writer opens local files only (`ArrayRecordWriter("gs://...")` returns

@@ -34,18 +34,18 @@ def test_cpu_mesh_keeps_device_order_also_with_dcn_axes():
     assert list(mesh.devices.flat) == jax.devices()
 
 
-# Every shipped config on the TPU topologies its docstrings, the README and launch/*.sh name:
+# Every shipped config on the TPU topologies its docstrings, docs/launch.md and launch/*.sh name:
 # (config, argument, topology (None: the config's aot.topology), slices; launchers set dcn_data).
 SHIPPED_LAYOUTS = [
     ("lidit_1b", None, None, 1),  # v5p:4x4x4, data 2 x fsdp 32.
-    ("lidit_1b", None, None, 2),  # README: launch/xpk.sh --type=v5p-128 --num-slices=2.
-    ("lidit_1b", None, "v6e:8x8", 1),  # README: LI-DiT-1B on v6e 8x8.
-    ("lidit_1b", None, "v6e:16x16", 2),  # README: launch/tpu_vm.sh --type=v6e-256 --node-count=2.
+    ("lidit_1b", None, None, 2),  # docs/launch.md: launch/xpk.sh --type=v5p-128 --num-slices=2.
+    ("lidit_1b", None, "v6e:8x8", 1),  # docs/launch.md: LI-DiT-1B on v6e 8x8.
+    ("lidit_1b", None, "v6e:16x16", 2),  # docs/launch.md: launch/tpu_vm.sh --type=v6e-256 --node-count=2.
     ("lidit_1b", None, "v6e:16x16", 4),  # tests/test_launchers.py: xpk v6e-256, 4 slices.
     ("lidit_10b", None, None, 1),  # v5p:8x8x8, data 8 x fsdp 64.
     ("lidit_10b", None, None, 4),  # configs/lidit_10b.py: v5p-1024, --config.mesh.dcn_data=4.
     ("lidit_10b", "1024", None, 1),
-    ("lidit_10b", None, "v6e:16x16", 1),  # README: LI-DiT-10B on v6e 16x16, data 4 x fsdp 64.
+    ("lidit_10b", None, "v6e:16x16", 1),  # docs/launch.md: LI-DiT-10B on v6e 16x16, data 4 x fsdp 64.
     ("lidit_10b", None, "v6e:16x16", 2),
     ("lidit_10b", "1024", "v6e:16x16", 1),
 ]

@@ -194,8 +194,9 @@ def _key_length_attention(query, key, value, key_mask, scale, implementation):
 # output and the 16-bit probabilities (6 bytes per logit, written forward and read backward);
 # here the backward recomputes the probabilities from q, k and the float32 log-sum-exp per query
 # row, as flash attention does, so nothing of [q_len, kv_len] size outlives the forward. For
-# LI-DiT-1B on TPU v5p (256 image and 512 text tokens, head_dim 72) the cost model's step falls
-# from 0.207 to 0.196 s, 44.0 to 46.6 % MFU (benchmarks/tpu_estimates.md). On CPU, where the
+# LI-DiT-1B on TPU v5p (256 image and 512 text tokens, head_dim 72) the cost model's step is
+# faster and needs less HBM per chip (benchmarks/tpu_estimates.md, LI-DiT-1B on v5p:4x4x4, the
+# "log-sum-exp" row against the one before). On CPU, where the
 # step is bound by compute rather than memory traffic, the recomputation made the PixArt-shape
 # train step 4.5 % slower than jax.nn's path (3.5 % slower than `cpu_paths.head_major_attention`).
 
