@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Installs lidit_jax with its test extras and the offline models, then runs the whole test suite
-# on CPU (8 fake devices, set by tests/conftest.py). This is the README's test command.
+# on CPU (8 fake devices, set by tests/conftest.py), both tiers: `-m "slow or not slow"` replaces
+# pytest.ini's fast-tier default `-m "not slow"`. This is the README's test command.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON="${PYTHON:-python3}"
 "$PYTHON" -m pip install --quiet --progress-bar off -e '.[test]'
 PYTHON="$PYTHON" bash scripts/install_models.sh
-"$PYTHON" -m pytest -q -n 2 --durations=15 "$@"
+"$PYTHON" -m pytest -q -n 2 --durations=15 -m "slow or not slow" "$@"

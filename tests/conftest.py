@@ -43,3 +43,20 @@ def tiny_llm(tmp_path_factory):
     transformers.LlamaForCausalLM(config).save_pretrained(folder, safe_serialization=True)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_args(tiny_llm, tmp_path_factory):
+    """The tiny CLI config's overrides (train_helpers.TINY on `tiny_llm`), with the text cache
+    filled once per session by --mode=encode: every end-to-end module trains from this cache."""
+    import re
+
+    from train_helpers import TINY, run_main
+
+    cache = tmp_path_factory.mktemp("text_cache")
+    args = (*TINY, f"--config.text.llms.smollm2.path={tiny_llm}",
+            "--config.text.llms.smollm2.width=0",
+            f"--config.text.cache_dir={cache}")
+    result = run_main(tmp_path_factory.mktemp("encode"), "encode", *args)
+    assert re.search(r"text_cache=\S+ records=64 written=64", result.stdout), result.stdout
+    return args

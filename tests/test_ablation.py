@@ -15,6 +15,7 @@ def _tiny(tiny_llm):
             "mesh.replicated_min_size=1099511627776"]
 
 
+@pytest.mark.slow
 def test_two_tiny_arms_two_seeds_write_table_plots_and_resume(tiny_llm, tmp_path):
     workdir = str(tmp_path / "ablation")
     failed = ablation.run_ablation(["baseline", "lidit"], 2, workdir, _tiny(tiny_llm))

@@ -6,30 +6,19 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs import common, demo_shapes, lidit_10b
+from configs import common, lidit_10b
 from lidit_jax import aot, aot_compile, aot_cost, configuration, hardware
 from lidit_jax.nn.attention import dot_product_attention
+from train_helpers import aot_demo_config
 
 # Three TPU compiles of the demo step (scanned, and the depth-1 and depth-2 twins): ~1 min on 2
 # idle cores, 21 min on 2 cores shared by six sessions.
 pytestmark = pytest.mark.slow
 
 
-def small_config():
-    # The demo (depth 4, width 128, 256 image tokens, 128 text tokens, batch 32 = 8 per chip).
-    # With 2 examples per chip and 32 text tokens the compiler counts 12 % more than the model:
-    # per-parameter optimizer work and element-wise ops stop being negligible.
-    c = demo_shapes.get_config()
-    c.text.llms.smollm2.width = 576
-    c.mesh.data, c.mesh.fsdp = 2, 2
-    c.aot.topology = "v5e:2x2"
-    assert c.model.scan_layers and c.text.cache_dir  # Scanned; resident encoders: none.
-    return c
-
-
 @pytest.fixture(scope="module")
 def report():
-    config = small_config()
+    config = aot_demo_config()
     devices = aot_compile.topology_devices(config.aot.topology)
     compiled, state = aot_compile.compile_train_step(config, devices)
     return config, compiled, aot.step_report(config, devices, compiled, state)
@@ -61,7 +50,7 @@ def test_dit_attention_kernels_follow_auto_on_the_topology():
     # On the v5e devices libtpu describes, `auto` keeps XLA below 1024 image tokens and picks
     # splash from 1024 (512 px with an 8x VAE and patch 2), the kernel the cost model cannot
     # see; the cross-attention to 56 text tokens stays XLA.
-    config = small_config()
+    config = aot_demo_config()
     device = aot_compile.topology_devices(config.aot.topology)[0]
     config.model.attention = "auto"
     kernels = lambda: [k for k, _, _ in aot_cost.dit_attention_kernels(config, device)]  # noqa: E731
@@ -122,7 +111,7 @@ def test_splash_flops_of_the_1024px_stage():
 def test_online_text_path_counts_the_frozen_llm_in_the_step(report, capsys):
     """text.cache_dir="": SmolLM2 runs inside the compiled step; the report prints its FLOPs and
     memory before the last line, and est. MFU is for the whole step."""
-    config = small_config()
+    config = aot_demo_config()
     config.text.cache_dir = ""
     devices = aot_compile.topology_devices(config.aot.topology)
     compiled, state = aot_compile.compile_train_step(config, devices)
@@ -157,7 +146,7 @@ def test_online_text_path_counts_the_frozen_llm_in_the_step(report, capsys):
 def test_paper_llms_are_counted_from_their_shipped_architecture():
     """lidit_1b's LLMs have no path until launch: `architecture` gives the compile report their
     shapes. Llama 3 8B at layer -3 runs 30 blocks: the report's FLOPs are that arithmetic."""
-    config = small_config()
+    config = aot_demo_config()
     config.text.llms.llama3 = common.llm_config("", layer=-3, architecture="llama3-8b")
     config.text.encoders, config.text.cache_dir = "llama3", ""
     configuration.validate(config)

@@ -49,6 +49,7 @@ def assert_same(a, b):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
+@pytest.mark.slow
 def test_round_trip_restores_state_and_data_position(tmp_path):
     config, mesh = tiny_config(), make_mesh(2, 2, 2)
     states = save_steps(tmp_path, config, mesh, [1, 2])
@@ -61,6 +62,7 @@ def test_round_trip_restores_state_and_data_position(tmp_path):
     assert leaf.sharding == jax.tree.leaves(states[2].params)[0].sharding
 
 
+@pytest.mark.slow
 def test_damaged_latest_checkpoint_falls_back_to_the_previous(tmp_path):
     config, mesh = tiny_config(), make_mesh(1, 1, 1)
     states = save_steps(tmp_path, config, mesh, [1, 2])

@@ -13,8 +13,7 @@ from lidit_jax.nn.attention import dot_product_attention
 from lidit_jax.nn import context_parallel as context
 from lidit_jax.parallel import sharding
 from lidit_jax.parallel import mesh as mesh_lib
-from test_train_step import train
-from train_helpers import make_mesh, random_batch, tiny_config
+from train_helpers import make_mesh, random_batch, tiny_config, train
 
 RULES = common.DEFAULT_SHARDING_RULES
 

@@ -20,9 +20,7 @@ import pytest
 from jax._src.clusters import cloud_tpu_cluster
 
 from lidit_jax.parallel import mesh as mesh_lib
-from test_train_loop import (ROOT, TIMEOUT, TRAIN, _free_port, child_env, command,
-                             read_record_ids, wait_for_step)
-from test_train_loop import tiny_args  # noqa: F401 - the module-scoped text cache fixture.
+from train_helpers import TIMEOUT, pair_log, read_record_ids, start_pair, wait_for_step
 
 CLUSTER_VARIABLES = (
     "JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID", "SLURM_JOB_ID",
@@ -150,34 +148,12 @@ def test_on_without_a_cluster_names_the_fix(started):
 
 
 # ---- Two real processes x 4 CPU devices: preemption and a dead peer ---------------------------
-def _start_pair(workdir, tiny_args, *extra):
-    """Two `--mode=train` processes of one run (FSDP over both), logs in WORKDIR.<i>.log."""
-    os.makedirs(workdir, exist_ok=True)
-    port = _free_port()
-    processes = []
-    for index in range(2):
-        env = dict(child_env(), XLA_FLAGS="--xla_force_host_platform_device_count=4",
-                   JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2",
-                   JAX_PROCESS_ID=str(index), JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo")
-        with open(f"{workdir}.{index}.log", "wb") as log:
-            processes.append(subprocess.Popen(
-                command(workdir, "train", *tiny_args, *TRAIN, "--config.mesh.data=2",
-                        "--config.mesh.fsdp=4", *extra),
-                cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT))
-    return processes
-
-
-def _log(workdir, index):
-    with open(f"{workdir}.{index}.log", errors="replace") as f:
-        return f.read()
-
-
 @pytest.mark.slow
 @pytest.mark.multiprocess
 def test_sigterm_to_one_process_stops_both_at_the_same_step_after_a_checkpoint(tiny_args,
                                                                                tmp_path):
     workdir = str(tmp_path / "pair")
-    processes = _start_pair(workdir, tiny_args, "--config.train.steps=1000",
+    processes = start_pair(workdir, tiny_args, "--config.train.steps=1000",
                             "--config.checkpoint.every=1000", "--config.train.log_every=1")
     try:
         wait_for_step(processes[0], workdir, 2)
@@ -186,8 +162,8 @@ def test_sigterm_to_one_process_stops_both_at_the_same_step_after_a_checkpoint(t
     finally:
         for p in processes:
             p.kill()
-    assert codes == [0, 0], (_log(workdir, 0)[-3000:], _log(workdir, 1)[-3000:])
-    saved = [int(re.search(r"preemption: saving step (\d+)", _log(workdir, i)).group(1))
+    assert codes == [0, 0], (pair_log(workdir, 0)[-3000:], pair_log(workdir, 1)[-3000:])
+    saved = [int(re.search(r"preemption: saving step (\d+)", pair_log(workdir, i)).group(1))
              for i in range(2)]
     assert saved[0] == saved[1] and 2 <= saved[0] < 1000
     manager = ocp.CheckpointManager(os.path.join(workdir, "checkpoints"))
@@ -200,7 +176,7 @@ def test_sigterm_to_one_process_stops_both_at_the_same_step_after_a_checkpoint(t
 @pytest.mark.multiprocess
 def test_sigkill_to_one_process_makes_the_other_exit_non_zero_within_120_s(tiny_args, tmp_path):
     workdir = str(tmp_path / "pair")
-    processes = _start_pair(workdir, tiny_args, "--config.train.steps=1000",
+    processes = start_pair(workdir, tiny_args, "--config.train.steps=1000",
                             "--config.checkpoint.every=1000")
     try:
         wait_for_step(processes[0], workdir, 2)
@@ -210,7 +186,7 @@ def test_sigkill_to_one_process_makes_the_other_exit_non_zero_within_120_s(tiny_
             code = processes[0].wait(timeout=120)
         except subprocess.TimeoutExpired:
             pytest.fail("the surviving process still runs 120 s after its peer died:\n"
-                        + _log(workdir, 0)[-3000:])
+                        + pair_log(workdir, 0)[-3000:])
     finally:
         for p in processes:
             p.kill()

@@ -11,34 +11,9 @@ from lidit_jax import describe
 from lidit_jax.diffusion import dit
 from lidit_jax.parallel import mesh as mesh_lib
 from lidit_jax.parallel import sharding
+from train_helpers import apply, backbone_inputs, dit_config, normal, randomize
 
 LLM_WIDTHS = [48]
-# Jitted calls: one compile instead of op-by-op dispatch keeps these tests fast on CPU.
-apply = nnx.jit(lambda module, *args: module(*args))
-
-
-def small_config(**model):
-    c = common.get_config()
-    c.model.depth, c.model.width, c.model.heads = 2, 64, 4
-    c.model.dtype = "float32"
-    c.model.update(model)
-    return c
-
-
-def randomize(module, seed, scale=0.05):
-    """Perturbs every parameter (zero-initialised gates included) so outputs are non-trivial.
-
-    Host-side numpy noise: no per-shape compiles, which would dominate these small tests.
-    """
-    rng = np.random.default_rng(seed)
-    state = nnx.state(module, nnx.Param)
-    nnx.update(module, jax.tree.map(
-        lambda x: x + scale * rng.standard_normal(x.shape).astype(x.dtype), state))
-    return module
-
-
-def normal(rng, *shape):
-    return jnp.asarray(rng.standard_normal(shape), jnp.float32)
 
 
 def text_inputs(batch, seed, lengths=(7,), widths=LLM_WIDTHS):
@@ -49,18 +24,9 @@ def text_inputs(batch, seed, lengths=(7,), widths=LLM_WIDTHS):
     return {"states": states, "masks": masks, "prompt_masks": masks}
 
 
-def backbone_inputs(batch, hw, channels, seed, width=64, text_len=5):
-    """x [batch, H, W, channels], c [batch, width], text tokens and a mask with padding."""
-    rng = np.random.default_rng(seed)
-    x, c = normal(rng, batch, *hw, channels), normal(rng, batch, width)
-    context = normal(rng, batch, text_len, width)
-    mask = jnp.arange(text_len)[None, :] < jnp.array([text_len, 2, 3, 1][:batch])[:, None]
-    return x, c, context, mask
-
-
 @pytest.mark.parametrize("hw", [(32, 32), (32, 64), (48, 32), (6, 10)])
 def test_any_resolution_keeps_shape(hw):
-    backbone = randomize(dit.DiTBackbone(small_config().model, 4, rngs=nnx.Rngs(0)), 1)
+    backbone = randomize(dit.DiTBackbone(dit_config().model, 4, rngs=nnx.Rngs(0)), 1)
     x, c, context, mask = backbone_inputs(2, hw, 4, 2)
     out = apply(backbone, x, c, context, mask)
     assert out.shape == x.shape and out.dtype == jnp.float32
@@ -68,7 +34,7 @@ def test_any_resolution_keeps_shape(hw):
 
 
 def test_lidit_forward_shape_and_zero_init():
-    model = dit.LIDiT(small_config(), LLM_WIDTHS, 3, rngs=nnx.Rngs(0))
+    model = dit.LIDiT(dit_config(), LLM_WIDTHS, 3, rngs=nnx.Rngs(0))
     x = normal(np.random.default_rng(0), 2, 16, 24, 3)
     out = apply(model, x, jnp.array([10.0, 900.0]), text_inputs(2, 1))
     assert out.shape == x.shape
@@ -92,8 +58,9 @@ def test_gates_are_zero_at_init():
     np.testing.assert_allclose(apply(block, tokens, c, context, mask), tokens, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_scan_and_loop_and_remat_agree():
-    config = small_config()
+    config = dit_config()
     scanned = randomize(dit.DiTBackbone(config.model, 4, rngs=nnx.Rngs(0)), 1)
     stacked = nnx.state(scanned.blocks, nnx.Param)
     inputs = backbone_inputs(2, (8, 12), 4, 2)
@@ -104,14 +71,14 @@ def test_scan_and_loop_and_remat_agree():
     loss_and_grad = nnx.jit(nnx.value_and_grad(loss))
     reference, grads = loss_and_grad(scanned)
 
-    looped = dit.DiTBackbone(small_config(scan_layers=False).model, 4, rngs=nnx.Rngs(0))
+    looped = dit.DiTBackbone(dit_config(scan_layers=False).model, 4, rngs=nnx.Rngs(0))
     nnx.update(looped, nnx.state(scanned, nnx.Not(nnx.PathContains("blocks"))))
     for i, block in enumerate(looped.blocks):
         nnx.update(block, jax.tree.map(lambda a: a[i], stacked))
     np.testing.assert_allclose(nnx.jit(loss)(looped), reference, rtol=1e-5)
 
     for remat in ("full", "dots_saveable"):
-        rematted = dit.DiTBackbone(small_config(remat=remat).model, 4, rngs=nnx.Rngs(0))
+        rematted = dit.DiTBackbone(dit_config(remat=remat).model, 4, rngs=nnx.Rngs(0))
         nnx.update(rematted, nnx.state(scanned))
         value, remat_grads = loss_and_grad(rematted)
         np.testing.assert_allclose(value, reference, rtol=1e-6)
@@ -120,7 +87,7 @@ def test_scan_and_loop_and_remat_agree():
 
 
 def test_padded_text_tokens_are_ignored():
-    backbone = randomize(dit.DiTBackbone(small_config().model, 4, rngs=nnx.Rngs(0)), 1)
+    backbone = randomize(dit.DiTBackbone(dit_config().model, 4, rngs=nnx.Rngs(0)), 1)
     x, c, context, mask = backbone_inputs(2, (8, 8), 4, 2)
     padding = ~mask[..., None]
     changed = jnp.where(padding, 100.0 * normal(np.random.default_rng(3), *context.shape),
@@ -131,10 +98,10 @@ def test_padded_text_tokens_are_ignored():
 
 
 def test_bfloat16_compute_float32_params():
-    config = small_config(dtype="bfloat16")
+    config = dit_config(dtype="bfloat16")
     backbone = randomize(dit.DiTBackbone(config.model, 4, rngs=nnx.Rngs(0)), 1)
     assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(nnx.state(backbone, nnx.Param)))
-    reference = dit.DiTBackbone(small_config().model, 4, rngs=nnx.Rngs(0))
+    reference = dit.DiTBackbone(dit_config().model, 4, rngs=nnx.Rngs(0))
     nnx.update(reference, nnx.state(backbone))
     inputs = backbone_inputs(2, (8, 8), 4, 2)
     out, expected = apply(backbone, *inputs), apply(reference, *inputs)
@@ -145,9 +112,9 @@ def test_bfloat16_compute_float32_params():
 def test_bfloat16_residual_stream():
     # The stream between blocks is stored in bf16 (each update still added in float32): the
     # output stays within bf16 rounding of the float32 stream on the same weights.
-    config = small_config(dtype="bfloat16", residual_dtype="bfloat16")
+    config = dit_config(dtype="bfloat16", residual_dtype="bfloat16")
     backbone = randomize(dit.DiTBackbone(config.model, 4, rngs=nnx.Rngs(0)), 1)
-    reference = dit.DiTBackbone(small_config(dtype="bfloat16").model, 4, rngs=nnx.Rngs(0))
+    reference = dit.DiTBackbone(dit_config(dtype="bfloat16").model, 4, rngs=nnx.Rngs(0))
     nnx.update(reference, nnx.state(backbone))
     x, c, context, mask = backbone_inputs(2, (8, 8), 4, 2)
     assert backbone.position(jnp.ones((2, 4, 4, 64), jnp.bfloat16)).dtype == jnp.bfloat16
@@ -158,18 +125,18 @@ def test_bfloat16_residual_stream():
 
 
 def test_bad_input_names_the_problem():
-    backbone = dit.DiTBackbone(small_config().model, 4, rngs=nnx.Rngs(0))
+    backbone = dit.DiTBackbone(dit_config().model, 4, rngs=nnx.Rngs(0))
     x, c, context, mask = backbone_inputs(1, (9, 8), 4, 0)
     with pytest.raises(ValueError, match="patch_size"):
         backbone(x, c, context, mask)
     with pytest.raises(ValueError, match="in_channels=4"):
         backbone(x[..., :3], c, context, mask)
     with pytest.raises(ValueError, match="model.remat"):
-        dit.DiTBackbone(small_config(remat="some").model, 4, rngs=nnx.Rngs(0))
+        dit.DiTBackbone(dit_config(remat="some").model, 4, rngs=nnx.Rngs(0))
 
 
 def test_every_parameter_has_logical_axes():
-    abstract = nnx.eval_shape(lambda: dit.LIDiT(small_config(), LLM_WIDTHS, 3,
+    abstract = nnx.eval_shape(lambda: dit.LIDiT(dit_config(), LLM_WIDTHS, 3,
                                                 rngs=nnx.Rngs(0)))
     rules = dict(common.DEFAULT_SHARDING_RULES)
     for path, variable in nnx.to_flat_state(nnx.state(abstract, nnx.Param)):
@@ -181,8 +148,9 @@ def test_every_parameter_has_logical_axes():
             assert axes[0] == "layers" and variable.shape[0] == 2, name
 
 
+@pytest.mark.slow
 def test_one_and_eight_devices_agree():
-    config = small_config()
+    config = dit_config()
     x = normal(np.random.default_rng(0), 4, 8, 16, 3)
     t = jnp.array([1.0, 250.0, 600.0, 999.0])
     text = text_inputs(4, 1)
@@ -223,7 +191,7 @@ def test_lidit_samples_with_guidance_under_nnx_jit():
 
     from lidit_jax.diffusion import objectives, samplers
 
-    config = small_config()
+    config = dit_config()
     model = randomize(dit.LIDiT(config, LLM_WIDTHS, 3, rngs=nnx.Rngs(0)), 3)
     objective = objectives.make_objective(config.diffusion)
     cond = text_inputs(2, 4)

@@ -25,8 +25,9 @@ def xla_flops(fn, *args):
     return cost["flops"]
 
 
-@pytest.mark.parametrize("encoders,widths,lengths", [("smollm2,gemma3", [48, 40], [12, 10]),
-                                                     ("smollm2", [48], [12])])
+@pytest.mark.parametrize("encoders,widths,lengths", [
+    pytest.param("smollm2,gemma3", [48, 40], [12, 10], marks=pytest.mark.slow),
+    ("smollm2", [48], [12])])
 def test_train_step_flops_match_xla(encoders, widths, lengths):
     """The whole LIDiT (timestep embedder, token + collaborative refiners, DiT), jit(grad);
     with one LLM the collaborative blocks have no cross-attention."""

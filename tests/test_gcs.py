@@ -21,7 +21,7 @@ import pytest
 
 from benchmarks import gcs_emulator
 
-from test_train_loop import ROOT, TIMEOUT, TINY, command, read_events, restore_state
+from train_helpers import ROOT, TIMEOUT, TINY, command, read_events, restore_state
 
 pytestmark = pytest.mark.slow
 

@@ -44,7 +44,7 @@ PIECES = [
     "中文", "한", "ｶ", "😀", "🚀", "👍🏽", "👨‍💻", "🇩🇪", "♥", "∑", "→", "½", "<|im_end|>",
     "<bos>", "<start_of_turn>", "\u200b", "e\u0301",
 ]
-MODELS = ["smollm2", "gemma3"]
+MODELS = ["smollm2", pytest.param("gemma3", marks=pytest.mark.slow)]  # Gemma 3 loads in 20-50 s.
 
 
 def varied_strings(count=300, seed=0):

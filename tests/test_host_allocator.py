@@ -36,6 +36,7 @@ def _run(**environment):
     return arena, int(faults)
 
 
+@pytest.mark.slow
 def test_cpu_process_reexecutes_and_stops_faulting_in_its_temporaries():
     arena, faults = _run(JAX_PLATFORMS="cpu")
     assert arena == host_allocator.SETTINGS["MALLOC_ARENA_MAX"]

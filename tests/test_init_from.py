@@ -42,6 +42,7 @@ def _source_run(tmp_path):
     return state
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("use_ema", [True, False])
 def test_init_from_a_workdir_takes_weights_not_optimizer_or_step(tmp_path, use_ema):
     source = _source_run(tmp_path)
@@ -56,6 +57,7 @@ def test_init_from_a_workdir_takes_weights_not_optimizer_or_step(tmp_path, use_e
     _assert_same(started.rng, fresh.rng)
 
 
+@pytest.mark.slow
 def test_init_from_an_ema_export_sets_params_and_ema(tmp_path):
     source = _source_run(tmp_path)
     path = str(tmp_path / "ema.safetensors")

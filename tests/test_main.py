@@ -52,6 +52,7 @@ def test_describe_ends_with_the_parameter_counts(config, block_arithmetic):
     assert refiner_params > 0
 
 
+@pytest.mark.slow
 def test_compile_mode_reports_per_chip_memory_for_a_tpu_topology():
     # libtpu compiles for a v5e 2x2 slice on this CPU host: real per-chip memory, no TPU.
     result = run_main("--config=configs/demo_shapes.py", "--mode=compile",

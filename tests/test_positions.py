@@ -10,7 +10,7 @@ from lidit_jax.diffusion import dit
 from lidit_jax.nn import positions
 from lidit_jax.parallel import mesh as mesh_lib
 from lidit_jax.parallel import sharding
-from test_dit import apply, backbone_inputs, randomize, small_config
+from train_helpers import apply, backbone_inputs, dit_config, randomize
 
 
 def test_sincos_table_matches_the_formula():
@@ -50,7 +50,7 @@ def interior_spread(position_embedding, seed=0):
     """Largest difference between the DiT's outputs at interior tokens of a constant image:
     tokens > 2 cells from every border, whose inputs and text are identical."""
     backbone = randomize(dit.DiTBackbone(
-        small_config(position_embedding=position_embedding, patch_size=1).model, 4,
+        dit_config(position_embedding=position_embedding, patch_size=1).model, 4,
         rngs=nnx.Rngs(seed)), seed + 1)
     x, c, context, mask = backbone_inputs(1, (12, 12), 4, seed + 2)
     x = jnp.broadcast_to(x[:, :1, :1, :], x.shape)  # Every pixel the same.
@@ -58,6 +58,7 @@ def interior_spread(position_embedding, seed=0):
     return float(np.max(np.abs(interior - interior[0]))), float(np.std(interior))
 
 
+@pytest.mark.slow
 def test_which_codes_give_interior_tokens_a_position():
     """The demo's diagnosis in one test. On a constant image, interior tokens have identical
     inputs. ResBlock alone: the convs see two cells and attention is permutation-equivariant, so
@@ -76,7 +77,7 @@ def test_which_codes_give_interior_tokens_a_position():
 @pytest.mark.parametrize("code", ["sincos", "rope", "resblock+rope"])
 @pytest.mark.parametrize("hw", [(32, 64), (6, 10)])
 def test_every_code_runs_at_any_size(code, hw):
-    backbone = randomize(dit.DiTBackbone(small_config(position_embedding=code).model, 4,
+    backbone = randomize(dit.DiTBackbone(dit_config(position_embedding=code).model, 4,
                                          rngs=nnx.Rngs(0)), 1)
     x, c, context, mask = backbone_inputs(2, hw, 4, 2)
     out = apply(backbone, x, c, context, mask)
@@ -85,7 +86,7 @@ def test_every_code_runs_at_any_size(code, hw):
 
 def test_parameters_follow_the_choice():
     def count(code):
-        module = dit.DiTBackbone(small_config(position_embedding=code).model, 4, rngs=nnx.Rngs(0))
+        module = dit.DiTBackbone(dit_config(position_embedding=code).model, 4, rngs=nnx.Rngs(0))
         return sum(x.size for x in jax.tree.leaves(nnx.state(module, nnx.Param)))
 
     assert count("rope") == count("sincos") < count("resblock") == count("resblock+rope")
@@ -93,7 +94,7 @@ def test_parameters_follow_the_choice():
 
 @pytest.mark.parametrize("strategy", ["all_gather", "ulysses", "ring"])
 def test_rope_with_context_parallelism_equals_one_device(strategy):
-    config = small_config(position_embedding="resblock+rope", context_parallel=strategy)
+    config = dit_config(position_embedding="resblock+rope", context_parallel=strategy)
     single = randomize(dit.DiTBackbone(config.model, 4, rngs=nnx.Rngs(0)), 1)
     x, c, context, mask = backbone_inputs(2, (8, 8), 4, 2)
     expected = apply(single, x, c, context, mask)
@@ -106,7 +107,7 @@ def test_rope_with_context_parallelism_equals_one_device(strategy):
 
 
 def test_config_refuses_codes_the_shapes_cannot_carry():
-    config = small_config()
+    config = dit_config()
     config.model.position_embedding = "alibi"
     with pytest.raises(configuration.ConfigError, match="model.position_embedding"):
         configuration.validate(config)

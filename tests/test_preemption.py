@@ -17,9 +17,8 @@ import signal
 import orbax.checkpoint as ocp
 import pytest
 
-from test_distributed import _log, _start_pair
-from test_train_loop import (TIMEOUT, read_record_ids, run_main, start_main,
-                             tiny_args, wait_for_step)  # noqa: F401 - tiny_args: a fixture.
+from train_helpers import (TIMEOUT, pair_log, read_record_ids, run_main, start_main,
+                           start_pair, wait_for_step)
 
 pytestmark = pytest.mark.slow
 STEPS = 12
@@ -69,7 +68,7 @@ def test_sigterm_at_a_checkpoint_step_exits_0_and_the_same_command_resumes(tiny_
 def _run_pair(workdir, tiny_args, args, while_running=None):
     """Two processes of the same command to their end (`while_running(processes)` meanwhile);
     both must exit 0. Returns their logs."""
-    processes = _start_pair(workdir, tiny_args, *args)
+    processes = start_pair(workdir, tiny_args, *args)
     try:
         if while_running is not None:
             while_running(processes)
@@ -77,7 +76,7 @@ def _run_pair(workdir, tiny_args, args, while_running=None):
     finally:
         for p in processes:
             p.kill()
-    logs = [_log(workdir, i) for i in range(2)]
+    logs = [pair_log(workdir, i) for i in range(2)]
     assert codes == [0, 0], (logs[0][-3000:], logs[1][-3000:])
     return logs
 

@@ -132,7 +132,8 @@ def test_refiner_starts_as_the_input_projection(fusion, widths, overrides, pertu
 @pytest.mark.parametrize("fusion,widths,depth", [("single", [48], 2), ("concat", [48, 32], 1),
                                                  ("collaborative", [48], 1),
                                                  ("collaborative", [48, 32], 0),
-                                                 ("collaborative", [48, 32, 40], 1)])
+                                                 pytest.param("collaborative", [48, 32, 40], 1,
+                                                              marks=pytest.mark.slow)])
 def test_shapes_masks_and_degenerate_rows(fusion, widths, depth):
     """Rows: a normal prompt; an empty prompt (keeps its last real token); no real token.
     Gradients are checked on the 3-LLM case only (it holds every path; each compile costs)."""

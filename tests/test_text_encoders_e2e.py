@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from tests.test_train_loop import TINY, run_main
+from train_helpers import TINY, run_main
 
 pytestmark = pytest.mark.slow  # ~90 s per run on two shared CPU cores (mostly compilation).
 STEPS = 10

@@ -16,7 +16,8 @@ PROMPTS = [
 ]
 
 
-@pytest.fixture(scope="module", params=["smollm2", "gemma3"])
+@pytest.fixture(scope="module",
+                params=["smollm2", pytest.param("gemma3", marks=pytest.mark.slow)])  # 20-50 s load.
 def tokenizer(request):
     path = default_model_path(request.param)  # Loading a GGUF tokenizer takes 5-15 s.
     return transformers.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)

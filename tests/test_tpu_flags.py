@@ -4,7 +4,7 @@ import pytest
 
 from lidit_jax import aot_compile, aot_cost
 from lidit_jax.parallel import tpu_flags
-from test_aot import small_config
+from train_helpers import aot_demo_config
 
 
 def test_no_tpu_flags_off_tpu():
@@ -16,7 +16,7 @@ def test_no_tpu_flags_off_tpu():
 def test_generation_flags_compile_the_step(topology):
     # libtpu validates the flags as it compiles: all-gather continuation fusion (v5e's set) is
     # refused on v5p and v6e with FAILED_PRECONDITION, so a wrong preset fails here, not on a pod.
-    config = small_config()
+    config = aot_demo_config()
     devices = aot_compile.topology_devices(topology)
     options = tpu_flags.compiler_options(devices[0])
     assert options and options["xla_tpu_enable_async_collective_fusion"]
@@ -32,4 +32,4 @@ def test_the_table_reaches_the_compiler(monkeypatch):
     monkeypatch.setitem(tpu_flags.COMPILER_OPTIONS, "TPU v5", v5e)
     devices = aot_compile.topology_devices("v5p:2x2x1")
     with pytest.raises(jax.errors.JaxRuntimeError, match="Continuation fusion for AllGather"):
-        aot_compile.compile_train_step(small_config(), devices)
+        aot_compile.compile_train_step(aot_demo_config(), devices)

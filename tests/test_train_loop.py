@@ -2,7 +2,8 @@
 
 Every run is a child process on one CPU device. The tiny runs use conftest's `tiny_llm` (a
 random 2-layer Llama with SmolLM2's tokenizer) as the frozen text encoder, so encoding costs
-milliseconds; one text cache (absolute `text.cache_dir`) serves all their workdirs. One test trains the demo config
+milliseconds; one text cache (conftest's session-scoped `tiny_args`, absolute `text.cache_dir`)
+serves all their workdirs. One test trains the demo config
 itself with the real SmolLM2 GGUF.
 """
 import glob
@@ -13,10 +14,7 @@ import random
 import re
 import shutil
 import signal
-import socket
-import struct
 import subprocess
-import sys
 import time
 
 import jax
@@ -25,111 +23,13 @@ import orbax.checkpoint as ocp
 import pytest
 from PIL import Image
 
+from train_helpers import (ROOT, TIMEOUT, TRAIN, TRAIN_STEPS, child_env, command, free_port,
+                           read_events, read_record_ids, restore_state, run_main, start_main,
+                           wait_for_step)
+
 pytestmark = pytest.mark.slow
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-STEPS = 8
-TIMEOUT = 600  # Seconds for one child; the machine is shared, so generous.
-TINY = (
-    "--config=configs/demo_shapes.py",
-    "--config.model.depth=1", "--config.model.width=32", "--config.model.heads=2",
-    "--config.model.patch_size=8",  # The shapes data has at least 32 px: a 4 x 4 token grid.
-    "--config.text.refiner.depth=1", "--config.text.refiner.heads=2",
-    "--config.text.max_length=48", "--config.data.image_size=32",
-    "--config.data.shapes_num_records=64", "--config.train.batch_size=8",
-    "--config.diffusion.sample_steps=2", "--config.train.samples_per_prompt=1",
-    "--config.logging.progress_bar=False",
-)
-TRAIN = (f"--config.train.steps={STEPS}", "--config.checkpoint.every=2",
-         "--config.logging.record_ids=True", "--config.train.sample_every=1000")
-
-
-def child_env():
-    # One CPU device (not conftest's eight): quicker, and what a user's CPU run looks like.
-    return dict(os.environ, JAX_PLATFORMS="cpu",
-                XLA_FLAGS="--xla_force_host_platform_device_count=1",
-                HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-
-
-def command(workdir, mode, *args):
-    return [sys.executable, "-m", "lidit_jax.main", f"--workdir={workdir}", f"--mode={mode}",
-            *args]
-
-
-def run_main(workdir, mode, *args, check=True):
-    result = subprocess.run(command(workdir, mode, *args), cwd=ROOT, env=child_env(),
-                            capture_output=True, text=True, timeout=TIMEOUT)
-    if check:
-        assert result.returncode == 0, (
-            f"--mode={mode} exited {result.returncode}:\n{result.stdout[-3000:]}\n"
-            f"{result.stderr[-6000:]}")
-    return result
-
-
-def start_main(workdir, mode, *args):
-    """A child in the background; its output goes to WORKDIR.log (a pipe could fill and block)."""
-    os.makedirs(workdir, exist_ok=True)
-    log = open(f"{workdir}.log", "ab")
-    process = subprocess.Popen(command(workdir, mode, *args), cwd=ROOT, env=child_env(),
-                               stdout=log, stderr=subprocess.STDOUT)
-    log.close()
-    return process
-
-
-def read_record_ids(workdir):
-    """[(step, record ids)] in the order record_ids.jsonl was written."""
-    path = os.path.join(workdir, "record_ids.jsonl")
-    if not os.path.exists(path):
-        return []
-    with open(path) as f:
-        lines = [json.loads(line) for line in f if line.endswith("\n")]
-    return [(line["step"], line["record_ids"]) for line in lines]
-
-
-def wait_for_step(process, workdir, step, timeout=TIMEOUT):
-    """Polls record_ids.jsonl until it logs `step` or later; returns the last logged step."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        logged = read_record_ids(workdir)
-        if logged and logged[-1][0] >= step:
-            return logged[-1][0]
-        if process.poll() is not None:
-            with open(f"{workdir}.log", errors="replace") as f:
-                pytest.fail(f"the run exited ({process.returncode}) before step {step}:\n"
-                            f"{f.read()[-6000:]}")
-        time.sleep(0.05)
-    process.kill()
-    pytest.fail(f"no step {step} in {workdir}/record_ids.jsonl after {timeout} s")
-
-
-def restore_state(workdir, step):
-    """The train state saved at `step`, as {key path: numpy array}, onto this process's first
-    device whatever the devices and processes that saved it."""
-    manager = ocp.CheckpointManager(os.path.join(workdir, "checkpoints"),
-                                    item_handlers={"state": ocp.StandardCheckpointHandler()})
-    try:
-        assert step in manager.all_steps(), (workdir, manager.all_steps())
-        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-        target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
-                              manager.item_metadata(step)["state"])
-        state = manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(target)))["state"]
-    finally:
-        manager.close()
-    return {jax.tree_util.keystr(path): np.asarray(leaf)
-            for path, leaf in jax.tree_util.tree_leaves_with_path(state)}
-
-
-@pytest.fixture(scope="module")
-def tiny_args(tiny_llm, tmp_path_factory):
-    """The tiny config's overrides, with the text cache filled once by --mode=encode."""
-    cache = tmp_path_factory.mktemp("text_cache")
-    args = (*TINY, f"--config.text.llms.smollm2.path={tiny_llm}",
-            "--config.text.llms.smollm2.width=0",
-            f"--config.text.cache_dir={cache}")
-    result = run_main(tmp_path_factory.mktemp("encode"), "encode", *args)
-    assert re.search(r"text_cache=\S+ records=64 written=64", result.stdout), result.stdout
-    return args
+STEPS = TRAIN_STEPS
 
 
 @pytest.fixture(scope="module")
@@ -253,19 +153,6 @@ def test_resume_with_another_text_encoder_is_refused(run_a, tiny_args, tmp_path)
     assert not os.path.exists(workdir / "checkpoints" / str(STEPS + 2))
 
 
-def read_events(path):
-    """The Event protos of a TensorBoard event file (TFRecord framing: length, crc, data, crc)."""
-    from tensorboardX.proto import event_pb2
-    with open(path, "rb") as f:
-        data = f.read()
-    events, offset = [], 0
-    while offset < len(data):
-        (length,) = struct.unpack("<Q", data[offset:offset + 8])
-        events.append(event_pb2.Event.FromString(data[offset + 12:offset + 12 + length]))
-        offset += 12 + length + 4
-    return events
-
-
 def test_demo_config_trains_logs_and_samples(tmp_path):
     """configs/demo_shapes.py as shipped (real SmolLM2 GGUF), with a small data set."""
     workdir = tmp_path / "demo"
@@ -302,12 +189,6 @@ def test_demo_config_trains_logs_and_samples(tmp_path):
         assert np.asarray(image).std() > 0
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.multiprocess
 def test_two_processes_train_like_one(run_a, tiny_args, tmp_path):
     """Two local JAX processes (2 CPU devices each, FSDP across them) train the tiny run: the
@@ -315,7 +196,7 @@ def test_two_processes_train_like_one(run_a, tiny_args, tmp_path):
     on one device; the checkpoint they write together restores in a single process."""
     workdir = str(tmp_path / "two")
     os.makedirs(workdir)
-    port = _free_port()
+    port = free_port()
     processes = []
     for index in range(2):
         env = dict(child_env(), XLA_FLAGS="--xla_force_host_platform_device_count=2",

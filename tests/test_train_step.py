@@ -2,38 +2,16 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from lidit_jax.diffusion.dit import LIDiT
 from lidit_jax.parallel import sharding
-from lidit_jax.train import program as program_lib
 from lidit_jax.train.state import make_optimizer
 from lidit_jax.train.step import NUM_TIMESTEP_BUCKETS, merge_microbatches, split_microbatches
-from train_helpers import LLM_WIDTH, make_mesh, random_batch, tiny_config
-
-
-def batch_shardings(batch, mesh, rules):
-    spec = sharding.logical_to_mesh_spec(("batch",), rules)
-    return jax.tree.map(lambda x: NamedSharding(mesh, PartitionSpec(*spec, *([None] * (x.ndim - 1)))), batch)
-
-
-def jitted_step_and_state(config, mesh, batch):
-    """(the jitted train step for batches shaped like `batch`, a fresh sharded train state)."""
-    program = program_lib.build(config, mesh, [LLM_WIDTH], 3, batch["x0"].shape[1:3],
-                                batch_shardings(batch, mesh, config.mesh.rules))
-    return program.step, program.init_state()
-
-
-def train(config, mesh, batches):
-    step, state = jitted_step_and_state(config, mesh, batches[0])
-    losses = []
-    with jax.set_mesh(mesh), sharding.axis_rules(config.mesh.rules):
-        for batch in batches:
-            batch = jax.device_put(batch, batch_shardings(batch, mesh, config.mesh.rules))
-            state, metrics = step(state, batch)
-            losses.append(float(metrics["loss"]))
-    return state, losses, metrics
+from train_helpers import (LLM_WIDTH, batch_shardings, jitted_step_and_state, make_mesh,
+                           random_batch, tiny_config, train)
 
 
 def assert_trees_close(a, b, rtol, atol):
@@ -41,6 +19,7 @@ def assert_trees_close(a, b, rtol, atol):
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=rtol, atol=atol)
 
 
+@pytest.mark.slow
 def test_one_and_eight_devices_agree_for_three_steps():
     config = tiny_config()
     batches = [random_batch(seed) for seed in range(3)]
@@ -54,6 +33,7 @@ def test_one_and_eight_devices_agree_for_three_steps():
     assert kernels and not any(k.sharding.is_fully_replicated for k in kernels)
 
 
+@pytest.mark.slow
 def test_gradient_accumulation_equals_the_large_batch():
     batches = [random_batch(7)]
     whole, whole_losses, whole_metrics = train(tiny_config(microbatches=1), make_mesh(1, 1, 1),
@@ -85,6 +65,7 @@ def test_micro_batches_stay_sharded_over_every_batch_axis():
     np.testing.assert_array_equal(merged, batch)
 
 
+@pytest.mark.slow
 def test_accumulation_adds_no_collective_on_the_batch():
     """With data x fsdp, the accumulating step gathers only what the single-batch step gathers
     (the FSDP parameters): a contiguous split all-gathered the inputs over `data`."""
@@ -115,6 +96,7 @@ def test_non_finite_step_leaves_the_state_untouched():
     assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(after.opt_state))
 
 
+@pytest.mark.slow
 def test_weight_decay_spares_norms_and_biases_also_when_stacked_by_scan():
     config = tiny_config(weight_decay=0.1)
     assert config.model.scan_layers
