@@ -23,8 +23,8 @@ import orbax.checkpoint as ocp
 import pytest
 from PIL import Image
 
-from train_helpers import (ROOT, TIMEOUT, TRAIN, TRAIN_STEPS, child_env, command, free_port,
-                           read_events, read_record_ids, restore_state, run_main, start_main,
+from train_helpers import (ROOT, TIMEOUT, TRAIN, TRAIN_STEPS, child_env, command, read_events,
+                           read_record_ids, restore_state, run_main, start_main, start_pair,
                            wait_for_step)
 
 pytestmark = pytest.mark.slow
@@ -195,18 +195,7 @@ def test_two_processes_train_like_one(run_a, tiny_args, tmp_path):
     same global batches (record ids) and, to fp32 tolerance, the same parameters as one process
     on one device; the checkpoint they write together restores in a single process."""
     workdir = str(tmp_path / "two")
-    os.makedirs(workdir)
-    port = free_port()
-    processes = []
-    for index in range(2):
-        env = dict(child_env(), XLA_FLAGS="--xla_force_host_platform_device_count=2",
-                   JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2",
-                   JAX_PROCESS_ID=str(index), JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo")
-        with open(f"{workdir}.{index}.log", "wb") as log:
-            processes.append(subprocess.Popen(
-                command(workdir, "train", *tiny_args, *TRAIN, "--config.mesh.data=2",
-                        "--config.mesh.fsdp=2"),
-                cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT))
+    processes = start_pair(workdir, tiny_args, devices_per_process=2)
     for index, process in enumerate(processes):
         try:
             code = process.wait(timeout=TIMEOUT)

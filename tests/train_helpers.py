@@ -250,19 +250,21 @@ def free_port():
         return s.getsockname()[1]
 
 
-def start_pair(workdir, tiny_args, *extra):
-    """Two `--mode=train` processes of one run (FSDP over both), logs in WORKDIR.<i>.log."""
+def start_pair(workdir, tiny_args, *extra, devices_per_process=4):
+    """Two `--mode=train` processes of one run (data 2 x FSDP over each process's devices),
+    logs in WORKDIR.<i>.log."""
     os.makedirs(workdir, exist_ok=True)
     port = free_port()
     processes = []
     for index in range(2):
-        env = dict(child_env(), XLA_FLAGS="--xla_force_host_platform_device_count=4",
+        env = dict(child_env(),
+                   XLA_FLAGS=f"--xla_force_host_platform_device_count={devices_per_process}",
                    JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2",
                    JAX_PROCESS_ID=str(index), JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo")
         with open(f"{workdir}.{index}.log", "wb") as log:
             processes.append(subprocess.Popen(
                 command(workdir, "train", *tiny_args, *TRAIN, "--config.mesh.data=2",
-                        "--config.mesh.fsdp=4", *extra),
+                        f"--config.mesh.fsdp={devices_per_process}", *extra),
                 cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT))
     return processes
 
