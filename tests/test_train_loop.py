@@ -286,6 +286,7 @@ def test_host_loop_keeps_the_device_busy_through_log_steps(tiny_args, tmp_path, 
 
     from lidit_jax.data import pipeline
     from lidit_jax.train import loop
+    from lidit_jax.train import program as program_lib
 
     config = _config_from(tiny_args)  # In this process: conftest's 8 CPU devices.
     config.train.steps, config.train.log_every = 12, 2
@@ -315,7 +316,7 @@ def test_host_loop_keeps_the_device_busy_through_log_steps(tiny_args, tmp_path, 
         return read_batch(self)
 
     dispatches = []  # (previous step still running?, batch on the devices?) at each dispatch
-    jit_train_step = loop.jit_train_step
+    jit_train_step = program_lib.jit_train_step
 
     def slow_jit_train_step(*args, **kwargs):
         train_step = jit_train_step(*args, **kwargs)
@@ -327,7 +328,7 @@ def test_host_loop_keeps_the_device_busy_through_log_steps(tiny_args, tmp_path, 
         return slow_step
 
     monkeypatch.setattr(pipeline.TrainIterator, "__next__", slow_read)
-    monkeypatch.setattr(loop, "jit_train_step", slow_jit_train_step)
+    monkeypatch.setattr(program_lib, "jit_train_step", slow_jit_train_step)
     sigterm = signal.getsignal(signal.SIGTERM)  # The loop installs its own handler.
     try:
         loop.run(config, str(tmp_path))
