@@ -21,7 +21,7 @@ def load(spec):
         raise FileNotFoundError(f"no config file {path!r}")
     module = importlib.util.module_from_spec(module_spec)
     module_spec.loader.exec_module(module)
-    return module.get_config(arg or None) if arg else module.get_config()
+    return module.get_config(arg) if arg else module.get_config()
 
 
 def flatten_keys(config, prefix=""):
@@ -62,9 +62,11 @@ def apply_overrides(config, overrides):
     """Sets each `key=value` string (or (key, value) pair, value already parsed) on `config`;
     an unknown key raises KeyError naming the nearest one. Returns `config`."""
     for override in overrides:
-        key, value = (override.partition("=")[::2] if isinstance(override, str) else override)
         if isinstance(override, str):
-            value = parse_value(value)
+            key, _, text = override.partition("=")
+            value = parse_value(text)
+        else:
+            key, value = override
         message = unknown_key_message(config, key)
         if message:
             raise KeyError(f"{override!r}: {message}")
