@@ -8,9 +8,13 @@ Two comparisons, each on the same weights (the offline SmolLM2 GGUF, dequantized
 - the encoder task as the trainer runs it: `batch` real captions (T2I-CompBench colour
   prompts) under the paper's instruction and SmolLM2's chat template at the paper configs'
   `text.max_length` (256), the state of layer -3 out. Ours is `PromptEncoder.encode` with
-  `crop_padding` (`text/in_step.py`: the length bucket of the longest caption, only the layers
-  layer -3 needs); transformers gets the same token ids padded to max_length, as a plain
-  encoder pipeline pads, and returns hidden_states[-3]. prompts/s.
+  `crop_padding` (`text/in_step.py`: the template prefix's keys and values computed once, the
+  length bucket of the longest caption after it, only the layers layer -3 needs), and again
+  without the prefix reuse (`ours_full_forward`: the bucket over the whole sequence, as before
+  it); transformers gets the same token ids padded to max_length, as a plain encoder pipeline
+  pads, and (`transformers_longest`) cut to the batch's longest sequence, as a pipeline that
+  pads per batch does; hidden_states[-3] out. prompts/s; ratios are transformers' seconds over
+  ours.
 Each contender runs in a process of its own, is warmed up once (our jit compiles there), then
 they take turns over `repeats` calls (benchmarks/timing.py). torch runs with as many threads as
 XLA:CPU uses (all cores).
@@ -67,23 +71,31 @@ def task_prompts(batch):
     return [p for p in t2i_compbench_prompts("color")][:batch]
 
 
-def ours_task_contender(batch, length):
-    """The encoder task as the trainer runs it (module docstring)."""
+def ours_task_contender(batch, length, prefix_reuse=True):
+    """The encoder task as the trainer runs it (module docstring); prefix_reuse=False: every
+    caption runs the full forward (no shared prefix found)."""
     import jax
     del length
     encoder, prompts = task_encoder(), task_prompts(batch)
+    if not prefix_reuse:
+        encoder.prefix_ids = None
     tokens = encoder.tokenize(prompts)
     bucket = int(encoder.encode(prompts, crop_padding=True)["states"].shape[1])
     return (lambda: jax.block_until_ready(encoder.encode(prompts, crop_padding=True)["states"]),
-            {"real_tokens": int(tokens["mask"].sum()), "bucket": bucket})
+            {"real_tokens": int(tokens["mask"].sum()), "bucket": bucket,
+             "prefix": 0 if encoder.prefix_ids is None else len(encoder.prefix_ids)})
 
 
-def transformers_task_contender(batch, length):
-    """The same token ids at max_length through transformers, hidden_states[-3] out."""
+def transformers_task_contender(batch, length, longest=False):
+    """The same token ids at max_length (longest=True: cut to the longest sequence) through
+    transformers, hidden_states[-3] out."""
     import torch
     del length
     model = _transformers_model()
-    tokens = task_encoder().tokenize(task_prompts(batch))
+    encoder = task_encoder()
+    tokens = encoder.tokenize(task_prompts(batch))
+    if longest:
+        tokens = encoder.crop(tokens, encoder.longest_sequence(tokens))
     ids, mask = (torch.tensor(tokens[k]).long() for k in ("input_ids", "mask"))
 
     def run():
@@ -133,17 +145,24 @@ def run(smoke=False, batch=16, length=128, repeats=3):
            "transformers_tokens_per_s": reference_rate, "ratio": ours_rate / reference_rate,
            "torch_threads": info["transformers"]["torch_threads"], "repeats": repeats,
            "load_average": load}
+    task_factory = "benchmarks.llm_forward:{}_task_contender".format
     seconds, info = interleaved_seconds_apart(
-        {"ours": ("benchmarks.llm_forward:ours_task_contender", shape),
-         "transformers": ("benchmarks.llm_forward:transformers_task_contender", shape)}, repeats)
+        {"ours": (task_factory("ours"), shape),
+         "ours_full_forward": (task_factory("ours"), dict(shape, prefix_reuse=False)),
+         "transformers": (task_factory("transformers"), shape),
+         "transformers_longest": (task_factory("transformers"), dict(shape, longest=True))},
+        repeats)
     task = {"task": f"encoder task: captions + instruction + chat template, layer {TASK_LAYER}",
             "model": "SmolLM2-135M", "dtype": "float32", "prompts": batch,
             "max_length": TASK_MAX_LENGTH, "ours_length": info["ours"]["bucket"],
+            "prefix": info["ours"]["prefix"],
+            "full_forward_length": info["ours_full_forward"]["bucket"],
             "real_tokens": info["ours"]["real_tokens"],
-            "ours_prompts_per_s": batch / seconds["ours"],
-            "transformers_prompts_per_s": batch / seconds["transformers"],
-            "ratio": seconds["transformers"] / seconds["ours"], "repeats": repeats,
-            "load_average": load_average()}
+            **{f"{name}_prompts_per_s": batch / s for name, s in seconds.items()},
+            "ratio": seconds["transformers"] / seconds["ours"],
+            "ratio_full_forward": seconds["transformers"] / seconds["ours_full_forward"],
+            "ratio_vs_longest": seconds["transformers_longest"] / seconds["ours"],
+            "repeats": repeats, "load_average": load_average()}
     return [raw, task]
 
 

@@ -25,7 +25,9 @@ the layer stack being one scan whose body the cost model counts once. They print
 `encoder_flops_per_chip=<float> encoder_hbm_gib=<float>` (weights per chip plus one layer's
 temporaries) before the last line, and est. MFU is for the whole step as launched:
 (DiT model FLOPs + encoder FLOPs) / ((DiT seconds + encoder seconds) x peak). Token ids are
-compiled at text.max_length, the longest bucket the trainer sends.
+compiled at text.max_length, the longest bucket the trainer sends; as in the trainer, the blocks
+run over the tokens after the template's shared prefix only (its keys and values are computed
+once at load, `text/in_step.py`), where the LLM's tokenizer is there to find that prefix.
 Last line: `fits=<True|False> hbm_per_chip_gib=<float> est_mfu=<float>`.
 """
 from lidit_jax.aot_compile import compile_train_step, topology_devices

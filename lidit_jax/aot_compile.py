@@ -13,6 +13,7 @@ from lidit_jax import configuration
 from lidit_jax.parallel import mesh as mesh_lib
 from lidit_jax.parallel import sharding
 from lidit_jax.text import architectures, features
+from lidit_jax.text import encoder as encoder_lib
 from lidit_jax.text import weights as weights_lib
 from lidit_jax.text.features import pools_layers
 from lidit_jax.text.in_step import StateChoice, TextEncoders
@@ -54,8 +55,10 @@ def _encoder_architecture(config, name):
 
 
 def abstract_text_encoders(config, mesh, depths=None):
-    """(in_step.TextEncoders, [abstract weights with shardings]) of the LLMs the train step runs,
-    cut to the layers their chosen states need (or to `depths`, one per LLM: cost twins)."""
+    """(in_step.TextEncoders, [abstract {"weights", "prefix"} with shardings]) of the LLMs the
+    train step runs, cut to the layers their chosen states need (or to `depths`, one per LLM:
+    cost twins); "prefix": the template prefix's cache where the LLM's tokenizer is there to
+    find it (`encoder.configured_prefix`), so the blocks run over the tokens after it only."""
     graphdefs, choices, params = [], [], []
     for k, name in enumerate(features.encoder_names(config.text)):
         llm = config.text.llms[name]
@@ -70,8 +73,12 @@ def abstract_text_encoders(config, mesh, depths=None):
             choice = StateChoice(depths[k], llm.layer_combine, False, architecture.num_layers)
         state = jax.eval_shape(lambda s: keep_layers(s, choice.depth), state)  # noqa: B023
         shardings = sharding.state_shardings(state, mesh, config.mesh.rules)
-        params.append(jax.tree.map(
-            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), state, shardings))
+        state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                             state, shardings)
+        prefix_ids = encoder_lib.configured_prefix(config.text, name, architecture)
+        params.append({"weights": state, "prefix": {} if prefix_ids is None else
+                       encoder_lib.abstract_prefix_cache(graphdef, choice, state, prefix_ids,
+                                                         mesh, config.mesh.rules)})
         graphdefs.append(graphdef)
         choices.append(choice)
     return TextEncoders(tuple(graphdefs), tuple(choices)), params
@@ -99,7 +106,7 @@ def compile_train_step(config, devices):
         encoder_args = (encoder_params,)
     program = program_lib.build(config, mesh, llm_widths, config.vae.latent_channels,
                                 (side, side), shardings_of(batch), text_encoders,
-                                *(shardings_of(a) for a in encoder_args))
+                                *encoder_args)
     state = program.abstract_state
     with jax.set_mesh(mesh), sharding.axis_rules(config.mesh.rules):
         return program.step.lower(state, batch, *encoder_args).compile(), state

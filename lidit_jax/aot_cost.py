@@ -15,7 +15,7 @@ from lidit_jax.diffusion import flops as flops_lib
 from lidit_jax.nn.attention import select_implementation, splash_tiles
 from lidit_jax.parallel import mesh as mesh_lib
 from lidit_jax.parallel import sharding
-from lidit_jax.text.in_step import TextEncoders
+from lidit_jax.text.in_step import TextEncoders, encoder_flops
 from lidit_jax.train.inputs import abstract_batch
 
 # Matmuls of one splash attention call, forward and backward (`splash_cost_per_chip`;
@@ -98,9 +98,13 @@ def loop_counted_cost(config, devices, compiled=None):
 
 
 def encoder_report(config, devices):
-    """{'flops', 'seconds', 'hbm_bytes'} per chip of the frozen LLMs the step runs (text.cache_dir
-    empty): loop-counted from programs of the encoders alone with 0 and 1 layers (see the module
-    docstring); hbm_bytes: their weights per chip plus the 1-layer program's temporaries."""
+    """{'flops', 'model_flops', 'seconds', 'hbm_bytes'} per chip of the frozen LLMs the step
+    runs (text.cache_dir empty): loop-counted from programs of the encoders alone with 0 and 1
+    layers (see the module docstring), over the tokens after each template's cached prefix
+    (`in_step.prefix_cache`, where the LLM's tokenizer is there to find it), as the step runs
+    them; model_flops: `in_step.encoder_flops`, the count the trainer's logged MFU uses;
+    hbm_bytes: their weights and prefix caches per chip plus the 1-layer program's
+    temporaries."""
     mesh = mesh_lib.build_mesh(config.mesh, devices)
     full, params = abstract_text_encoders(config, mesh)
     side = config.data.image_size // config.vae.downsample
@@ -123,7 +127,9 @@ def encoder_report(config, devices):
         flops += f0 + choice.depth * (f1 - f0)
         seconds += s0 + choice.depth * (s1 - s0)
     weight_bytes = sum(_bytes_per_chip(leaf) for leaf in jax.tree.leaves(params))
-    return {"flops": flops, "seconds": seconds, "hbm_bytes": weight_bytes + temp}
+    model_flops = encoder_flops(params, config.train.batch_size, config.text.max_length)
+    return {"flops": flops, "model_flops": model_flops / len(devices), "seconds": seconds,
+            "hbm_bytes": weight_bytes + temp}
 
 
 def dit_attention_kernels(config, device):
@@ -193,7 +199,7 @@ def speed_report(config, devices, compiled=None):
     flops, seconds = flops + splash_flops, seconds + splash_seconds
     ratio = flops / model_flops
     encoders = (encoder_report(config, devices) if not config.text.cache_dir else
-                {"flops": 0.0, "seconds": 0.0, "hbm_bytes": 0})
+                {"flops": 0.0, "model_flops": 0.0, "seconds": 0.0, "hbm_bytes": 0})
     if splash_flops:
         why = ("splash kernels counted from their matmuls at the bf16 peak, heads padded to the "
                "MXU (the cost model cannot see them); their backward recomputes the logits")
@@ -211,5 +217,6 @@ def speed_report(config, devices, compiled=None):
                 model_flops=model_flops, flops_ratio=ratio, flops_check=why,
                 seconds=step_seconds, dit_seconds=seconds, peak_flops=peak, est_mfu=mfu,
                 splash_flops=splash_flops, splash_seconds=splash_seconds,
-                encoder_flops=encoders["flops"], encoder_seconds=encoders["seconds"],
+                encoder_flops=encoders["flops"], encoder_model_flops=encoders["model_flops"],
+                encoder_seconds=encoders["seconds"],
                 encoder_hbm_bytes=encoders["hbm_bytes"])

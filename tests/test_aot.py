@@ -122,13 +122,16 @@ def test_online_text_path_counts_the_frozen_llm_in_the_step(report, capsys):
     assert match and lines[-1].startswith("fits=True hbm_per_chip_gib=")
     flops, hbm_gib = float(match[1]), float(match[2])
 
-    # Layer -3 of SmolLM2's 30: 28 blocks over 32 captions of 56 tokens, forward only.
+    # Layer -3 of SmolLM2's 30: 28 blocks over 32 captions of 56 tokens, less the 25 of the
+    # instruction that run once (cached keys and values), forward only.
     e, kv, f, layers = 576, 3 * 64, 1536, 28
     matmul_params = 2 * e * e + 2 * e * kv + 3 * e * f
-    tokens = config.train.batch_size * config.text.max_length
-    attention = 4 * config.text.max_length * tokens * e
+    tokens = config.train.batch_size * (config.text.max_length - 25)
+    attention = 4 * config.text.max_length * tokens * e  # Each attends to the prefix's keys.
     expected = layers * (2 * matmul_params * tokens + attention) / len(devices)
     assert flops == pytest.approx(expected, rel=0.1)
+    # The count the trainer's logged MFU uses (in_step.encoder_flops) is that arithmetic.
+    assert online["encoder_model_flops"] == pytest.approx(expected, rel=1e-9)
     # Its float32 weights (28 blocks and the embedding table) sharded over the 4 chips, at least.
     weights = (layers * (matmul_params + 2 * e) + 49152 * e) * 4 / len(devices)
     assert weights / 2**30 <= hbm_gib

@@ -13,7 +13,7 @@ from PIL import Image
 
 from configs import common
 from lidit_jax import encode
-from lidit_jax.data import array_cache, pipeline, records
+from lidit_jax.data import array_cache, batch_plan, images, pipeline, records
 from lidit_jax.diffusion import latent_cache
 from lidit_jax.diffusion.vae import load_vae
 from lidit_jax.text import cache as text_cache
@@ -77,9 +77,11 @@ def test_text_cache_round_trip_equals_online_encoding(tiny_llm, text_cache_dir):
     np.testing.assert_allclose(real_cached, real_online, rtol=2 ** -7, atol=1e-3)
     assert np.abs(real_cached - real_online).mean() < 1e-4
     assert not cached["states"][~mask].any()  # Padding is zeros, never another row's tokens.
-    # The cache was written from batches cropped to their longest sequence (rounded up to 16).
+    # The cache was written from batches cropped to their bucket (the shared template prefix,
+    # if any, plus the longest caption rounded up to 16, 32, ...).
     cropped = encoder.encode(["a red circle"], crop_padding=True)["states"]
-    assert cropped.shape[1] % 16 == 0 and cropped.shape[1] < config.text.max_length
+    assert cropped.shape[1] == encoder.bucket(encoder.tokenize(["a red circle"]))
+    assert cropped.shape[1] < config.text.max_length
 
 
 @pytest.mark.parametrize("change,field", [
@@ -362,3 +364,31 @@ def test_train_inputs_read_scaled_latents_from_the_cache(record_dir, vae_dir, la
                                atol=1e-6)
     assert inputs.fingerprints()["image_space"] == vae.fingerprint
     inputs.close()
+
+
+def test_latents_are_encoded_over_all_local_devices_as_on_one(record_dir, vae_dir):
+    """--mode=encode's VAE batches are sharded over the host's 8 (fake) devices; the means equal
+    one device's, in float32 before the bf16 rounding of the cache (XLA:CPU's sums move by
+    ~5e-7 with the batch's split, so bitwise equality is not the contract)."""
+    config = _latent_config(record_dir, vae_dir)
+    source = pipeline.make_source(config.data)
+    sharded_vae, one_device_vae = load_vae(vae_dir), load_vae(vae_dir)
+    stages = latent_cache.sharded_stages(
+        sharded_vae, config.data, lambda i: (source[i], batch_plan.header_size(source[i])),
+        batch_size=8)
+    batches = stages.prepare(list(range(NUM_IMAGES)))
+    assert sorted(i for batch, _ in batches for i in batch) == list(range(NUM_IMAGES))
+    encoded = 0
+    for batch, pixels in batches:
+        if pixels is None:  # Unreadable: an empty latent, nothing on a device.
+            assert set(batch) <= set(_BAD)
+            assert stages.finish(batch, stages.compute(pixels))[0]["latent"].size == 0
+            continue
+        means = stages.compute(pixels)
+        assert len(means.sharding.device_set) == 8 == len(pixels)  # Padded to 8 per batch.
+        reference = one_device_vae.encode(images.to_model_range(pixels))
+        np.testing.assert_allclose(np.asarray(means), np.asarray(reference), atol=2e-6)
+        entries = stages.finish(batch, means)
+        assert len(entries) == len(batch)
+        encoded += len(batch)
+    assert encoded == NUM_IMAGES - len(_BAD)

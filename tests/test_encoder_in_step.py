@@ -21,7 +21,6 @@ from lidit_jax.text.weights import load_llm
 from lidit_jax.train import loop
 from lidit_jax.train.inputs import TrainInputs
 from lidit_jax.train import program as program_lib
-from lidit_jax.train.state import shardings_of
 from train_helpers import make_mesh
 
 NUM_LAYERS = 4
@@ -95,6 +94,7 @@ def test_states_equal_the_full_forward_from_only_the_layers_they_need(
                                rtol=2 ** -7, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_train_step_runs_the_frozen_llm_sharded_on_the_global_mesh(llm4, tmp_path):
     config = _config(llm4)
     config.text.cache_dir = ""
@@ -113,8 +113,15 @@ def test_train_step_runs_the_frozen_llm_sharded_on_the_global_mesh(llm4, tmp_pat
     inputs = TrainInputs(config, str(tmp_path), mesh)
     batch = inputs.next_batch()
     ids = batch["text"]["input_ids"][0]
-    # The shapes captions (<= 26 tokens) after the 26-token instruction: bucket 64, not 128.
-    assert "states" not in batch["text"] and ids.dtype == jnp.int32 and ids.shape[1] == 64
+    # The shapes captions (<= 26 tokens) after the instruction's 25 shared tokens: those and a
+    # bucket of 32 after them, not 128.
+    prefix = inputs.encoders[0].prefix_ids
+    assert len(prefix) == 25
+    assert "states" not in batch["text"] and ids.dtype == jnp.int32 and ids.shape[1] == 25 + 32
+    # The prefix's keys and values ride with the weights, on the global mesh (kv heads over
+    # `tensor` where it divides them; the one kv head here is replicated), bf16.
+    keys = inputs.encoder_params[0]["prefix"]["keys"]  # [layers run, prefix, kv, head_dim]
+    assert keys.shape == (2, 25, 1, 16) and keys.sharding.mesh.shape == mesh.shape
     assert np.asarray(batch["text"]["masks"][0]).sum(1).max() > 32
     weights = jax.tree.leaves(inputs.encoder_params)
     assert any(not w.sharding.is_fully_replicated for w in weights)
@@ -123,7 +130,7 @@ def test_train_step_runs_the_frozen_llm_sharded_on_the_global_mesh(llm4, tmp_pat
 
     program = program_lib.build(config, mesh, inputs.llm_widths, inputs.channels,
                                 inputs.image_hw, inputs.batch_shardings(), inputs.text_encoders,
-                                shardings_of(inputs.encoder_params))
+                                inputs.encoder_params)
     state = program.init_state()
     # The LLM is no trainable parameter: no optimizer moments, no EMA.
     assert not any(x.shape[-1] == NUM_LAYERS or x.size >= 49152 * 32
@@ -135,6 +142,13 @@ def test_train_step_runs_the_frozen_llm_sharded_on_the_global_mesh(llm4, tmp_pat
     assert np.isfinite(float(metrics["loss"])) and np.isfinite(float(metrics["grad_norm"]))
     for w, b in zip(jax.tree.leaves(inputs.encoder_params), before):  # Not donated, unchanged.
         np.testing.assert_array_equal(np.asarray(w), b)
+    # The logged MFU counts the LLM's forward: 2 of its blocks over the 103 tokens after the
+    # prefix of every caption at text.max_length, beside the DiT's step.
+    dit = program_lib.build(config, mesh, inputs.llm_widths, inputs.channels, inputs.image_hw,
+                            inputs.batch_shardings()).model_flops_per_step
+    e, kv, f, tokens = 32, 16, 64, 128 - 25
+    matmul = 2 * (2 * e * e + 2 * e * kv + 3 * e * f) * tokens + 4 * tokens * 128 * e
+    assert program.model_flops_per_step - dit == pytest.approx(8 * 2 * matmul)
     inputs.close()
 
 
@@ -183,3 +197,51 @@ def test_configured_shape_must_be_the_loaded_llms(tiny_llm):
     with pytest.raises(configuration.ConfigError,
                        match=r"architecture='llama3-8b' does not match .*hidden_size 32"):
         PromptEncoder.from_config(config, "smollm2")
+
+
+def test_templates_without_a_shared_prefix_run_the_full_forward(llm4):
+    """Left padding, or an encoder that is not causal: no prefix cache (the reason is
+    logged); with right padding the cached prefix is exactly the tokens every caption starts
+    with, and tokenized alone they are the same ids."""
+    from lidit_jax.text.encoder import shared_prefix
+    config = _config(llm4)
+    encoder = PromptEncoder("smollm2", config.text.llms.smollm2, config.text)
+    tokens = encoder.tokenize(CAPTIONS + ["42 apples", "(a) note"])
+    prefix = encoder.prefix_ids
+    assert (tokens["input_ids"][:, :len(prefix)] == prefix).all()
+    alone = encoder.template.tokenizer(encoder.template.prefix, add_special_tokens=False)
+    assert list(alone["input_ids"])[:len(prefix)] == list(prefix)
+    assert encoder.prefix_mismatches == 0
+    config.text.padding_side = "left"
+    left = PromptEncoder("smollm2", config.text.llms.smollm2, config.text)
+    assert left.prefix_ids is None and left.load() and left.params["prefix"] == {}
+    bert_like = object()  # Any config that is not a decoder LLM's.
+    assert shared_prefix(encoder.template, bert_like) == (
+        None, "not a causal LLM: every token's state depends on the caption")
+
+
+@pytest.mark.slow
+def test_smollm2_prefix_reuse_matches_the_full_forward():
+    """The real SmolLM2-135M GGUF (bf16, layer -3) with the paper's instruction in its chat
+    template: the states with the template prefix's keys and values computed once equal the
+    full forward's over [prefix + caption] to bf16 rounding of the state scale."""
+    from flax import nnx
+
+    from configs import common
+    from lidit_jax.text.in_step import chosen_states
+    config = common.get_config()
+    config.text.llms.smollm2.dtype = "bfloat16"
+    config.text.max_length = 96
+    encoder = PromptEncoder("smollm2", config.text.llms.smollm2, config.text)
+    assert encoder.template.chat_template and len(encoder.prefix_ids) == 49
+    ours = encoder.encode(CAPTIONS, crop_padding=True)
+    tokens = encoder.crop(encoder.tokenize(CAPTIONS), ours["states"].shape[1])
+    assert ours["states"].shape[1] == 49 + 16
+    model = nnx.merge(encoder.llm.graphdef, encoder.llm.state)
+    full = jax.jit(lambda ids, mask: chosen_states(model, encoder.choice, ids, mask))(
+        tokens["input_ids"], tokens["mask"])
+    real = tokens["mask"]
+    ours, full = (np.asarray(x, np.float32)[real] for x in (ours["states"], full))
+    # Both paths round to bf16 states after float32 residuals and bf16 matmuls in different
+    # shapes: a few bf16 steps (2^-8 relative) of the largest state.
+    assert np.abs(ours - full).max() <= 2 ** -6 * np.abs(full).max()

@@ -220,6 +220,7 @@ def check_real_model(name, tolerance, bf16_tolerance=None):
     return tokenizer.decode(ours)
 
 
+@pytest.mark.slow
 def test_smollm2_gguf_matches_transformers():
     check_real_model("smollm2", 1e-3, bf16_tolerance=0.05)
 
@@ -263,3 +264,47 @@ def test_left_padding_leaves_real_tokens_unchanged(family, tmp_path):
     alone = llm.hidden_states(ids[1:, 3:], mask[1:, 3:])
     for p, a in zip(padded, alone):
         np.testing.assert_allclose(np.asarray(p)[1, 3:], np.asarray(a)[0], rtol=1e-5, atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def template_tokens():
+    """Real boundaries: SmolLM2's chat template + the paper's instruction over captions of
+    several lengths (right padding), and the template's shared prefix."""
+    from lidit_jax.text.tokenizer import PromptTemplate
+    from lidit_jax.text.weights import open_source
+    tokenizer = open_source(default_model_path("smollm2")).tokenizer()
+    template = PromptTemplate(tokenizer, instruction=common.PAPER_INSTRUCTION,
+                              use_instruction=True, system_prompt="", use_chat_template=True,
+                              max_length=72)
+    tokens = template.encode_batch(["a red circle on the left", "",
+                                    "two small blue squares in the middle of the image"])
+    return template, tokens
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3", "gemma3"])
+def test_prefix_keys_and_values_reused_give_the_full_forward(family, tmp_path, template_tokens):
+    """The blocks run over the caption part only, after the shared prefix's cached keys and
+    values (positions from the prefix's length): every layer's output equals the forward over
+    [prefix + caption] (float32). Gemma's 4-token sliding window is shorter than the prefix."""
+    from lidit_jax.text.encoder import shared_prefix
+    build_tiny(family, tmp_path)
+    llm = load_llm(tmp_path)
+    template, tokens = template_tokens
+    prefix, why_not = shared_prefix(template, llm.config)
+    assert prefix is not None and 40 <= len(prefix) < template.template_length, why_not
+    length = len(prefix)
+    ids, mask = tokens["input_ids"] % VOCAB, tokens["attention_mask"]  # The tiny vocabulary.
+    assert (tokens["input_ids"][:, :length] == prefix).all()
+    model = llm.model
+    _, full, full_last, _ = model.residual_stream(jnp.asarray(ids), jnp.asarray(mask))
+    _, _, _, (keys, values) = model.residual_stream(
+        jnp.asarray(prefix % VOCAB)[None], jnp.ones((1, length), bool), return_keys_values=True)
+    _, part, part_last, _ = model.residual_stream(
+        jnp.asarray(ids[:, length:]), jnp.asarray(mask[:, length:]),
+        prefix={"keys": keys[:, 0], "values": values[:, 0]})
+    real = mask[:, length:].astype(bool)
+    for ours, reference in [(part, full[:, :, length:]), (part_last[None], full_last[None, :,
+                                                                                      length:])]:
+        ours, reference = np.asarray(ours)[:, real], np.asarray(reference)[:, real]
+        scale = np.abs(reference).max()
+        assert np.abs(ours - reference).max() <= 1e-5 * scale

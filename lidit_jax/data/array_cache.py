@@ -26,11 +26,12 @@ import ml_dtypes
 import numpy as np
 from absl import logging
 from lidit_jax import paths
-from lidit_jax.data import shards
+from lidit_jax.data import encode_order, shards
 
 FORMAT_VERSION = 1
 METADATA_FILE = "metadata.json"
 MANIFEST_FILE = "manifest.json"
+SHARD_SIZE = 1024  # Records per shard; process p of P encodes shards p, p + P, ...
 _DTYPES = {"bfloat16": ml_dtypes.bfloat16}
 
 
@@ -82,11 +83,13 @@ def compare_metadata(saved, expected, what):
         raise CacheMismatch(f"{what} does not match the config: " + "; ".join(differences))
 
 
-def write_cache(directory, num_records, encode_batch, metadata, *, shard_size=1024,
+def write_cache(directory, num_records, encode_batch, metadata, *, shard_size=SHARD_SIZE,
                 batch_size=64, process_index=0, process_count=1, progress=None):
-    """Fills `directory` with the arrays `encode_batch(indices)` returns for records 0..num_records-1.
+    """Fills `directory` with the arrays `encode_batch` makes for records 0..num_records-1.
 
-    encode_batch: list of record indices -> list of {name: np.ndarray}, one dict per index.
+    encode_batch: list of record indices -> list of {name: np.ndarray}, one dict per index
+      (consecutive batches of `batch_size`, in this thread), or `encode_order.Stages` (batches
+      in any order, I/O overlapped with the device); either way record i lands at its index.
     metadata: JSON-able description of what produced the arrays; a directory already holding a
       cache with other metadata is refused (CacheMismatch), one with the same is resumed.
     Process p writes shards p, p + process_count, ... (the data-parallel split of encoding).
@@ -104,6 +107,8 @@ def write_cache(directory, num_records, encode_batch, metadata, *, shard_size=10
         paths.write_text_atomic(metadata_path, json.dumps(full_metadata, indent=1))
 
     num_shards = -(-num_records // shard_size)
+    stages = (encode_batch if isinstance(encode_batch, encode_order.Stages)
+              else encode_order.Stages.of_function(encode_batch, batch_size))
     written = 0
     for shard in range(process_index, num_shards, process_count):
         final = shard_path(directory, shard)
@@ -111,15 +116,9 @@ def write_cache(directory, num_records, encode_batch, metadata, *, shard_size=10
             continue
         start, stop = shard * shard_size, min((shard + 1) * shard_size, num_records)
 
-        def entries():
-            for batch_start in range(start, stop, batch_size):
-                indices = list(range(batch_start, min(batch_start + batch_size, stop)))
-                for index, arrays in zip(indices, encode_batch(indices), strict=True):
-                    yield encode_entry(index, arrays)
-                if progress is not None:
-                    progress(len(indices))
-
-        written += shards.write_shard(final, entries())
+        entries = (encode_entry(index, arrays) for index, arrays in
+                   encode_order.encoded_in_order(range(start, stop), stages, progress=progress))
+        written += shards.write_shard(final, entries)
         logging.info("cache %s: shard %d of %d complete", directory, shard + 1, num_shards)
     # The process whose last upload lands last sees every shard (listings are consistent).
     if len(_listed_shards(directory)) == num_shards:

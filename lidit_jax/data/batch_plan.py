@@ -23,7 +23,6 @@ import numpy as np
 from absl import logging
 from PIL import Image
 
-from lidit_jax import paths
 from lidit_jax.data import records, shapes
 
 UNREADABLE = -1
@@ -62,23 +61,20 @@ def record_sizes(source):
     if isinstance(source, shapes.ShapesSource):
         return np.full((len(source), 2), source.image_size, np.int32)
     directory = getattr(source, "directory", None)
-    cache = paths.path(directory) / records.IMAGE_SIZES_FILE if directory else None
-    if cache and cache.exists():
-        sizes = np.load(io.BytesIO(cache.read_bytes()))
-        if sizes.shape == (len(source), 2):
-            return sizes
+    sizes = records.read_image_sizes(directory, len(source)) if directory else None
+    if sizes is not None:
+        return sizes
     logging.warning("reading the image headers of %d records of %r for aspect-ratio buckets "
                     "(every process reads every record): convert the data again, or run "
                     "--mode=encode, to write %s", len(source), source, records.IMAGE_SIZES_FILE)
     sizes = np.array([header_size(source[i]) for i in range(len(source))], np.int32)
     sizes = sizes.reshape(-1, 2)
-    if cache:
+    if directory:
         try:  # Every process may write it; each publishes a whole file (lidit_jax.paths).
-            with paths.local_output(cache) as temporary:
-                with open(temporary, "wb") as f:
-                    np.save(f, sizes)
+            records.write_image_sizes(directory, sizes)
         except OSError as e:  # A read-only record set is fine: the scan is redone next time.
-            logging.info("cannot save %s (%s); the header scan is not cached", cache, e)
+            logging.info("cannot save %s in %s (%s); the header scan is not cached",
+                         records.IMAGE_SIZES_FILE, directory, e)
     return sizes
 
 

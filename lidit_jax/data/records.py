@@ -77,6 +77,14 @@ def image_size(entry):
         return 0, 0
 
 
+def entry_caption(entry):
+    """Entry bytes -> its caption; "" for a bad record (never trained on)."""
+    try:
+        return images.check_caption(decode_record(entry)["caption"])
+    except ValueError:  # Includes images.BadRecord and bad JSON / UTF-8.
+        return ""
+
+
 def encode_image(array, image_format="png", quality=95):
     """uint8 [H, W, 3] -> encoded image bytes."""
     buffer = io.BytesIO()
@@ -144,11 +152,27 @@ def write_manifest(directory, shard_records, image_sizes=None):
     """Publishes manifest.json (and image_sizes.npy when given) for a complete record set."""
     directory = paths.path(directory)
     if image_sizes is not None:
-        with paths.local_output(directory / IMAGE_SIZES_FILE) as temporary:
-            with open(temporary, "wb") as f:
-                np.save(f, image_sizes)
+        write_image_sizes(directory, image_sizes)
     paths.write_text_atomic(directory / MANIFEST_FILE, json.dumps(
         {"format_version": FORMAT_VERSION, "shard_records": [int(n) for n in shard_records]}))
+
+
+def write_image_sizes(directory, image_sizes):
+    """Publishes image_sizes.npy (int32 [records, 2]) in a record set folder, whole or not at
+    all."""
+    with paths.local_output(paths.path(directory) / IMAGE_SIZES_FILE) as temporary:
+        with open(temporary, "wb") as f:
+            np.save(f, np.asarray(image_sizes, np.int32).reshape(-1, 2))
+
+
+def read_image_sizes(directory, num_records):
+    """image_sizes.npy of a record set folder, or None if it is missing or not [num_records, 2]
+    (written for other records)."""
+    try:
+        sizes = np.load(io.BytesIO((paths.path(directory) / IMAGE_SIZES_FILE).read_bytes()))
+    except FileNotFoundError:
+        return None
+    return sizes if sizes.shape == (num_records, 2) else None
 
 
 def _shards_and_counts(directory):
@@ -201,10 +225,7 @@ class ArrayRecordSource:
 
     def caption(self, index):
         """Caption of record `index` (for the text cache); "" for a bad record, never trained on."""
-        try:
-            return images.check_caption(decode_record(self[index])["caption"])
-        except ValueError:  # Includes images.BadRecord and bad JSON / UTF-8.
-            return ""
+        return entry_caption(self[index])
 
     def __repr__(self):
         return f"ArrayRecordSource({self.directory!r}, {len(self)} records)"

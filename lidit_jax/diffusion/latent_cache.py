@@ -12,14 +12,20 @@ metadata.json records the VAE weights fingerprint, the preprocessing (image size
 resize method) and the data set; a config that differs in any of these is refused with the
 field that differs.
 """
+import jax
 import ml_dtypes
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
 
-from lidit_jax.data import array_cache, batch_plan, images, pipeline
+from lidit_jax.data import array_cache, batch_plan, encode_order, images, pipeline
+from lidit_jax.parallel import mesh as mesh_lib
 
 LATENT_DTYPE = ml_dtypes.bfloat16
 # Bump when the image preprocessing changes, so old caches are refused.
 PREPROCESSING = "resize_center_crop/v1"
+# Batches of records per window read ahead: grouped by bucket within it, so a batch is full
+# unless its bucket holds under batch_size of the window's records.
+WINDOW_BATCHES = 4
 
 
 def expected_metadata(vae, data_config, num_records):
@@ -32,40 +38,89 @@ def expected_metadata(vae, data_config, num_records):
 
 
 def write_latent_cache(vae, config, workdir, source, *, batch_size=32, process_index=0,
-                       process_count=1, progress=None):
-    """Encodes every image of `source` with `vae` into `vae.latent_cache_dir` (resumable).
+                       process_count=1, progress=None, read=None):
+    """Encodes every image of `source` with `vae` into `vae.latent_cache_dir` (resumable), the
+    batches sharded over this process's devices (`sharded_stages`).
 
+    read: index -> (raw record, (height, width) from its image header); default reads `source`
+      (--mode=encode passes `image_sizes.EncodedSizes.read`, which keeps the sizes).
     Returns the number of records this process wrote (0 when the cache was complete).
     """
-    buckets = images.parse_buckets(config.data.buckets, config.data.image_size)
-    bucket_of_record = batch_plan.record_buckets(source, buckets)
-    empty = np.zeros((0, 0, vae.channels), LATENT_DTYPE)
-
-    def encode_batch(indices):
-        # One VAE call per bucket present in the batch (one static shape per call).
-        pixels = {}
-        for index in indices:
-            bucket = int(bucket_of_record[index])
-            if bucket == batch_plan.UNREADABLE:
-                continue
-            try:
-                image, _ = pipeline.parse_record(source[index])
-            except images.BadRecord:
-                continue
-            pixels.setdefault(bucket, []).append(
-                (index, images.resize_center_crop(image, *buckets[bucket])))
-        latents = {}
-        for group in pixels.values():
-            batch = images.to_model_range(np.stack([image for _, image in group]))
-            means = np.asarray(vae.encode(batch), np.float32).astype(LATENT_DTYPE)
-            latents.update((index, mean) for (index, _), mean in zip(group, means))
-        return [{"latent": latents.get(index, empty)} for index in indices]
+    def read_source(index):
+        raw = source[index]
+        return raw, batch_plan.header_size(raw)
 
     directory = array_cache.resolve(config.vae.latent_cache_dir, workdir)
     return array_cache.write_cache(
-        directory, len(source), encode_batch, expected_metadata(vae, config.data, len(source)),
-        batch_size=batch_size, process_index=process_index, process_count=process_count,
-        progress=progress)
+        directory, len(source), sharded_stages(vae, config.data, read or read_source, batch_size),
+        expected_metadata(vae, config.data, len(source)), batch_size=batch_size,
+        process_index=process_index, process_count=process_count, progress=progress)
+
+
+def sharded_stages(vae, data_config, read, batch_size, mesh=None):
+    """The VAE encoder as `encode_order.Stages`: a reader thread reads a window of records,
+    decodes and resizes each to its bucket and groups them by bucket; the caller's thread
+    dispatches each batch sharded over `mesh`'s devices (default: this process's,
+    `mesh_lib.local_mesh`); a writer thread fetches the means as bf16.
+
+    A batch is padded (with copies of its last image) to the device count times a power of two,
+    so each bucket compiles log2(batch_size / devices) + 1 shapes at most.
+    """
+    buckets = images.parse_buckets(data_config.buckets, data_config.image_size)
+    mesh = mesh_lib.local_mesh() if mesh is None else mesh
+    devices = mesh.devices.size
+    batch_sharding = NamedSharding(mesh, PartitionSpec(mesh.axis_names))
+    vae.replicate(mesh)
+    empty = np.zeros((0, 0, vae.channels), LATENT_DTYPE)
+
+    def pixels(index):  # -> (bucket, uint8 [H, W, 3]) or None for an unreadable image.
+        raw, size = read(index)
+        if min(size) <= 0:
+            return None
+        bucket = int(batch_plan.assign_buckets([size], buckets)[0]) if len(buckets) > 1 else 0
+        try:
+            image, _ = pipeline.parse_record(raw)
+        except images.BadRecord:
+            return None
+        return bucket, images.resize_center_crop(image, *buckets[bucket])
+
+    def prepare(indices):
+        by_bucket, bad = {}, []
+        for index, found in zip(indices, encode_order.read_all(pixels, indices)):
+            if found is None:
+                bad.append(index)
+            else:
+                by_bucket.setdefault(found[0], []).append((index, found[1]))
+        batches = [([index], None) for index in bad]
+        for group in by_bucket.values():
+            for start in range(0, len(group), batch_size):
+                chunk = group[start:start + batch_size]
+                batches.append(([index for index, _ in chunk],
+                                _padded(np.stack([image for _, image in chunk]), devices)))
+        return batches
+
+    def compute(batch):  # uint8 [n, H, W, 3] -> means [n, h, w, c] on the devices.
+        if batch is None:  # Unreadable images: nothing for the device.
+            return None
+        # uint8 to the devices and [-1, 1] there: a quarter of the bytes a float32 batch moves.
+        return vae.encode(images.to_model_range(jax.device_put(batch, batch_sharding)))
+
+    def finish(indices, means):
+        if means is None:
+            return [{"latent": empty} for _ in indices]
+        means = np.asarray(means, np.float32)[:len(indices)].astype(LATENT_DTYPE)
+        return [{"latent": mean} for mean in means]
+
+    return encode_order.Stages(prepare=prepare, compute=compute, finish=finish,
+                               window=WINDOW_BATCHES * batch_size)
+
+
+def _padded(batch, devices):
+    """uint8 [n, H, W, 3] -> uint8 [devices * 2^k >= n, H, W, 3], the last image repeated (its
+    means are dropped)."""
+    per_device = -(-len(batch) // devices)
+    padded = devices * (1 << (per_device - 1).bit_length())
+    return np.concatenate([batch, np.repeat(batch[-1:], padded - len(batch), axis=0)])
 
 
 class CachedLatents:

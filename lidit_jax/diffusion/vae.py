@@ -16,6 +16,7 @@ import os
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
 from safetensors import safe_open
 
 from lidit_jax.fingerprint import file_fingerprint
@@ -174,6 +175,11 @@ class VAE:
         # jax.jit caches one executable per input shape; the model is bound once here.
         self._moments = jax.jit(lambda state, x: nnx.merge(graphdef, state).moments(x))
         self._decode = jax.jit(lambda state, z: nnx.merge(graphdef, state).decode(z))
+
+    def replicate(self, mesh):
+        """Copies the weights to every device of `mesh`, once: `encode` of a batch sharded over
+        `mesh` then copies no weights per call (--mode=encode, `latent_cache.sharded_stages`)."""
+        self._state = jax.device_put(self._state, NamedSharding(mesh, PartitionSpec()))
 
     def _check(self, x, what, channels, multiple=1):
         if x.ndim != 4 or x.shape[-1] != channels:

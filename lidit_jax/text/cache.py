@@ -13,15 +13,19 @@ of these is refused with the field that differs. A fixed prompt missing from pro
 changed after encoding, or a cache made before prompts/ existed) is encoded by the LLM instead,
 whose weights then load: a warning says so.
 """
+import copy
 import json
 
 import numpy as np
 from absl import logging
 
-from lidit_jax.data import array_cache, pipeline
+from lidit_jax.data import array_cache, encode_order, pipeline
 from lidit_jax.text.encoder import pad_entry, trim_entry
 
 PROMPTS_DIR = "prompts"
+# Batches per window whose captions are sorted by token count: see docs/data.md's
+# padding fractions by window (python -m benchmarks.encode).
+WINDOW_BATCHES = 16
 
 
 def cache_root(config, workdir):
@@ -34,16 +38,40 @@ def expected_metadata(encoder, config, num_records):
                 data=pipeline.source_identity(config.data, num_records))
 
 
-def _encode_to_entries(encoder, captions):
-    encoded = encoder.encode(captions, crop_padding=True)
+def _entries(encoded):
+    """`encoder.encode(..., crop_padding=True)`'s output -> the cache's entries (host numpy)."""
     states, masks, prompt_masks = (np.asarray(encoded[k]) for k in ("states", "mask", "prompt_mask"))
     return [trim_entry(s, m, p) for s, m, p in zip(states, masks, prompt_masks)]
 
 
+def _encode_to_entries(encoder, captions):
+    return _entries(encoder.encode(captions, crop_padding=True))
+
+
+def length_sorted_stages(encoder, caption_of, batch_size, window_batches=WINDOW_BATCHES):
+    """The caption encoder as `encode_order.Stages`: a reader thread reads a window of
+    `window_batches` batches of captions and sorts them by token count, the caller's thread
+    dispatches each batch to the LLM, a writer thread fetches and trims its states."""
+    # The reader's own tokenizer: a Hugging Face fast tokenizer refuses calls from two threads
+    # at once ("Already borrowed"), and the caller's thread tokenizes in `encode`.
+    template = copy.deepcopy(encoder.template)
+
+    def prepare(indices):
+        captions = dict(zip(indices, encode_order.read_all(caption_of, indices)))
+        lengths = template.encode_batch([captions[i] for i in indices])["attention_mask"].sum(1)
+        return [(batch, [captions[i] for i in batch])
+                for batch in encode_order.length_batches(indices, lengths, batch_size)]
+
+    return encode_order.Stages(
+        prepare=prepare, compute=lambda captions: encoder.encode(captions, crop_padding=True),
+        finish=lambda indices, encoded: _entries(encoded), window=window_batches * batch_size)
+
+
 def write_text_cache(encoder, config, workdir, caption_of, num_records, *, prompts=(),
                      batch_size=64, process_index=0, process_count=1, progress=None):
-    """Encodes captions 0..num_records-1 (`caption_of(i)` -> str), the empty prompt and the
-    fixed `prompts` (process 0 writes these two).
+    """Encodes captions 0..num_records-1 (`caption_of(i)` -> str, called from reader threads),
+    the empty prompt and the fixed `prompts` (process 0 writes these two), in batches of
+    captions of about the same token count (`length_sorted_stages`).
 
     Resumable: complete shards are kept, so a killed run continues where it stopped.
     Returns the number of records written by this process.
@@ -52,13 +80,13 @@ def write_text_cache(encoder, config, workdir, caption_of, num_records, *, promp
         raise ValueError("the text cache stores real tokens first: set text.padding_side=right")
     directory = cache_root(config, workdir) / encoder.name
     metadata = expected_metadata(encoder, config, num_records)
-    encode_batch = lambda indices: _encode_to_entries(encoder, [caption_of(i) for i in indices])  # noqa: E731
     if process_index == 0:
         array_cache.write_cache(directory / "empty", 1,
                                 lambda _: _encode_to_entries(encoder, [""]), metadata)
         if prompts:
             _write_prompts(encoder, directory / PROMPTS_DIR, _identity(metadata), prompts)
-    return array_cache.write_cache(directory, num_records, encode_batch, metadata,
+    return array_cache.write_cache(directory, num_records,
+                                   length_sorted_stages(encoder, caption_of, batch_size), metadata,
                                    batch_size=batch_size, process_index=process_index,
                                    process_count=process_count, progress=progress)
 

@@ -13,9 +13,15 @@ Less work than transformers' forward for the same states:
     a stack of L+1;
   - length: token ids are cut to a bucket of the batch's longest sequence (`length_bucket`: 16,
     32, 64, ... up to text.max_length), so short captions do not pay for max_length, at a few
-    compiles per run.
-Not done: the instruction / system prefix's keys and values are recomputed for every caption
-(the same for every caption of a causal LLM; docs/pods.md has what it would save).
+    compiles per run;
+  - prefix: every caption of a run starts with the same template tokens (chat template system
+    part + the paper's instruction). For a causal LLM their states, keys and values are the
+    same for every caption, so they are computed once per LLM at load (`prefix_cache`, from
+    the frozen weights and the template only) and the blocks run over the caption part alone,
+    its positions starting at the prefix's length and its queries attending to the prefix's
+    keys (`DecoderLM.residual_stream`'s prefix). The output is the full forward's, prefix
+    rows included. BERT / T5 (not causal), templates without a shared token prefix and left
+    padding keep the full forward (`encoder.shared_prefix` says why, logged).
 """
 import dataclasses
 
@@ -69,41 +75,107 @@ class StateChoice:
         return max(self.layer) if isinstance(self.layer, tuple) else self.num_layers
 
 
-def chosen_states(model, choice, input_ids, attention_mask):
+def chosen_states(model, choice, input_ids, attention_mask, prefix=None):
     """input_ids, attention_mask [batch, len] -> the states the denoiser receives, STATE_DTYPE:
     [batch, len, feature_width] ("attention_pool": [batch, len, L+1, width]).
 
     `model` holds the first `choice.depth` layers (or all of them). Hidden state k < L is the raw
     residual stream after k layers, state L the last one after the final norm (transformers'
-    output_hidden_states).
+    output_hidden_states). prefix: None, or the `prefix_cache` of the P tokens every row starts
+    with (right padding): the blocks then run over input_ids[:, P:] only, and the first P rows
+    of the output are the cached prefix states (the same values as without the cache).
     """
+    if not prefix:
+        return _states(model, choice, input_ids, attention_mask)
+    prefix_states = prefix["states"]  # [P, ...]
+    length = prefix_states.shape[0]
+    caption = _states(model, choice, input_ids[:, length:], attention_mask[:, length:], prefix)
+    head = jnp.broadcast_to(prefix_states[None], (input_ids.shape[0], *prefix_states.shape))
+    return jnp.concatenate([head, caption], axis=1)
+
+
+def prefix_cache(model, choice, prefix_ids):
+    """What the prefix's tokens contribute, computed once: prefix_ids [P] int32 ->
+    {"keys", "values": [depth, P, kv_heads, head_dim] (the model's dtype, roped, per layer
+    run), "states": [P, ...] STATE_DTYPE (`chosen_states` of the prefix alone; causal: the
+    same in every caption)}. `model` is a DecoderLM cut to `choice.depth` layers."""
+    ids = prefix_ids[None]
+    mask = jnp.ones(ids.shape, bool)
+    hidden, keys_values = _hidden_states(model, choice, ids, mask, None, keep_keys_values=True)
+    keys, values = keys_values
+    return {"keys": keys[:, 0], "values": values[:, 0],
+            "states": _select(model, choice, hidden)[0]}
+
+
+def _hidden_states(model, choice, input_ids, attention_mask, prefix, keep_keys_values=False):
+    """-> ({index: [batch, len, embed]} of the hidden states the choice reads (a list of all
+    L+1 for a strategy), the layers' keys and values or None)."""
     depth, last_index = choice.depth, choice.num_layers
-    if isinstance(model, DecoderLM) and isinstance(choice.layer, int):
-        embeddings, _, last = model.residual_stream(input_ids, attention_mask,
-                                                    keep_layer_outputs=False)
-        if depth == 0:
-            state = embeddings
-        elif depth == last_index:
-            state = model.apply_final_norm(last).astype(model.dtype)
-        else:
-            state = last.astype(model.dtype)
-        hidden = {depth: state}
-    else:  # Several states (or a BERT / T5 encoder): the stack of every layer run.
+    keys_values = None
+    if isinstance(model, DecoderLM):
+        single = isinstance(choice.layer, int)
+        embeddings, stacked, last, keys_values = model.residual_stream(
+            input_ids, attention_mask, keep_layer_outputs=not single, prefix=prefix,
+            return_keys_values=keep_keys_values)
+        hidden = {0: embeddings}
+        if not single:  # Several states: the stack of every layer run.
+            hidden.update({k: stacked[k - 1] for k in range(1, depth + 1)})
+        if depth == last_index and depth:
+            hidden[depth] = model.apply_final_norm(last).astype(model.dtype)
+        elif depth:
+            hidden[depth] = last.astype(model.dtype)
+    else:  # A BERT / T5 encoder (not causal: no prefix).
         embeddings, stacked, final = model(input_ids, attention_mask)
         hidden = {0: embeddings, **{k: stacked[k - 1] for k in range(1, depth + 1)}}
         if depth == last_index:
             hidden[last_index] = final
-        if isinstance(choice.layer, str):
-            hidden = [hidden[k] for k in range(last_index + 1)]
+    if isinstance(choice.layer, str):
+        hidden = [hidden[k] for k in range(last_index + 1)]
+    return hidden, keys_values
+
+
+def _select(model, choice, hidden):
     final_norm = model.apply_final_norm if choice.final_norm else None
     states = features.select(hidden, choice.layer, choice.combine, final_norm)
     return jax.lax.stop_gradient(states.astype(STATE_DTYPE))
 
 
+def _states(model, choice, input_ids, attention_mask, prefix=None):
+    return _select(model, choice, _hidden_states(model, choice, input_ids, attention_mask,
+                                                 prefix)[0])
+
+
+# Every family's per-layer matmul weights (llm.transformer_layer_params); norms and biases are
+# element-wise.
+_MATMUL_WEIGHTS = ("q", "k", "v", "o", "gate", "up", "down")
+
+
+def encoder_flops(params, batch, length):
+    """Model FLOPs of the frozen encoders' forward over `batch` rows of `length` tokens (the
+    prefix's included), from their weights' and prefix caches' shapes (concrete or abstract
+    `TextEncoders` params): per layer run, 2 x matmul weights x tokens run plus attention's
+    4 n (P + n) heads head_dim per row, where n = length - P tokens run after a cached prefix of
+    P (P = 0 without one; the logits are dense, as XLA computes them). The trainer's logged MFU
+    and `--mode=compile`'s check of the compiler's encoder count use it."""
+    total = 0
+    for p in params:
+        layers = p["weights"]["layers"]
+        prefix = p["prefix"]["keys"].shape[1] if p["prefix"] else 0
+        tokens = length - prefix
+        q = jax.tree.leaves(layers["q"])[0]  # [depth, embed, heads, head_dim]
+        depth, attention_width = q.shape[0], q.shape[2] * q.shape[3]
+        matmul = sum(leaf.size for name in _MATMUL_WEIGHTS if name in layers
+                     for leaf in jax.tree.leaves(layers[name]))
+        total += batch * (2 * matmul * tokens
+                          + depth * 4 * tokens * (prefix + tokens) * attention_width)
+    return float(total)
+
+
 @dataclasses.dataclass(frozen=True)
 class TextEncoders:
     """The frozen encoders a jitted function runs: graph definitions and state choices (static);
-    the weights come in as arguments (`params`), one nnx.State per encoder.
+    the weights come in as arguments (`params`), per encoder {"weights": nnx.State, "prefix":
+    its `prefix_cache` or {} (full forward)}.
 
     tokens: {"input_ids": [[batch, len_k] int32], "masks": [[batch, len_k] bool],
              "prompt_masks": [[batch, len_k] bool]}, one entry per encoder ->
@@ -114,8 +186,9 @@ class TextEncoders:
     choices: tuple
 
     def __call__(self, params, tokens):
-        states = [chosen_states(nnx.merge(graphdef, weights), choice, ids, mask)
-                  for graphdef, choice, weights, ids, mask in zip(
+        states = [chosen_states(nnx.merge(graphdef, p["weights"]), choice, ids, mask,
+                                p["prefix"])
+                  for graphdef, choice, p, ids, mask in zip(
                       self.graphdefs, self.choices, params, tokens["input_ids"],
                       tokens["masks"], strict=True)]
         return {"states": states, "masks": tokens["masks"],

@@ -335,17 +335,26 @@ class DecoderLM(FrozenTextModel):
         embeddings [batch, len, embed]; stacked [layers, batch, len, embed] (raw residual stream
         after each layer); final [batch, len, embed] (last layer after the final norm).
         """
-        x, stacked, last = self.residual_stream(input_ids, attention_mask)
+        x, stacked, last, _ = self.residual_stream(input_ids, attention_mask)
         final = rms_norm(last, self.final_norm[...], self.config.rms_norm_eps,
                          self.config.norm_offset)
         return x, stacked, final.astype(self.dtype)
 
-    def residual_stream(self, input_ids, attention_mask, keep_layer_outputs=True):
-        """-> (embeddings, stacked layer outputs or None, last residual stream float32).
+    def residual_stream(self, input_ids, attention_mask, keep_layer_outputs=True, prefix=None,
+                        return_keys_values=False):
+        """-> (embeddings, stacked layer outputs or None, last residual stream float32, keys and
+        values or None).
 
-        Runs as many layers as the stacked weights hold (`text.in_step.keep_layers` drops the
-        ones a chosen state does not need). keep_layer_outputs=False returns no stack: a single
-        chosen layer then keeps one [batch, len, embed] state, not one per layer.
+        Runs as many layers as the stacked weights hold (`keep_layers` drops the ones a chosen
+        state does not need). keep_layer_outputs=False returns no stack: a single chosen layer
+        then keeps one [batch, len, embed] state, not one per layer.
+
+        prefix: None, or the keys and values {"keys", "values": [layers, P, kv_heads, head_dim]}
+        of P tokens every row starts with (`text.in_step.PrefixCache`): input_ids are then the
+        tokens after them, at positions P, P+1, ..., right-padded, each attending to all P
+        prefix keys and causally to its own row's keys, as in the forward over [prefix, ids].
+        return_keys_values: also return each layer's (roped) keys and values
+        [layers, batch, len, kv_heads, head_dim] (what `prefix` takes, computed once).
         """
         c = self.config
         x = jnp.take(self.embed[...], input_ids, axis=0)
@@ -362,25 +371,60 @@ class DecoderLM(FrozenTextModel):
                             for t in layer_types], np.int32)
         # Positions count real tokens (cumsum of the mask - 1, as transformers' generate), so a
         # left-padded row's tokens sit at 0..n-1 like the unpadded sequence's: [batch, len].
-        positions = jnp.maximum(jnp.cumsum(key_mask, axis=1) - 1, 0).astype(jnp.float32)
+        # After a prefix of P tokens (all real) they start at P.
+        offset = 0 if prefix is None else prefix["keys"].shape[1]
+        positions = (offset + jnp.maximum(jnp.cumsum(key_mask, axis=1) - 1, 0)).astype(
+            jnp.float32)
+        # Without a prefix the scan carries no keys: an empty [layers, 0] stand-in.
+        prefix_kv = ((prefix["keys"], prefix["values"]) if prefix is not None else
+                     (jnp.zeros((len(layer_types), 0)),) * 2)
 
         def layer(x, per_layer):
-            params, layer_inv_freq, window = per_layer
+            params, layer_inv_freq, window, layer_prefix = per_layer
             angles = positions[..., None] * layer_inv_freq
             angles = jnp.concatenate([angles, angles], axis=-1)
             rope = (jnp.cos(angles).astype(self.dtype), jnp.sin(angles).astype(self.dtype))
-            x = self._decoder_layer(params, x, key_mask, rope,
-                                    window if c.has_sliding_layers else None)
-            return x, x.astype(self.dtype) if keep_layer_outputs else None
+            x, keys_values = self._decoder_layer(
+                params, x, key_mask, rope, window if c.has_sliding_layers else None,
+                layer_prefix if prefix is not None else None)
+            return x, (x.astype(self.dtype) if keep_layer_outputs else None,
+                       keys_values if return_keys_values else None)
 
         # The residual stream is carried in float32 whatever the weights' dtype: bf16 LLMs grow
         # "massive activations" (~2e4 in SmolLM2) whose bf16 rounding otherwise reaches 20% of
         # the state; matmuls still run in the weights' dtype. A no-op for float32 models.
-        last, stacked = jax.lax.scan(layer, x.astype(jnp.float32), (weights, inv_freq, windows))
-        return x, stacked, last
+        last, (stacked, keys_values) = jax.lax.scan(
+            layer, x.astype(jnp.float32), (weights, inv_freq, windows, prefix_kv))
+        return x, stacked, last, keys_values
 
-    def _decoder_layer(self, p, x, key_mask, rope, window):
-        """One pre-norm block (Gemma: sandwich norms) on x [batch, len, embed]."""
+    def _attend(self, q, k, v, key_mask, window, prefix):
+        """Causal attention of q [batch, len, heads, head_dim] over k, v [batch, len, kv_heads,
+        head_dim], after the `prefix` (keys, values) [P, kv_heads, head_dim] if any: query i
+        (at index P + i) sees every prefix key and its row's keys j <= i (and, in a window
+        layer, only keys after index P + i - window)."""
+        c = self.config
+        if prefix is None:
+            return dot_product_attention(q, k, v, key_mask=key_mask, causal=True,
+                                         sliding_window=window, scale=c.scale,
+                                         implementation=self.attention)
+        batch, length = q.shape[:2]
+        prefix_len = prefix[0].shape[0]
+        k, v = (jnp.concatenate([jnp.broadcast_to(p[None], (batch, *p.shape)), x], axis=1)
+                for p, x in zip(prefix, (k, v)))
+        key_mask = jnp.concatenate([jnp.ones((batch, prefix_len), bool), key_mask], axis=1)
+        q_index = prefix_len + jnp.arange(length)[:, None]
+        k_index = jnp.arange(prefix_len + length)[None, :]
+        visible = k_index <= q_index
+        if window is not None:
+            visible = visible & (k_index > q_index - window)
+        # The offset causal mask as a bias: `causal` needs as many queries as keys.
+        bias = jnp.where(visible, 0.0, jnp.finfo(jnp.float32).min)[None, None]
+        return dot_product_attention(q, k, v, key_mask=key_mask, bias=bias, scale=c.scale,
+                                     implementation=self.attention)
+
+    def _decoder_layer(self, p, x, key_mask, rope, window, prefix=None):
+        """One pre-norm block (Gemma: sandwich norms) on x [batch, len, embed], after the
+        `prefix` (keys, values) if any -> (x, (keys, values) of x's tokens)."""
         c = self.config
 
         def norm(h, name):
@@ -397,9 +441,7 @@ class DecoderLM(FrozenTextModel):
         q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         q = constrain(q, ("batch", "length", "heads", "head_dim"))
         k = constrain(k, ("batch", "length", "kv_heads", "head_dim"))
-        attended = dot_product_attention(q, k, v, key_mask=key_mask, causal=True,
-                                         sliding_window=window, scale=c.scale,
-                                         implementation=self.attention)
+        attended = self._attend(q, k, v, key_mask, window, prefix)
         h = dense("blhd,hde->ble", attended, p["o"])
         if c.o_bias:
             h = h + p["o_bias"]
@@ -413,7 +455,7 @@ class DecoderLM(FrozenTextModel):
         h = dense("blf,fe->ble", h, p["down"])
         if c.is_gemma:
             h = norm(h, "mlp_post_norm")
-        return constrain(x + h, ("batch", "length", "embed"))
+        return constrain(x + h, ("batch", "length", "embed")), (k, v)
 
     def logits(self, final):
         """final hidden state [batch, len, embed] -> logits [batch, len, vocab]."""

@@ -12,8 +12,9 @@ step for (`abstract_batch`):
 with the text cache (text.cache_dir set). Without it the LLMs run inside the train step
 (text/in_step.py) and "text" carries their token ids instead of "states":
    "text": {"input_ids": [[batch, L] int32], "masks": ..., "prompt_masks": ...}
-where L is a bucket of the global batch's longest sequence (`in_step.length_bucket`), not
-text.max_length: a few step shapes per run, each compiled once.
+where L is the template's shared prefix plus a bucket of the global batch's longest sequence
+after it (`PromptEncoder.bucket`), not text.max_length: a few step shapes per run, each compiled
+once.
 """
 import queue
 import threading
@@ -32,7 +33,7 @@ from lidit_jax.parallel import sharding
 from lidit_jax.text import cache as text_cache
 from lidit_jax.text import features
 from lidit_jax.text.encoder import PromptEncoder, as_text_inputs
-from lidit_jax.text.in_step import STATE_DTYPE, TextEncoders, length_bucket
+from lidit_jax.text.in_step import STATE_DTYPE, TextEncoders
 from lidit_jax.train.checkpoint import encoder_fingerprints
 
 
@@ -172,7 +173,8 @@ class TrainInputs:
             llms = [encoder.load() for encoder in self.encoders]
             self.text_encoders = TextEncoders(tuple(llm.graphdef for llm in llms),
                                               tuple(e.choice for e in self.encoders))
-            self.encoder_params = [llm.state for llm in llms]
+            # Weights and the template prefix's keys and values (computed once at load).
+            self.encoder_params = [encoder.params for encoder in self.encoders]
         self.llm_widths = [encoder.width for encoder in self.encoders]
         # The caches must have been made from these records (their count is compared too).
         num_records = len(pipeline.make_source(config.data))
@@ -263,8 +265,8 @@ class TrainInputs:
         """
         tokens = [encoder.tokenize(captions) for encoder in self.encoders]
         length = self.config.text.max_length
-        if jax.process_count() == 1:
-            length = length_bucket(max(PromptEncoder.longest_sequence(t) for t in tokens), length)
+        if jax.process_count() == 1:  # The shared prefix, if any, and a bucket after it.
+            length = max(encoder.bucket(t) for encoder, t in zip(self.encoders, tokens))
         tokens = [encoder.crop(t, length) for encoder, t in zip(self.encoders, tokens)]
         return {"input_ids": [t["input_ids"] for t in tokens],
                 "masks": [t["mask"] for t in tokens],

@@ -28,7 +28,6 @@ from lidit_jax.train import inputs as inputs_lib
 from lidit_jax.train import metrics as metrics_lib
 from lidit_jax.train import program as program_lib
 from lidit_jax.train import sampling
-from lidit_jax.train.state import shardings_of
 
 NEEDS_WORKDIR = True
 
@@ -86,8 +85,7 @@ def run(config, workdir):
     encoder_args = () if inputs.text_encoders is None else (inputs.encoder_params,)
     program = program_lib.build(
         config, mesh, inputs.llm_widths, inputs.channels, inputs.image_hw,
-        inputs.batch_shardings(), inputs.text_encoders,
-        *(shardings_of(a) for a in encoder_args))
+        inputs.batch_shardings(), inputs.text_encoders, *encoder_args)
     graphdef, objective = program.graphdef, program.objective
 
     # ---- Samples for fixed prompts, from the EMA weights ---------------------------------------

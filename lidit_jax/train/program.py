@@ -14,6 +14,7 @@ from flax import nnx
 from lidit_jax.diffusion.dit import LIDiT
 from lidit_jax.diffusion.flops import train_step_flops
 from lidit_jax.diffusion.objectives import make_objective
+from lidit_jax.text.in_step import encoder_flops
 from lidit_jax.train.state import abstract_train_state, init_train_state, shardings_of
 from lidit_jax.train.step import jit_train_step, make_train_step
 
@@ -47,20 +48,25 @@ def abstract_model(config, mesh, llm_widths, channels):
 class TrainProgram(AbstractModel):
     objective: Any
     step: Callable  # jitted (state, batch[, encoder_params]) -> (state, metrics); state donated.
-    model_flops_per_step: float  # DiT and refiners, forward and backward, at text.max_length.
+    # DiT and refiners, forward and backward, plus the frozen LLMs' forward when they run in the
+    # step (`in_step.encoder_flops`), at text.max_length: what the logged MFU counts.
+    model_flops_per_step: float
 
 
 def build(config, mesh, llm_widths, channels, image_hw, batch_shardings, text_encoders=None,
-          encoder_shardings=None):
+          encoder_params=None):
     """The train program for global batches of `image_hw` latents (or pixels) with `channels`,
     sharded as `batch_shardings`. With `text_encoders` (in_step.TextEncoders) the frozen LLMs run
-    inside the step, their weights' shardings `encoder_shardings`."""
+    inside the step on `encoder_params` (their weights and prefix caches, concrete or abstract
+    with shardings), and their forward counts in the model FLOPs."""
     model = abstract_model(config, mesh, llm_widths, channels)
     objective = make_objective(config.diffusion)
     step = jit_train_step(make_train_step(model.graphdef, config, objective, text_encoders),
                           shardings_of(model.abstract_state), batch_shardings, mesh,
-                          encoder_shardings)
+                          None if encoder_params is None else shardings_of(encoder_params))
     flops = train_step_flops(config, llm_widths, batch=config.train.batch_size, hw=image_hw,
                              text_lengths=[config.text.max_length] * len(llm_widths),
                              in_channels=channels)
+    if text_encoders is not None:
+        flops += encoder_flops(encoder_params, config.train.batch_size, config.text.max_length)
     return TrainProgram(**vars(model), objective=objective, step=step, model_flops_per_step=flops)
