@@ -159,7 +159,7 @@ def _text_entry(index):
     rng = np.random.default_rng(index)
     length = 4 + index % (MAX_LENGTH - 4)
     return {"states": rng.normal(size=(length, WIDTH)).astype(ml_dtypes.bfloat16),
-            "prompt_span": np.array([1, length], np.int32)}
+            "prompt_mask": np.arange(length) >= 1}
 
 
 def write_data(root, num_shards, per_shard):
@@ -169,13 +169,15 @@ def write_data(root, num_shards, per_shard):
                           lambda i: records.encode_record(_png(i), f"record {i}"),
                           records_per_shard=per_shard)
     write_text_cache(f"{root}/text/llm", num, per_shard)
-    array_cache.write_cache(f"{root}/text/llm/empty", 1, lambda ids: [_text_entry(0)], {})
+    array_cache.write_cache(f"{root}/text/llm/empty", 1, lambda ids: [_text_entry(0)],
+                            text_cache.FORMAT_METADATA)
     return num
 
 
 def write_text_cache(directory, num, shard_size):
-    array_cache.write_cache(directory, num, lambda ids: [_text_entry(i) for i in ids], {},
-                            shard_size=shard_size, batch_size=shard_size)
+    array_cache.write_cache(directory, num, lambda ids: [_text_entry(i) for i in ids],
+                            text_cache.FORMAT_METADATA, shard_size=shard_size,
+                            batch_size=shard_size)
 
 
 def payload_bytes(num):

@@ -65,7 +65,7 @@ def padding(batch):
     config = _text_config(common.get_config())
     encoder = PromptEncoder("smollm2", config.text.llms.smollm2, config.text)
     prompts = real_prompts()
-    tokens = encoder.template.encode_batch(prompts)["attention_mask"].sum(axis=1)
+    tokens = encoder.template.encode_batch(prompts)["mask"].sum(axis=1)
     prefix = 0 if getattr(encoder, "prefix_ids", None) is None else len(encoder.prefix_ids)
     lengths = tokens - prefix  # The blocks run after the prefix (computed once).
     bucket = lambda longest: length_bucket(longest, MAX_LENGTH - prefix)  # noqa: E731

@@ -41,8 +41,8 @@ def demo_config(smoke):
 def text_states(batch, length, rng):
     lengths = rng.integers(length // 2, length + 1, batch)
     mask = np.arange(length)[None] < lengths[:, None]
-    return {"states": [rng.normal(size=(batch, length, LLM_WIDTH)).astype(np.float32)],
-            "masks": [mask], "prompt_masks": [mask]}
+    return [{"states": rng.normal(size=(batch, length, LLM_WIDTH)).astype(np.float32),
+             "mask": mask, "prompt_mask": mask}]
 
 
 def run(smoke=False, repeats=3):

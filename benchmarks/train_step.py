@@ -70,9 +70,9 @@ def ours_step(config, arrays, llm_width):
     mesh = mesh_lib.build_mesh(config.mesh, jax.devices()[:1])
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     batch = {"x0": jnp.asarray(arrays["x0"]),
-             "text": {"states": [jnp.asarray(arrays["states"])],
-                      "masks": [jnp.asarray(arrays["mask"])],
-                      "prompt_masks": [jnp.asarray(arrays["mask"])]}}
+             "text": [{"states": jnp.asarray(arrays["states"]),
+                       "mask": jnp.asarray(arrays["mask"]),
+                       "prompt_mask": jnp.asarray(arrays["mask"])}]}
     batch = jax.device_put(batch, replicated)
     program = program_lib.build(config, mesh, [llm_width], 3, arrays["x0"].shape[1:3],
                                 jax.tree.map(lambda _: replicated, batch))

@@ -35,7 +35,7 @@ def topology_devices(topology_name, num_slices=1):
 
 
 def _encoder_architecture(config, name):
-    """The model config (llm.LLMConfig, bert / t5) of encoder `name`: its config.json or GGUF
+    """The model config (decoder.LLMConfig, bert / t5) of encoder `name`: its config.json or GGUF
     header, no weights."""
     key = f"text.llms.{name}.path"
     llm = config.text.llms[name]

@@ -11,18 +11,18 @@ import jax.numpy as jnp
 
 from lidit_jax import configuration, hardware
 from lidit_jax.aot_compile import abstract_text_encoders, compile_train_step
-from lidit_jax.diffusion import flops as flops_lib
 from lidit_jax.nn.attention import select_implementation, splash_tiles
 from lidit_jax.parallel import mesh as mesh_lib
 from lidit_jax.parallel import sharding
-from lidit_jax.text.in_step import TextEncoders, encoder_flops
+from lidit_jax.text.in_step import TextEncoders
+from lidit_jax.train import program as program_lib
 from lidit_jax.train.inputs import abstract_batch
 
 # Matmuls of one splash attention call, forward and backward (`splash_cost_per_chip`;
 # tests/test_aot.py counts them in the kernel's interpret-mode lowering).
 SPLASH_FORWARD_MATMULS = 2
 SPLASH_BACKWARD_MATMULS = 7
-# Model FLOPs (train_step_flops) and the compiler's may differ by this much before the report
+# Model FLOPs (DiT and refiners) and the compiler's may differ by this much before the report
 # explains why: remat recomputation, element-wise work and attention padding.
 FLOPS_TOLERANCE = 0.10
 
@@ -98,12 +98,11 @@ def loop_counted_cost(config, devices, compiled=None):
 
 
 def encoder_report(config, devices):
-    """{'flops', 'model_flops', 'seconds', 'hbm_bytes'} per chip of the frozen LLMs the step
-    runs (text.cache_dir empty): loop-counted from programs of the encoders alone with 0 and 1
+    """{'flops', 'seconds', 'hbm_bytes'} per chip of the frozen LLMs the step runs
+    (text.cache_dir empty): loop-counted from programs of the encoders alone with 0 and 1
     layers (see the module docstring), over the tokens after each template's cached prefix
     (`in_step.prefix_cache`, where the LLM's tokenizer is there to find it), as the step runs
-    them; model_flops: `in_step.encoder_flops`, the count the trainer's logged MFU uses;
-    hbm_bytes: their weights and prefix caches per chip plus the 1-layer program's
+    them; hbm_bytes: their weights and prefix caches per chip plus the 1-layer program's
     temporaries."""
     mesh = mesh_lib.build_mesh(config.mesh, devices)
     full, params = abstract_text_encoders(config, mesh)
@@ -118,18 +117,15 @@ def encoder_report(config, devices):
         costs = []
         for encoders, twin_params in twins:
             one = TextEncoders(encoders.graphdefs[k:k + 1], encoders.choices[k:k + 1])
-            one_tokens = {key: value[k:k + 1] for key, value in tokens.items()}
             with jax.set_mesh(mesh), sharding.axis_rules(config.mesh.rules):
-                compiled = jax.jit(one).lower(twin_params[k:k + 1], one_tokens).compile()
+                compiled = jax.jit(one).lower(twin_params[k:k + 1], tokens[k:k + 1]).compile()
             costs.append(_cost(compiled))
             temp = max(temp, compiled.memory_analysis().temp_size_in_bytes)
         (f0, s0), (f1, s1) = costs
         flops += f0 + choice.depth * (f1 - f0)
         seconds += s0 + choice.depth * (s1 - s0)
     weight_bytes = sum(_bytes_per_chip(leaf) for leaf in jax.tree.leaves(params))
-    model_flops = encoder_flops(params, config.train.batch_size, config.text.max_length)
-    return {"flops": flops, "model_flops": model_flops / len(devices), "seconds": seconds,
-            "hbm_bytes": weight_bytes + temp}
+    return {"flops": flops, "seconds": seconds, "hbm_bytes": weight_bytes + temp}
 
 
 def dit_attention_kernels(config, device):
@@ -179,27 +175,39 @@ def splash_cost_per_chip(config, device, chips):
     return flops, flops * mxu_head_dim / head_dim / peak
 
 
+def model_flops_per_chip(config, devices):
+    """(DiT and refiners, whole step) model FLOPs per chip of the step `compile_train_step`
+    compiles, both from the trainer's count (`program.model_flops_per_step`); the whole step's
+    includes the frozen LLMs' forward when they run in it (text.cache_dir empty). The compiler's
+    loop-counted DiT FLOPs are checked against the first."""
+    llm_widths = configuration.llm_widths_from_config(config)
+    side = config.data.image_size // config.vae.downsample
+    encoder_params = None
+    if not config.text.cache_dir:  # Abstract, as the compiled step takes them.
+        encoder_params = abstract_text_encoders(config, mesh_lib.build_mesh(config.mesh,
+                                                                            devices))[1]
+    return tuple(program_lib.model_flops_per_step(config, llm_widths, config.vae.latent_channels,
+                                                  (side, side), params) / len(devices)
+                 for params in (None, encoder_params))
+
+
 def speed_report(config, devices, compiled=None):
     """The step's loop-counted FLOPs, their check against the model count, the estimated
     seconds and MFU per chip (compiled=None: from the twins alone, see loop_counted_cost).
 
     Splash kernels, opaque to the cost model, are added at the roofline, the cost model's own
-    rule for every matmul (`splash_cost_per_chip`).
+    rule for every matmul (`splash_cost_per_chip`). model_flops and step_model_flops:
+    `model_flops_per_chip` (the DiT's and refiners', the whole step's as the trainer counts it).
     """
     kind = devices[0].device_kind
     flops, seconds = loop_counted_cost(config, devices, compiled)
-    llm_widths = configuration.llm_widths_from_config(config)
-    side = config.data.image_size // config.vae.downsample
-    model_flops = flops_lib.train_step_flops(
-        config, llm_widths, batch=config.train.batch_size, hw=(side, side),
-        text_lengths=[config.text.max_length] * len(llm_widths),
-        in_channels=config.vae.latent_channels) / len(devices)
+    model_flops, step_model_flops = model_flops_per_chip(config, devices)
     peak = _chip_value(kind, "bf16_peak_flops")
     splash_flops, splash_seconds = splash_cost_per_chip(config, devices[0], len(devices))
     flops, seconds = flops + splash_flops, seconds + splash_seconds
     ratio = flops / model_flops
     encoders = (encoder_report(config, devices) if not config.text.cache_dir else
-                {"flops": 0.0, "model_flops": 0.0, "seconds": 0.0, "hbm_bytes": 0})
+                {"flops": 0.0, "seconds": 0.0, "hbm_bytes": 0})
     if splash_flops:
         why = ("splash kernels counted from their matmuls at the bf16 peak, heads padded to the "
                "MXU (the cost model cannot see them); their backward recomputes the logits")
@@ -217,6 +225,7 @@ def speed_report(config, devices, compiled=None):
                 model_flops=model_flops, flops_ratio=ratio, flops_check=why,
                 seconds=step_seconds, dit_seconds=seconds, peak_flops=peak, est_mfu=mfu,
                 splash_flops=splash_flops, splash_seconds=splash_seconds,
-                encoder_flops=encoders["flops"], encoder_model_flops=encoders["model_flops"],
+                step_model_flops=step_model_flops,
+                encoder_flops=encoders["flops"], encoder_model_flops=step_model_flops - model_flops,
                 encoder_seconds=encoders["seconds"],
                 encoder_hbm_bytes=encoders["hbm_bytes"])

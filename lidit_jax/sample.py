@@ -19,7 +19,6 @@ from lidit_jax.diffusion.objectives import make_objective
 from lidit_jax.inference import apply_sampling_flags, load_trained_run
 from lidit_jax.parallel import mesh as mesh_lib
 from lidit_jax.parallel import sharding
-from lidit_jax.text.encoder import as_text_inputs
 from lidit_jax.diffusion.samplers import make_generate
 
 NEEDS_WORKDIR = True
@@ -58,8 +57,8 @@ def run(config, workdir):
 
     output = paths.path(FLAGS.output or paths.path(workdir) / "samples" / "cli")
     repeated = [p for p in prompts for _ in range(FLAGS.num_per_prompt)]
-    encode = lambda texts: as_text_inputs(  # noqa: E731
-        [jax.device_get(e.encode(texts)) for e in trained.encoders])
+    encode = lambda texts: [jax.device_get(e.encode(texts))  # noqa: E731
+                            for e in trained.encoders]
     shape = (len(repeated), height // image_space.downsample, width // image_space.downsample,
              image_space.channels)
     generate = make_generate(trained.graphdef, make_objective(config.diffusion), shape,

@@ -48,7 +48,10 @@ def tiny_llm(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_args(tiny_llm, tmp_path_factory):
     """The tiny CLI config's overrides (train_helpers.TINY on `tiny_llm`), with the text cache
-    filled once per session by --mode=encode: every end-to-end module trains from this cache."""
+    filled once per session by --mode=encode: every end-to-end module trains from this cache.
+    One JAX compilation cache serves every tiny run of this session (worker): a child compiles
+    what no earlier child compiled, not the whole program set again (a run that must compile
+    names its own train.compilation_cache_dir after these)."""
     import re
 
     from train_helpers import TINY, run_main
@@ -56,7 +59,8 @@ def tiny_args(tiny_llm, tmp_path_factory):
     cache = tmp_path_factory.mktemp("text_cache")
     args = (*TINY, f"--config.text.llms.smollm2.path={tiny_llm}",
             "--config.text.llms.smollm2.width=0",
-            f"--config.text.cache_dir={cache}")
+            f"--config.text.cache_dir={cache}",
+            f"--config.train.compilation_cache_dir={tmp_path_factory.mktemp('compile_cache')}")
     result = run_main(tmp_path_factory.mktemp("encode"), "encode", *args)
     assert re.search(r"text_cache=\S+ records=64 written=64", result.stdout), result.stdout
     return args

@@ -1,8 +1,10 @@
 """The ablation runner end to end: two tiny arms x 2 seeds -> table, plots, sample grids."""
 import os
 
+import numpy as np
 import pytest
 
+from lidit_jax.data import shapes
 from lidit_jax.evaluate import ablation
 
 
@@ -43,3 +45,30 @@ def test_unknown_arm_and_override_are_refused_with_the_known_names(tmp_path):
         ablation.load_arm("configs/ablations", "basline")
     with pytest.raises(ValueError, match="did you mean 'train.steps'"):
         ablation.load_arm("configs/ablations", "baseline", ["train.setps=3"])
+
+
+def test_contrasts_fixed_pairs_on_prompt_subsets_with_holm():
+    # 16 prompts of the grid_late design: one-object prompts and 2-4 object listing / late.
+    prompts = [shapes.ShapesSource(16, seed=0, layout="grid_late")[i]["metadata"]
+               for i in range(16)]
+    late = [m["template"] == 3 and len(m["objects"]) > 1 for m in prompts]
+    rng = np.random.default_rng(0)
+    results = {  # "good" wins every late prompt over "bad"; elsewhere they tie.
+        "good": [{"per_image": [{"position_accuracy": [1 if is_late else hit, 1]}
+                                for is_late, hit in zip(late, rng.integers(0, 2, 16))]}] * 3,
+        "bad": [{"per_image": [{"position_accuracy": [0 if is_late else hit, 1]}
+                               for is_late, hit in zip(late, rng.integers(0, 2, 16))]}] * 3}
+    pairs = ablation.parse_contrasts(["good-bad", "bad-good"], ["bad", "good"])
+    assert pairs == [("good", "bad"), ("bad", "good")]
+    rows = ablation.contrasts(results, pairs, prompts, ("late", "listing"), ("position_accuracy",))
+    assert [(r["arm"], r["subset"], r["prompts"]) for r in rows] == [
+        ("good", "late", 6), ("good", "listing", 6), ("bad", "late", 6), ("bad", "listing", 6)]
+    assert rows[0]["effect"] == 1.0 and rows[2]["effect"] == -1.0
+    assert all(r["p_holm"] >= r["p"] for r in rows)
+    assert rows[0]["p_holm"] < 0.01
+    assert "| good - bad | late binding, 2-4 objects (6) | position | +1.000" in (
+        ablation.contrast_table(rows))
+    # Default: every arm minus the first; a pair naming an arm not run is refused.
+    assert ablation.parse_contrasts([], ["a", "b", "c"]) == [("b", "a"), ("c", "a")]
+    with pytest.raises(ValueError, match="--contrasts entry 'a-z'"):
+        ablation.parse_contrasts(["a-z"], ["a", "b"])

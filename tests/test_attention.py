@@ -100,6 +100,7 @@ def test_xla_attention_matches_jax_nn(case, platform, monkeypatch):
         assert _relative_error(g_ref, g) < 1e-5, name
 
 
+@pytest.mark.slow
 def test_xla_attention_in_bfloat16_matches_jax_nn_to_bf16_rounding(monkeypatch):
     monkeypatch.setattr(attention, "target_device", lambda: ("tpu", ""))
     q, k, v, cotangent = (x.astype(jnp.bfloat16) for x in _inputs(2, 16, 32, 4, 2, seed=4))

@@ -12,7 +12,7 @@ from lidit_jax.parallel import mesh as mesh_lib
 from lidit_jax.text import load_llm
 from lidit_jax.text.encoder import PromptEncoder
 from lidit_jax.text.models import default_model_path
-from tests.test_llm import random_batch, relative_error, VOCAB
+from model_helpers import VOCAB, random_batch, relative_error
 
 
 def build_tiny_bert(folder, hidden_act="gelu", seed=0):

@@ -77,6 +77,10 @@ def test_text_cache_round_trip_equals_online_encoding(tiny_llm, text_cache_dir):
     np.testing.assert_allclose(real_cached, real_online, rtol=2 ** -7, atol=1e-3)
     assert np.abs(real_cached - real_online).mean() < 1e-4
     assert not cached["states"][~mask].any()  # Padding is zeros, never another row's tokens.
+    # A record is the example's states and prompt mask cut to its real tokens (format 2).
+    record = reader.cache[int(ids[1])]
+    assert set(record) == {"states", "prompt_mask"} and record["prompt_mask"].dtype == bool
+    np.testing.assert_array_equal(record["prompt_mask"], cached["prompt_mask"][1][mask[1]])
     # The cache was written from batches cropped to their bucket (the shared template prefix,
     # if any, plus the longest caption rounded up to 16, 32, ...).
     cropped = encoder.encode(["a red circle"], crop_padding=True)["states"]
@@ -100,6 +104,22 @@ def test_text_cache_with_other_settings_is_refused(tiny_llm, text_cache_dir, cha
         text_cache.CachedTextStates(str(text_cache_dir / "smollm2"), config.text.max_length,
                                     expected=text_cache.expected_metadata(encoder, config,
                                                                           NUM_CAPTIONS))
+
+
+def test_a_text_cache_of_format_1_is_refused(tiny_llm, tmp_path):
+    """Format 1 (prompt spans, no "text_cache_format" in its metadata) is refused by the reader
+    and by --mode=encode resuming it, naming the fix."""
+    config = _text_config(tiny_llm, tmp_path / "cache")
+    old = tmp_path / "cache" / "smollm2"
+    record = {"states": np.zeros((3, 4), np.float32), "prompt_span": np.array([1, 3], np.int32)}
+    for directory in (old, old / "empty"):
+        array_cache.write_cache(str(directory), 1, lambda ids: [record], {})
+    needle = r"format 1 \(1: prompt spans\), this version reads format 2.*run --mode=encode again"
+    with pytest.raises(array_cache.CacheMismatch, match=needle):
+        text_cache.CachedTextStates(str(old), config.text.max_length)
+    encoder = PromptEncoder("smollm2", config.text.llms.smollm2, config.text)
+    with pytest.raises(array_cache.CacheMismatch, match=needle):
+        text_cache.write_text_cache(encoder, config, str(tmp_path), lambda i: "", 1)
 
 
 @pytest.mark.parametrize("change,needle", [
@@ -200,10 +220,10 @@ def test_fixed_prompts_come_from_the_cache_and_a_miss_loads_the_llm(encoded_run,
     encoder = inputs.encoders[0]
     online = jax.device_get(encoder.encode(prompts))
     assert weights_read  # Now it had to load.
-    np.testing.assert_array_equal(cached["masks"][0], online["mask"])
-    np.testing.assert_array_equal(cached["prompt_masks"][0], online["prompt_mask"])
+    np.testing.assert_array_equal(cached[0]["mask"], online["mask"])
+    np.testing.assert_array_equal(cached[0]["prompt_mask"], online["prompt_mask"])
     mask = online["mask"]  # Padding: zeros in the cache, whatever the LLM made of pad tokens.
-    np.testing.assert_allclose(cached["states"][0][mask].astype(np.float32),
+    np.testing.assert_allclose(cached[0]["states"][mask].astype(np.float32),
                                online["states"][mask].astype(np.float32), rtol=2 ** -7, atol=1e-3)
     inputs.release_encoders()
     weights_read.clear()
@@ -211,7 +231,7 @@ def test_fixed_prompts_come_from_the_cache_and_a_miss_loads_the_llm(encoded_run,
     # A prompt added after encoding: the LLM loads again and encodes it, and the log says so.
     caplog.set_level(logging.INFO)
     new = inputs.encode_prompts(["a small red circle in the middle", ""])
-    assert weights_read and new["states"][0].shape == cached["states"][0][:2].shape
+    assert weights_read and new[0]["states"].shape == cached[0]["states"][:2].shape
     assert re.search(r"1 of 2 fixed prompts .* not in the text cache .*/smollm2/prompts: the LLM "
                      r"encodes them instead, loading its weights; run --mode=encode again",
                      caplog.text)

@@ -74,6 +74,7 @@ def test_damaged_latest_checkpoint_falls_back_to_the_previous(tmp_path):
     assert_same(state, states[1])
 
 
+@pytest.mark.slow
 def test_the_training_run_replaces_a_damaged_step_it_fell_back_past(tmp_path):
     # Left on disk, step 2 would block the resumed run's save of step 2 (Orbax skips a step at
     # or below the newest) and be the newest again at the next restart.
@@ -143,6 +144,7 @@ def test_a_refused_connection_is_transient_and_a_truncated_file_is_damage(tmp_pa
     assert not checkpoint_lib.is_transient(truncated.value)
 
 
+@pytest.mark.slow
 def test_other_text_encoder_is_refused(tmp_path):
     config, mesh = tiny_config(), make_mesh(1, 1, 1)
     states = save_steps(tmp_path, config, mesh, [1])

@@ -157,6 +157,7 @@ def test_tfds_class_labels_and_pipeline_source(tmp_path):
         convert.TfdsSource(directory)
 
 
+@pytest.mark.slow
 def test_cli_resumes_and_reports(tmp_path):
     folder = _write_folder(str(tmp_path / "folder"))
     out = str(tmp_path / "out")

@@ -32,7 +32,7 @@ def _entry(index, size=(16, 32)):
 
 def _arrays(index):
     return {"states": np.full((3 + index % 5, 8), index, np.float32),
-            "prompt_span": np.array([0, 3], np.int32)}
+            "prompt_mask": np.arange(3 + index % 5) < 3}
 
 
 def test_records_cross_block_boundaries_and_read_back_exactly(tmp_path):
@@ -127,10 +127,11 @@ def test_text_states_are_looked_up_and_stacked_in_the_workers(tmp_path):
     num, max_length = 24, 12
     array_cache.write_cache(str(tmp_path / "llm"), num, lambda ids: [
         {"states": np.full((2 + i % 6, 4), i, np.float32),
-         "prompt_span": np.array([1, 2], np.int32)} for i in ids], {}, shard_size=4)
+         "prompt_mask": np.arange(2 + i % 6) == 1} for i in ids], text_cache.FORMAT_METADATA,
+        shard_size=4)
     array_cache.write_cache(str(tmp_path / "llm" / "empty"), 1, lambda ids: [
-        {"states": np.zeros((1, 4), np.float32), "prompt_span": np.array([0, 1], np.int32)}],
-        {})
+        {"states": np.zeros((1, 4), np.float32), "prompt_mask": np.zeros(1, bool)}],
+        text_cache.FORMAT_METADATA)
     reader = text_cache.CachedTextStates(str(tmp_path / "llm"), max_length)
     config = common.get_config().data
     config.update(source="shapes", shapes_num_records=num, num_workers=2, caption_dropout=0.3)

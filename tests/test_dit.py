@@ -21,7 +21,7 @@ def text_inputs(batch, seed, lengths=(7,), widths=LLM_WIDTHS):
     states = [normal(rng, batch, n, w) for n, w in zip(lengths, widths)]
     # Example i sees 2 + i % n tokens; the rest is padding.
     masks = [jnp.arange(n)[None, :] < (jnp.arange(batch)[:, None] % n + 2) for n in lengths]
-    return {"states": states, "masks": masks, "prompt_masks": masks}
+    return [{"states": s, "mask": m, "prompt_mask": m} for s, m in zip(states, masks)]
 
 
 @pytest.mark.parametrize("hw", [(32, 32), (32, 64), (48, 32), (6, 10)])

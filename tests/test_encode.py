@@ -17,7 +17,7 @@ _SIZES = [(16, 32), (32, 16), (24, 24)]
 
 def _arrays(index):
     return {"states": np.full((2 + index % 7, 3), index, np.float32),
-            "prompt_span": np.array([0, index % 3], np.int32)}
+            "prompt_mask": np.arange(2 + index % 7) < index % 3}
 
 
 def _shuffled_stages(batch_size, window, seed):

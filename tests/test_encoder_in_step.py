@@ -112,17 +112,17 @@ def test_train_step_runs_the_frozen_llm_sharded_on_the_global_mesh(llm4, tmp_pat
     mesh = make_mesh(2, 2, 2)
     inputs = TrainInputs(config, str(tmp_path), mesh)
     batch = inputs.next_batch()
-    ids = batch["text"]["input_ids"][0]
+    ids = batch["text"][0]["input_ids"]
     # The shapes captions (<= 26 tokens) after the instruction's 25 shared tokens: those and a
     # bucket of 32 after them, not 128.
     prefix = inputs.encoders[0].prefix_ids
     assert len(prefix) == 25
-    assert "states" not in batch["text"] and ids.dtype == jnp.int32 and ids.shape[1] == 25 + 32
+    assert "states" not in batch["text"][0] and ids.dtype == jnp.int32 and ids.shape[1] == 25 + 32
     # The prefix's keys and values ride with the weights, on the global mesh (kv heads over
     # `tensor` where it divides them; the one kv head here is replicated), bf16.
     keys = inputs.encoder_params[0]["prefix"]["keys"]  # [layers run, prefix, kv, head_dim]
     assert keys.shape == (2, 25, 1, 16) and keys.sharding.mesh.shape == mesh.shape
-    assert np.asarray(batch["text"]["masks"][0]).sum(1).max() > 32
+    assert np.asarray(batch["text"][0]["mask"]).sum(1).max() > 32
     weights = jax.tree.leaves(inputs.encoder_params)
     assert any(not w.sharding.is_fully_replicated for w in weights)
     assert all(w.dtype == jnp.bfloat16 for w in weights)

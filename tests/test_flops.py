@@ -37,9 +37,8 @@ def test_train_step_flops_match_xla(encoders, widths, lengths):
     graphdef, params = nnx.split(model)
     x = jnp.ones((batch, *hw, channels))
     t = jnp.full((batch,), 500.0)
-    masks = [jnp.ones((batch, n), bool) for n in lengths]
-    text = {"states": [jnp.ones((batch, n, w)) for n, w in zip(lengths, widths)],
-            "masks": masks, "prompt_masks": masks}
+    text = [{"states": jnp.ones((batch, n, w)), "mask": jnp.ones((batch, n), bool),
+             "prompt_mask": jnp.ones((batch, n), bool)} for n, w in zip(lengths, widths)]
 
     def loss(params):
         return jnp.sum(jnp.square(nnx.merge(graphdef, params)(x, t, text)))

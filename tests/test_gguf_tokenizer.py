@@ -132,7 +132,7 @@ def test_chat_template_equal(pair, generation_prompt):
 @pytest.mark.parametrize("side", ["left", "right"])
 @pytest.mark.parametrize("use_instruction", [True, False])
 def test_prompt_template_equal(pair, side, use_instruction):
-    """The project's prompt template (configs/common.py text.*): same ids, masks and spans."""
+    """The project's prompt template (configs/common.py text.*): same ids and masks."""
     _, ours, reference = pair
     config = common.get_config().text
     config.update(padding_side=side, use_instruction=use_instruction, max_length=96)

@@ -15,6 +15,8 @@ LAYERS = (
     ("base", ("errors", "paths", "hardware", "host_allocator", "fingerprint", "config_files")),
     ("parallel", ("parallel",)),
     ("layers", ("nn",)),
+    # The frozen text transformers: the base they share and the three families on it.
+    ("text models", ("text.transformer", "text.decoder", "text.bert", "text.t5")),
     ("data and text", ("data", "text")),
     ("diffusion", ("diffusion",)),
     ("scoring", ("evaluate.scorer", "evaluate.shapes_eval", "evaluate.statistics",
@@ -108,6 +110,14 @@ def test_every_import_runs_downhill(graph):
 def test_no_module_imports_itself_through_others(graph):
     cycles = _cycles(graph)
     assert not cycles, "import cycles:\n" + "\n".join(cycles)
+
+
+def test_text_model_families_import_only_their_shared_base(graph):
+    # BERT and T5 once imported the decoder LLM's module (text/llm.py) for the base they share.
+    other = [f"{module} -> {target}" for module in ("decoder", "bert", "t5")
+             for target in sorted(graph[f"lidit_jax.text.{module}"])
+             if target.startswith("lidit_jax.text.") and target != "lidit_jax.text.transformer"]
+    assert not other, "text model families importing other text modules:\n" + "\n".join(other)
 
 
 def test_the_checks_catch_what_they_are_for():

@@ -105,5 +105,5 @@ def test_random_batch_keeps_the_batch_contract(cache_dir):
     assert jax.tree.structure(batch) == jax.tree.structure(abstract)
     for leaf, spec in zip(jax.tree.leaves(batch), jax.tree.leaves(abstract), strict=True):
         assert (leaf.shape, leaf.dtype, leaf.sharding) == (spec.shape, spec.dtype, spec.sharding)
-    mask, prompt = (np.asarray(batch["text"][k][0]) for k in ("masks", "prompt_masks"))
+    mask, prompt = (np.asarray(batch["text"][0][k]) for k in ("mask", "prompt_mask"))
     assert (prompt <= mask).all() and prompt.any(axis=1).all() and not mask.all()

@@ -168,13 +168,13 @@ def test_trained_toy_samples_the_mixture(name, schedule, sampler_names):
 @jax.jit
 def conditional_toy(x, model_t, text):
     """A denoiser whose output depends on x, t and every text leaf (nonlinearly)."""
-    summary = jnp.tanh(text["states"][0].sum(axis=(1, 2)) + text["masks"][0].sum(axis=1))
+    summary = jnp.tanh(text[0]["states"].sum(axis=(1, 2)) + text[0]["mask"].sum(axis=1))
     return jnp.sin(x) * summary[:, None, None, None] + model_t[:, None, None, None] / 1000.0
 
 
 def text_batch(key, batch, length=5):
-    return {"states": [jax.random.normal(key, (batch, length, 3))],
-            "masks": [jnp.ones((batch, length), bool).at[:, 3:].set(False)]}
+    return [{"states": jax.random.normal(key, (batch, length, 3)),
+             "mask": jnp.ones((batch, length), bool).at[:, 3:].set(False)}]
 
 
 def test_guidance_scale_one_is_the_conditional_prediction():

@@ -68,7 +68,38 @@ def test_captions_name_every_object_at_its_word_index(layout):
             assert words[obj["word_index"] - 2] == obj["size"]
         templates.add(record["metadata"]["template"])
         counts += any(w in ("two", "three", "four") for w in words)
-    assert templates == {0, 1, 2} and counts > 50
+    assert templates == set(shapes.LAYOUTS[layout].templates)
+    assert (counts > 50) == (1 in templates)
+
+
+def test_late_binding_captions_put_every_slot_after_the_objects():
+    slots = ("bottom right", "top left", "top right")
+    objects = [{"colour": c, "shape": "circle", "size": "large", "slot": slot}
+               for c, slot in zip(("red", "blue", "green"), slots)]
+    caption, positions = shapes.caption_for(objects[:2], 3, layout="grid_late")
+    assert caption == ("a large red circle and a large blue circle, in the bottom right and top "
+                       "left respectively")
+    assert positions == [3, 8]
+    caption, _ = shapes.caption_for(objects, 3, layout="grid_late")
+    assert caption.endswith("circle, in the bottom right, top left and top right respectively")
+    assert shapes.caption_for(objects[:1], 3, layout="grid_late")[0] == (
+        "a large red circle, in the bottom right")
+
+
+def test_grid_late_design_is_balanced_by_construction():
+    source = shapes.ShapesSource(64, seed=5, layout="grid_late")
+    for start in range(0, 64, 8):  # Any 8 consecutive records: each (count, template) once.
+        cells = [(len(source[i]["metadata"]["objects"]), source[i]["metadata"]["template"])
+                 for i in range(start, start + 8)]
+        assert sorted(cells) == [(n, t) for n in (1, 2, 3, 4) for t in (0, 3)]
+    mention_orders = set()
+    for i in range(64):
+        objects = source[i]["metadata"]["objects"]
+        assert len({o["colour"] for o in objects}) == len(objects)  # Distinct colours.
+        assert [o["word_index"] for o in objects] == sorted(o["word_index"] for o in objects)
+        mention_orders.add(tuple(shapes.LAYOUTS["grid"].slots.index(o["slot"]) for o in objects))
+    # Mention order is drawn independently of slot order.
+    assert any(list(order) != sorted(order) for order in mention_orders)
 
 
 def test_count_and_relation_captions():

@@ -12,7 +12,7 @@ from configs import common
 from lidit_jax.parallel import mesh as mesh_lib
 from lidit_jax.text import load_llm
 from lidit_jax.text.t5 import relative_position_buckets
-from tests.test_llm import VOCAB, random_batch, relative_error
+from model_helpers import VOCAB, random_batch, relative_error
 
 VARIANTS = {  # name -> (config class, model class, feed_forward_proj)
     "t5_v1_0": (transformers.T5Config, transformers.T5EncoderModel, "relu"),
@@ -131,7 +131,7 @@ def test_t5_prompt_encoder_finds_the_caption_with_a_sentencepiece_tokenizer(tmp_
     tokens = encoder.template.encode_batch([captions[0], ""])
     kept = tokens["input_ids"][0][tokens["prompt_mask"][0]]
     assert fast.decode(kept) == captions[0]
-    last = tokens["attention_mask"][0].sum() - 1
+    last = tokens["mask"][0].sum() - 1
     assert tokens["input_ids"][0][last] == fast.eos_token_id  # '</s>' is template, not caption.
     assert not tokens["prompt_mask"][1].any()
     encoded = encoder.encode(captions)

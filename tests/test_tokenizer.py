@@ -29,8 +29,15 @@ def make(tokenizer, **overrides):
     return PromptTemplate.from_config(config, tokenizer)
 
 
+def prompt_span(encoded, i):
+    """[start, stop) of row i's prompt tokens: its prompt mask is one contiguous run."""
+    where = np.flatnonzero(encoded["prompt_mask"][i])
+    assert where.size and (np.diff(where) == 1).all(), encoded["prompt_mask"][i]
+    return int(where[0]), int(where[-1]) + 1
+
+
 def decoded_span(template, encoded, i):
-    start, stop = encoded["prompt_span"][i]
+    start, stop = prompt_span(encoded, i)
     return template.tokenizer.decode(encoded["input_ids"][i, start:stop])
 
 
@@ -45,21 +52,20 @@ def test_span_decodes_to_the_prompt(tokenizer):
     template = make(tokenizer)
     encoded = template.encode_batch(PROMPTS)
     assert encoded["input_ids"].shape == (len(PROMPTS), 128)
-    assert encoded["input_ids"].dtype == np.int32 and encoded["prompt_span"].dtype == np.int32
-    assert encoded["attention_mask"].dtype == bool and encoded["prompt_mask"].dtype == bool
+    assert set(encoded) == {"input_ids", "mask", "prompt_mask"}  # One encoder's token inputs.
+    assert encoded["input_ids"].dtype == np.int32
+    assert encoded["mask"].dtype == bool and encoded["prompt_mask"].dtype == bool
     for i, prompt in enumerate(PROMPTS):
-        check_span_text(template, prompt, decoded_span(template, encoded, i))
-        start, stop = encoded["prompt_span"][i]
-        np.testing.assert_array_equal(np.flatnonzero(encoded["prompt_mask"][i]),
-                                      np.arange(start, stop))
+        if prompt:  # The empty prompt has no prompt tokens (below).
+            check_span_text(template, prompt, decoded_span(template, encoded, i))
         # The whole sequence is the tokenizer's own special tokens + prefix + prompt + suffix.
-        real = encoded["input_ids"][i][encoded["attention_mask"][i]]
+        real = encoded["input_ids"][i][encoded["mask"][i]]
         bos = "" if tokenizer.chat_template else (tokenizer.bos_token or "")
         assert tokenizer.decode(real) == bos + template.prefix + prompt + template.suffix
     assert template.truncated_count == 0
     empty = len(PROMPTS) - 1
-    start, stop = encoded["prompt_span"][empty]
-    assert start == stop and int(encoded["attention_mask"][empty].sum()) == template.template_length
+    assert not encoded["prompt_mask"][empty].any()
+    assert int(encoded["mask"][empty].sum()) == template.template_length
 
 
 def test_template_uses_chat_template_only_where_there_is_one(tokenizer):
@@ -92,8 +98,8 @@ def test_truncation_keeps_the_template(tokenizer):
     template = make(tokenizer, max_length=make(tokenizer).template_length + 7)
     encoded = template.encode_batch([long_prompt, PROMPTS[0][:5]])
     assert template.truncated_count == 1
-    assert encoded["attention_mask"][0].all()
-    start, stop = encoded["prompt_span"][0]
+    assert encoded["mask"][0].all()
+    start, stop = prompt_span(encoded, 0)
     assert stop - start >= 7  # The free slots (+ a template token merged into the first).
     text = decoded_span(template, encoded, 0)
     head = text[len(text) - len(text.lstrip()):]
@@ -101,7 +107,7 @@ def test_truncation_keeps_the_template(tokenizer):
     # The suffix (end of turn, assistant header) survives: the same tokens as untruncated.
     suffix_len = template.max_length - stop
     full = make(tokenizer, max_length=512).encode_batch([long_prompt])
-    full_stop = full["prompt_span"][0, 1]
+    full_stop = prompt_span(full, 0)[1]
     np.testing.assert_array_equal(encoded["input_ids"][0, stop:],
                                   full["input_ids"][0, full_stop:full_stop + suffix_len])
     np.testing.assert_array_equal(encoded["input_ids"][0, :start], full["input_ids"][0, :start])
@@ -115,7 +121,7 @@ def test_truncation_boundary_cuts_between_characters(tokenizer):
     for prompt in PROMPTS[:-1]:
         full = make(tokenizer, max_length=512)
         whole = full.encode_batch([prompt])
-        length = int(whole["attention_mask"][0].sum())
+        length = int(whole["mask"][0].sum())
         whole_text = decoded_span(full, whole, 0)
         kept = []
         for cut in range(0, 6):
@@ -124,10 +130,10 @@ def test_truncation_boundary_cuts_between_characters(tokenizer):
             assert template.truncated_count == (cut > 0)
             text = decoded_span(template, encoded, 0)
             assert "\ufffd" not in text and whole_text.startswith(text), (prompt, cut, text)
-            real = int(encoded["attention_mask"][0].sum())
+            real = int(encoded["mask"][0].sum())
             assert real <= length - cut
             # The template's suffix is intact: the tokens after the span match the full ones.
-            stop, whole_stop = encoded["prompt_span"][0, 1], whole["prompt_span"][0, 1]
+            stop, whole_stop = prompt_span(encoded, 0)[1], prompt_span(whole, 0)[1]
             np.testing.assert_array_equal(encoded["input_ids"][0, stop:real],
                                           whole["input_ids"][0, whole_stop:length])
             kept.append(len(text))
@@ -147,12 +153,11 @@ def test_padding_sides_hold_the_same_tokens(tokenizer):
     left = make(tokenizer, padding_side="left").encode_batch(PROMPTS)
     pad = make(tokenizer).pad_id
     for i in range(len(PROMPTS)):
-        n = int(right["attention_mask"][i].sum())
-        assert right["attention_mask"][i, :n].all() and not right["attention_mask"][i, n:].any()
-        assert left["attention_mask"][i, -n:].all() and not left["attention_mask"][i, :-n].any()
+        n = int(right["mask"][i].sum())
+        assert right["mask"][i, :n].all() and not right["mask"][i, n:].any()
+        assert left["mask"][i, -n:].all() and not left["mask"][i, :-n].any()
         np.testing.assert_array_equal(left["input_ids"][i, -n:], right["input_ids"][i, :n])
         assert (right["input_ids"][i, n:] == pad).all()
-        np.testing.assert_array_equal(left["prompt_span"][i], right["prompt_span"][i] + 128 - n)
         np.testing.assert_array_equal(left["prompt_mask"][i, -n:], right["prompt_mask"][i, :n])
     with pytest.raises(ValueError, match="text.padding_side"):
         make(tokenizer, padding_side="middle")

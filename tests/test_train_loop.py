@@ -3,8 +3,8 @@
 Every run is a child process on one CPU device. The tiny runs use conftest's `tiny_llm` (a
 random 2-layer Llama with SmolLM2's tokenizer) as the frozen text encoder, so encoding costs
 milliseconds; one text cache (conftest's session-scoped `tiny_args`, absolute `text.cache_dir`)
-serves all their workdirs. One test trains the demo config
-itself with the real SmolLM2 GGUF.
+serves all their workdirs. One test checks the demo config trained with the real SmolLM2 GGUF
+(in CI, the run of scripts/demo.sh that .ci/run made just before).
 """
 import glob
 import json
@@ -16,6 +16,7 @@ import shutil
 import signal
 import subprocess
 import time
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -36,8 +37,13 @@ STEPS = TRAIN_STEPS
 def run_a(tiny_args, tmp_path_factory):
     """Workdir of an uninterrupted tiny run of STEPS steps."""
     workdir = tmp_path_factory.mktemp("run_a")
-    run_main(workdir, "train", *tiny_args, *TRAIN)
+    run_main(workdir, "train", *tiny_args, *TRAIN, "--config.logging.profile_start=1",
+             "--config.logging.profile_steps=1")
     return str(workdir)
+
+
+def test_profile_window_writes_a_trace(run_a):
+    assert glob.glob(os.path.join(run_a, "profile", "**", "*.xplane.pb"), recursive=True)
 
 
 def test_kill_9_and_restart_matches_an_uninterrupted_run(run_a, tiny_args, tmp_path):
@@ -154,36 +160,44 @@ def test_resume_with_another_text_encoder_is_refused(run_a, tiny_args, tmp_path)
 
 
 def test_demo_config_trains_logs_and_samples(tmp_path):
-    """configs/demo_shapes.py as shipped (real SmolLM2 GGUF), with a small data set."""
-    workdir = tmp_path / "demo"
-    args = ("--config=configs/demo_shapes.py", "--config.data.shapes_num_records=64",
-            "--config.train.steps=2", "--config.train.sample_every=2",
-            "--config.train.log_every=1", "--config.checkpoint.every=2",
-            "--config.train.samples_per_prompt=1", "--config.logging.progress_bar=False")
-    run_main(workdir, "encode", *args)
+    """configs/demo_shapes.py as shipped (real SmolLM2 GGUF): text cache, metrics, TensorBoard
+    scalars and images, the sample grid. CI (.ci/run) has just run the demo itself, as a new user
+    does, and names its workdir in LIDIT_DEMO_WORKDIR: that run is checked, so CI trains the demo
+    once. Elsewhere the test runs it with a small data set and 2 steps."""
+    workdir = os.environ.get("LIDIT_DEMO_WORKDIR")
+    if workdir:
+        workdir = Path(workdir)
+    else:
+        workdir = tmp_path / "demo"
+        args = ("--config=configs/demo_shapes.py", "--config.data.shapes_num_records=64",
+                "--config.train.steps=2", "--config.train.sample_every=2",
+                "--config.train.log_every=1", "--config.checkpoint.every=2",
+                "--config.train.samples_per_prompt=1", "--config.logging.progress_bar=False")
+        run_main(workdir, "encode", *args)
+        run_main(workdir, "train", *args)
+    with open(workdir / "config.json") as f:
+        config = json.load(f)  # What this run was told: steps, log_every, ...
+    train = config["train"]
     assert os.path.exists(workdir / "text_cache" / "smollm2")
-    run_main(workdir, "train", *args, "--config.logging.profile_start=1",
-             "--config.logging.profile_steps=1")
 
     events = glob.glob(str(workdir / "tensorboard" / "events.out.tfevents.*"))
     tags = {(value.tag, value.HasField("image")) for event in read_events(events[0])
             for value in event.summary.value}
     assert ("loss", False) in tags and ("samples", True) in tags, tags
-    assert glob.glob(str(workdir / "profile" / "**" / "*.xplane.pb"), recursive=True)
     with open(workdir / "metrics.jsonl") as f:
         records = [json.loads(line) for line in f]
-    assert [r["step"] for r in records] == [1, 2]
+    steps = train["steps"]
+    assert [r["step"] for r in records] == [
+        s for s in range(1, steps + 1) if s % train["log_every"] == 0 or s == steps]
     for record in records:
         assert math.isfinite(record["loss"]) and record["images_per_sec"] > 0
 
-    from configs import demo_shapes
-    config = demo_shapes.get_config()
     pngs = glob.glob(str(workdir / "samples" / "*.png"))
-    assert [os.path.basename(p) for p in pngs] == ["step_0000002.png"]
+    assert [os.path.basename(p) for p in pngs] == [f"step_{steps:07d}.png"]
     # The grid: samples_per_prompt * 2 columns of the fixed prompts, each cell upscaled 4x.
-    columns = 2
-    rows = math.ceil(len(config.train.sample_prompts) / columns)
-    cell = config.data.image_size * 4
+    columns = train["samples_per_prompt"] * 2
+    rows = math.ceil(len(train["sample_prompts"]) * train["samples_per_prompt"] / columns)
+    cell = config["data"]["image_size"] * 4
     with Image.open(pngs[0]) as image:
         assert image.size == (columns * cell, rows * cell) and image.mode == "RGB"
         assert np.asarray(image).std() > 0
@@ -353,7 +367,9 @@ def _compiled_keys(stderr):
 
 def test_a_restart_compiles_nothing_its_first_start_compiled(tiny_args, tmp_path):
     workdir = tmp_path / "run"
-    args = (*tiny_args, "--config.checkpoint.every=2", "--config.train.sample_every=1000")
+    # Its own compilation cache (the session's shared one may hold these programs already).
+    args = (*tiny_args, "--config.checkpoint.every=2", "--config.train.sample_every=1000",
+            "--config.train.compilation_cache_dir=compile_cache")
     explain = dict(child_env(), JAX_EXPLAIN_CACHE_MISSES="1")
     runs = []
     for steps in (2, 3):  # The restart resumes from step 2: the train step, sampler, ... again.

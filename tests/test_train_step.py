@@ -34,19 +34,31 @@ def test_one_and_eight_devices_agree_for_three_steps():
 
 
 @pytest.mark.slow
-def test_gradient_accumulation_equals_the_large_batch():
-    batches = [random_batch(7)]
-    whole, whole_losses, whole_metrics = train(tiny_config(microbatches=1), make_mesh(1, 1, 1),
-                                               batches)
-    for mesh in (make_mesh(1, 1, 1), make_mesh(2, 4, 1)):
-        accumulated, acc_losses, acc_metrics = train(tiny_config(microbatches=4), mesh, batches)
-        np.testing.assert_allclose(acc_losses, whole_losses, rtol=1e-5)
-        assert_trees_close(accumulated.params, whole.params, rtol=1e-4, atol=1e-6)
-        # Per-timestep-bucket losses pair each example's loss with its own timestep: the
-        # micro-batches' losses come back in batch order.
-        for bucket in range(NUM_TIMESTEP_BUCKETS):
-            name = f"loss_t{bucket}"
-            np.testing.assert_allclose(acc_metrics[name], whole_metrics[name], rtol=1e-5)
+def test_gradient_accumulation_equals_the_large_batch_and_adds_no_collective():
+    """Two micro-batches on data 2 x fsdp 4 give the large batch's step: losses, per-timestep-
+    bucket losses and parameters. The accumulating step gathers only what the single-batch step
+    gathers (the FSDP parameters): a contiguous split all-gathered the inputs over `data`. One
+    compile per step, its HLO counted and the same executable run."""
+    mesh = make_mesh(2, 4, 1)
+    batch = random_batch(3, batch=64)
+    steps = {}
+    for microbatches in (1, 2):
+        config = tiny_config(microbatches=microbatches, batch_size=64)
+        step, state = jitted_step_and_state(config, mesh, batch)
+        with jax.set_mesh(mesh), sharding.axis_rules(config.mesh.rules):
+            placed = jax.device_put(batch, batch_shardings(batch, mesh, config.mesh.rules))
+            compiled = step.lower(state, placed).compile()
+            state, metrics = compiled(state, placed)
+        steps[microbatches] = compiled.as_text().count(" all-gather("), state, metrics
+    (whole_gathers, whole, whole_metrics), (gathers, accumulated, metrics) = steps[1], steps[2]
+    assert gathers == whole_gathers
+    np.testing.assert_allclose(metrics["loss"], whole_metrics["loss"], rtol=1e-5)
+    assert_trees_close(accumulated.params, whole.params, rtol=1e-4, atol=1e-6)
+    # Per-timestep-bucket losses pair each example's loss with its own timestep: the
+    # micro-batches' losses come back in batch order.
+    for bucket in range(NUM_TIMESTEP_BUCKETS):
+        name = f"loss_t{bucket}"
+        np.testing.assert_allclose(metrics[name], whole_metrics[name], rtol=1e-5)
 
 
 def test_micro_batches_stay_sharded_over_every_batch_axis():
@@ -63,24 +75,6 @@ def test_micro_batches_stay_sharded_over_every_batch_axis():
     assert micro.addressable_shards[0].data.shape == (4, 2, 3)  # 64 / 4 micro / 8 devices
     np.testing.assert_array_equal(micro[1], batch[1::4])
     np.testing.assert_array_equal(merged, batch)
-
-
-@pytest.mark.slow
-def test_accumulation_adds_no_collective_on_the_batch():
-    """With data x fsdp, the accumulating step gathers only what the single-batch step gathers
-    (the FSDP parameters): a contiguous split all-gathered the inputs over `data`."""
-    mesh = make_mesh(2, 4, 1)
-    batch = random_batch(3, batch=64)
-
-    def all_gathers(microbatches):
-        config = tiny_config(microbatches=microbatches, batch_size=64)
-        step, state = jitted_step_and_state(config, mesh, batch)
-        with jax.set_mesh(mesh), sharding.axis_rules(config.mesh.rules):
-            placed = jax.device_put(batch, batch_shardings(batch, mesh, config.mesh.rules))
-            hlo = step.lower(state, placed).compile().as_text()
-        return hlo.count(" all-gather(")
-
-    assert all_gathers(2) == all_gathers(1)
 
 
 def test_non_finite_step_leaves_the_state_untouched():

@@ -8,11 +8,13 @@ import numpy as np
 import pytest
 import safetensors.numpy
 import torch
+import transformers
 
 from lidit_jax.fingerprint import file_fingerprint
 from lidit_jax import paths
 from lidit_jax.text import load_llm, models
-from test_llm import build_tiny, random_batch
+from model_helpers import TINY_MODELS, VOCAB, build_tiny, random_batch
+
 
 def llama_cpp_permute(w, heads):
     """convert_hf_to_gguf.py's q/k row order for Llama files."""
@@ -108,10 +110,9 @@ def tiny_gguf(tmp_path, arch, raw_types=None, drop=(), drop_fields=(), quantized
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "gemma3"])
 def test_gguf_loads_like_the_folder(arch, tmp_path, monkeypatch):
     if arch == "gemma3":  # GGUF Gemma files imply 5 local + 1 global layers, head_dim scale.
-        import test_llm
-        monkeypatch.setitem(test_llm.TINY_MODELS, "gemma3", (lambda: test_llm.transformers.
-                            Gemma3ForCausalLM(test_llm.transformers.Gemma3TextConfig(
-                                vocab_size=test_llm.VOCAB, hidden_size=64, intermediate_size=96,
+        monkeypatch.setitem(TINY_MODELS, "gemma3", (lambda: transformers.
+                            Gemma3ForCausalLM(transformers.Gemma3TextConfig(
+                                vocab_size=VOCAB, hidden_size=64, intermediate_size=96,
                                 num_hidden_layers=6, num_attention_heads=4, num_key_value_heads=2,
                                 head_dim=16, query_pre_attn_scalar=16, sliding_window=4)),
                             "gemma3"))
@@ -156,10 +157,9 @@ WRITABLE_TYPES = [kind.name for kind in gguf.GGMLQuantizationType if _writable(k
 def test_quantized_tensors_load_as_their_dequantized_values(kind, tmp_path, monkeypatch):
     """attn_q also goes through the undone llama.cpp row permutation, which must act on
     dequantized rows."""
-    import test_llm
-    monkeypatch.setitem(test_llm.TINY_MODELS, "llama", (lambda: test_llm.transformers.
-                        LlamaForCausalLM(test_llm.transformers.LlamaConfig(
-                            vocab_size=test_llm.VOCAB, hidden_size=256, intermediate_size=256,
+    monkeypatch.setitem(TINY_MODELS, "llama", (lambda: transformers.
+                        LlamaForCausalLM(transformers.LlamaConfig(
+                            vocab_size=VOCAB, hidden_size=256, intermediate_size=256,
                             num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                             tie_word_embeddings=True)), "llama"))
     quantized = {name: gguf.GGMLQuantizationType[kind]

@@ -51,8 +51,9 @@ def random_batch(seed, batch=32, size=8):
     prompt_mask = mask & (np.arange(TEXT_LEN)[None] >= 1)
     return {
         "x0": jnp.asarray(rng.uniform(-1, 1, (batch, size, size, 3)), jnp.float32),
-        "text": {"states": [jnp.asarray(rng.normal(size=(batch, TEXT_LEN, LLM_WIDTH)), jnp.bfloat16)],
-                 "masks": [jnp.asarray(mask)], "prompt_masks": [jnp.asarray(prompt_mask)]},
+        "text": [{"states": jnp.asarray(rng.normal(size=(batch, TEXT_LEN, LLM_WIDTH)),
+                                        jnp.bfloat16),
+                  "mask": jnp.asarray(mask), "prompt_mask": jnp.asarray(prompt_mask)}],
     }
 
 

@@ -3,9 +3,9 @@ layer, no instruction, no chat template, no refiner (projection only) into a con
 width 128. Each arm (a file next to this one) changes its text side only.
 
   python -m lidit_jax.evaluate.readout --arms=raw,lidit,causal_refiner,minilm --seeds=5 \\
-      --output=DIR [--steps=1500]
-Only `text.*` and `model.width` / `model.dtype` are read; the decoder and its training budget
-are the readout's own flags.
+      --output=DIR [--readout=mentions] [--steps=1500]
+Only `text.*`, `model.width` / `model.dtype` and (scratch arms) `scratch_lm` are read; the
+decoder and its training budget are the readout's own flags.
 """
 from configs import common
 

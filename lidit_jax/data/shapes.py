@@ -7,6 +7,11 @@ right). An object has a colour (8), a shape (5) and a size (small / large). Capt
 objects in one of several templates (slot listing, counts such as "two small yellow triangles",
 left-of relations in the row layout); the metadata records the layout and per object its colour,
 shape, size, slot and the word index of its shape noun in `caption.split()`.
+"grid_late" is the grid with a balanced design for the generative ablation (configs/generative):
+record i has 1 + i % 4 objects of distinct colours, mentioned in random order, and alternates
+(by i // 4) the slot listing with a late-binding template whose slots all come after the
+objects ("a red circle and a blue square, in the bottom right and top left respectively"), so
+any 8 consecutive records hold each (object count, template) once.
 
 Record i is a pure function of (seed, i): `ShapesSource(num_records, seed, image_size, layout)[i]`
 renders it without files (Grain's RandomAccessDataSource protocol). `detect(image, layout)`
@@ -35,11 +40,18 @@ _NUMBERS = {2: "two", 3: "three", 4: "four"}
 
 @dataclasses.dataclass(frozen=True)
 class Layout:
-    """Slots on a columns x rows grid of equal cells, in reading order, with caption phrases."""
+    """Slots on a columns x rows grid of equal cells, in reading order, with caption phrases.
+
+    templates: the caption templates records use (see `caption_for`); balanced: scenes and
+    templates follow the record index (the "grid_late" design in the module doc) instead of
+    random draws.
+    """
     columns: int
     rows: int
     slots: tuple
     phrases: tuple
+    templates: tuple = (0, 1, 2)
+    balanced: bool = False
 
     def cell(self, slot_index):
         """(column, row) of a slot."""
@@ -53,6 +65,7 @@ LAYOUTS = {
                    ("in the top left", "in the top right", "in the bottom left",
                     "in the bottom right")),
 }
+LAYOUTS["grid_late"] = dataclasses.replace(LAYOUTS["grid"], templates=(0, 3), balanced=True)
 
 
 def layout_of(name):
@@ -126,6 +139,18 @@ def sample_objects(rng, layout="row"):
     return objects
 
 
+def balanced_objects(rng, index, layout):
+    """The balanced design's scene for record `index`: 1 + index % 4 objects (at most one per
+    slot) of distinct colours, in random mention order (independent of slot order)."""
+    slot_names = layout_of(layout).slots
+    count = 1 + index % len(slot_names)
+    slots = rng.choice(len(slot_names), size=count, replace=False)
+    colours = rng.choice(len(COLOUR_NAMES), size=count, replace=False)
+    return [{"colour": COLOUR_NAMES[colour], "shape": SHAPES[rng.integers(len(SHAPES))],
+             "size": SIZES[rng.integers(len(SIZES))], "slot": slot_names[slot]}
+            for slot, colour in zip(slots.tolist(), colours.tolist())]
+
+
 def render(objects, background, image_size=32, layout="row"):
     """Objects (dicts with colour, shape, size, slot) -> uint8 [image_size, image_size, 3]."""
     image = np.full((image_size, image_size, 3), background, np.uint8)
@@ -175,7 +200,9 @@ def caption_for(objects, template, prefix="", layout="row"):
 
     template 0: slot listing; 1: counts of identical objects; 2: left-of relations (falls back to
     the slot listing for a single object, and in the grid layout, whose slot order is not
-    left to right).
+    left to right); 3: late binding, every object first, then the slots in mention order
+    ("a red circle and a blue square, in the bottom right and top left respectively"; one
+    object: "a red circle, in the top left").
     """
     grid = layout_of(layout)
     words = _Words(prefix)
@@ -188,6 +215,16 @@ def caption_for(objects, template, prefix="", layout="row"):
                 words.words[-1] += ","
                 words.add("which is to the left of")
             positions[k] = words.noun(obj)
+    elif template == 3:
+        def add_noun(k):
+            positions[k] = words.noun(objects[k])
+        _join(words, [functools.partial(add_noun, k) for k in range(len(objects))])
+        words.words[-1] += ","
+        slot_list = _Words("in the")
+        _join(slot_list, [functools.partial(slot_list.add, obj["slot"]) for obj in objects])
+        words.add(slot_list.text())
+        if len(objects) > 1:
+            words.add("respectively")
     elif template == 1:
         groups = {}
         for k, obj in enumerate(objects):
@@ -209,9 +246,14 @@ def caption_for(objects, template, prefix="", layout="row"):
 def make_record(index, seed=0, image_size=32, layout="row"):
     """Record `index` of the set with `seed`: dict(image uint8 [S, S, 3], caption, metadata)."""
     rng = np.random.default_rng([seed, index])
-    objects = sample_objects(rng, layout)
+    grid = layout_of(layout)
+    objects = (balanced_objects(rng, index, layout) if grid.balanced
+               else sample_objects(rng, layout))
     background = int(rng.integers(*_BACKGROUND_LEVELS))
-    template = int(rng.integers(3))
+    if grid.balanced:
+        template = grid.templates[(index // len(grid.slots)) % len(grid.templates)]
+    else:  # Drawn after the background, as before the balanced design: the same records.
+        template = grid.templates[int(rng.integers(len(grid.templates)))]
     prefix = _PREFIXES[rng.integers(len(_PREFIXES))]
     caption, positions = caption_for(objects, template, prefix, layout)
     for obj, position in zip(objects, positions):

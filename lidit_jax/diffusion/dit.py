@@ -271,14 +271,15 @@ class LIDiT(nnx.Module):
           x: [batch, H, W, C] noisy image or latent (NHWC); H, W multiples of the patch size.
           t: [batch] float, the model time on a 0..1000 scale (DDPM: the step index scaled to
             1000 steps; flow: t * 1000), see `objectives.Objective.model_time`.
-          text: {'states': list of [batch, len_k, width_k], 'masks': list of [batch, len_k] bool,
-            'prompt_masks': list of [batch, len_k] bool}, one entry per LLM.
+          text: one dict per LLM, {'states': [batch, len_k, width_k], 'mask': [batch, len_k]
+            bool, 'prompt_mask': [batch, len_k] bool} (train/inputs.py).
         Returns:
           [batch, H, W, C] float32.
         """
         t_emb = self.time_embed(t)
-        tokens, token_mask, pooled = self.text(text["states"], text["masks"],
-                                               text["prompt_masks"], t_emb)
+        states, masks, prompt_masks = ([e[k] for e in text]
+                                       for k in ("states", "mask", "prompt_mask"))
+        tokens, token_mask, pooled = self.text(states, masks, prompt_masks, t_emb)
         c = t_emb.astype(jnp.float32)
         if self.pooled_text:  # Off: text reaches the DiT through cross-attention only.
             c = c + pooled.astype(jnp.float32)

@@ -9,8 +9,10 @@ Each arm is a config file CONFIGS_DIR/<arm>.py; `--set key=value` overrides appl
      (`--mode=encode`'s writer; an arm's cache root DIR/runs/<arm>/text_cache links to them);
   2. training (`--mode=train`'s loop) in DIR/runs/<arm>/seed<k>;
   3. the shapes scores of its EMA weights (`--mode=eval --benchmark=shapes`) in .../eval.
-The first arm is the baseline: ablation.md compares every other arm with it prompt by prompt
-(`lidit_jax.evaluate.statistics`: hierarchical bootstrap over prompts and seeds, Holm).
+ablation.md compares arms prompt by prompt (`lidit_jax.evaluate.statistics`: hierarchical
+bootstrap over prompts and seeds, Holm over the table): by default every arm against the first;
+`--contrasts=a-b,...` fixes the pairs before the run, `--contrast_subsets` the held-out prompt
+subsets (SUBSETS) and `--contrast_metrics` the scores compared.
 A run whose eval/scores.json exists is skipped, so the command resumes after a crash (a run
 killed mid-training resumes from its last checkpoint). Compiled programs are shared through
 JAX's persistent compilation cache (DIR/jax_cache): seeds of an arm compile once.
@@ -35,6 +37,18 @@ from lidit_jax.evaluate import statistics
 
 TABLE_METRICS = ("prompt_accuracy", "object_accuracy", "colour_accuracy", "shape_accuracy",
                  "size_accuracy", "position_accuracy", "count_accuracy")
+CONTRAST_METRICS = ("position_accuracy", "shape_accuracy", "colour_accuracy", "prompt_accuracy")
+# Held-out prompt subsets a contrast is computed on: name -> (label, predicate on the prompt's
+# shapes metadata). listing / late: the "grid_late" design's two templates (data/shapes.py),
+# prompts of 2-4 objects (with one object the late template binds nothing).
+SUBSETS = {
+    "all": ("all", lambda m: True),
+    "one_object": ("1 object", lambda m: len(m["objects"]) == 1),
+    "listing": ("listing, 2-4 objects", lambda m: m["template"] == 0 and len(m["objects"]) > 1),
+    "late": ("late binding, 2-4 objects",
+             lambda m: m["template"] == 3 and len(m["objects"]) > 1),
+}
+CONTRAST_SUBSETS = ("all", "one_object")
 
 
 def load_arm(configs_dir, arm, overrides=(), seed=0):
@@ -125,21 +139,48 @@ def llms_kept_loaded():
         encoder.load_llm = original
 
 
+def parse_contrasts(specs, arms):
+    """["a-b", ...] (arm a minus arm b) -> [(a, b), ...]; empty: every arm minus the first."""
+    if not specs:
+        return [(arm, arms[0]) for arm in arms[1:]]
+    pairs = []
+    for spec in specs:
+        pair = tuple(spec.split("-"))
+        if len(pair) != 2 or not set(pair) <= set(arms):
+            raise ValueError(f"--contrasts entry {spec!r}: want ARM-ARM with both arms in "
+                             f"--arms {list(arms)} (arm names must not contain '-')")
+        pairs.append(pair)
+    return pairs
+
+
 def run_ablation(arms, seeds, workdir, overrides=(), configs_dir="configs/ablations",
-                 run_seeds=None):
+                 run_seeds=None, contrasts=(), contrast_subsets=CONTRAST_SUBSETS,
+                 contrast_metrics=CONTRAST_METRICS):
     """Runs every arm x seed not done yet (resumable), then `summarise` (all `seeds` seeds
-    finished so far). run_seeds: only these seeds (default all), e.g. one per worker process."""
+    finished so far). run_seeds: only these seeds (default all), e.g. one per worker process;
+    contrasts: "a-b" pairs for the paired table (parse_contrasts), computed on each of
+    contrast_subsets (SUBSETS names) for each of contrast_metrics."""
+    pairs = parse_contrasts(contrasts, arms)
+    unknown = set(contrast_subsets) - set(SUBSETS)
+    if unknown:
+        raise ValueError(f"--contrast_subsets {sorted(unknown)}; choose from {list(SUBSETS)}")
     with llms_kept_loaded():
         return _run_ablation(arms, seeds, os.path.abspath(workdir), overrides, configs_dir,
-                             range(seeds) if run_seeds is None else run_seeds)
+                             range(seeds) if run_seeds is None else run_seeds,
+                             dict(pairs=pairs, subsets=tuple(contrast_subsets),
+                                  metrics=tuple(contrast_metrics)))
 
 
-def _run_ablation(arms, seeds, workdir, overrides, configs_dir, run_seeds):
+def _run_ablation(arms, seeds, workdir, overrides, configs_dir, run_seeds, contrasts):
+    from lidit_jax.evaluate.shapes_eval import heldout_records
     jax.config.update("jax_compilation_cache_dir", os.path.join(workdir, "jax_cache"))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     configs = {arm: load_arm(configs_dir, arm, overrides) for arm in arms}  # Fail early.
     for config in configs.values():
         configuration.validate(config)
+    # Every arm is scored on these prompts (eval.seed, eval.num_prompts and the data's layout
+    # are not text-side settings): the first arm's config names them.
+    prompts = [record["metadata"] for record in heldout_records(configs[arms[0]])]
     failed = []
     for arm in arms:
         arm_dir = os.path.join(workdir, "runs", arm)
@@ -157,7 +198,7 @@ def _run_ablation(arms, seeds, workdir, overrides, configs_dir, run_seeds):
             except Exception:  # noqa: BLE001 - one broken arm must not stop the others.
                 logging.error("arm %s seed %d failed:\n%s", arm, seed, traceback.format_exc())
                 failed.append((arm, seed))
-    summarise(workdir, arms, seeds, baseline=arms[0])
+    summarise(workdir, arms, seeds, prompts=prompts, **contrasts)
     return failed
 
 
@@ -218,32 +259,44 @@ def mention_table(results):
     return "\n".join(lines) + "\n"
 
 
-def contrast_table(results, baseline, metrics=("position_accuracy", "shape_accuracy",
-                                                "colour_accuracy", "prompt_accuracy")):
-    """{arm: [scores]} -> markdown: every other arm minus `baseline`, paired by prompt (the same
-    held-out prompts and noise), on all prompts and on one-object prompts; effect with its 95 %
-    hierarchical-bootstrap interval (prompts and seeds) and the Holm-adjusted p over the table."""
-    # An image's colour units are its prompt's objects.
-    subsets = {"all": lambda image: True,
-               "1 object": lambda image: image["colour_accuracy"][1] == 1}
+def contrasts(results, pairs, prompts, subsets=CONTRAST_SUBSETS, metrics=CONTRAST_METRICS):
+    """{arm: [scores]} -> one dict per (pair, subset, metric): arm a minus arm b paired by prompt
+    (the same held-out prompts, in order, and noise), restricted to the subset's prompts, with
+    its 95 % hierarchical-bootstrap interval (prompts and seeds), bootstrap p and the Holm p over
+    all rows. prompts: the held-out prompts' shapes metadata. Pairs with an arm that has no
+    finished run are left out."""
     rows = []
-    for arm in results:
-        if arm == baseline:
+    for a, b in pairs:
+        if a not in results or b not in results:
             continue
-        for subset, keep in subsets.items():
+        for subset in subsets:
+            keep = [SUBSETS[subset][1](metadata) for metadata in prompts]
             for metric in metrics:
-                arm_counts, baseline_counts = (
-                    np.array([[image[metric] for image in run["per_image"] if keep(image)]
-                              for run in results[name]]) for name in (arm, baseline))
-                rows.append((arm, subset, metric,
-                             statistics.paired_bootstrap(arm_counts, baseline_counts)))
-    adjusted = statistics.holm([row[3]["p"] for row in rows])
-    lines = [f"| arm - {baseline} | prompts | metric | effect | 95 % interval | Holm p |",
+                counts = []
+                for name in (a, b):
+                    runs = [run["per_image"] for run in results[name]]
+                    if any(len(images) != len(keep) for images in runs):
+                        raise ValueError(f"arm {name} was scored on a different prompt set "
+                                         f"({[len(i) for i in runs]} vs {len(keep)} prompts)")
+                    counts.append(np.array([[image[metric] for image, k in zip(images, keep) if k]
+                                            for images in runs]))
+                test = statistics.paired_bootstrap(*counts)
+                rows.append(dict(arm=a, against=b, subset=subset, metric=metric,
+                                 prompts=int(sum(keep)), **test))
+    for row, p in zip(rows, statistics.holm([row["p"] for row in rows])):
+        row["p_holm"] = p
+    return rows
+
+
+def contrast_table(rows):
+    """contrasts() rows -> markdown: effect, 95 % interval, Holm p per row."""
+    lines = ["| contrast | prompts | metric | effect | 95 % interval | Holm p |",
              "|---|---|---|---|---|---|"]
-    for (arm, subset, metric, test), p in zip(rows, adjusted):
-        low, high = test["ci95"]
-        lines.append(f"| {arm} | {subset} | {metric.replace('_accuracy', '')} | "
-                     f"{test['effect']:+.3f} | [{low:+.3f}, {high:+.3f}] | {p:.3g} |")
+    for row in rows:
+        low, high = row["ci95"]
+        lines.append(f"| {row['arm']} - {row['against']} | {SUBSETS[row['subset']][0]} "
+                     f"({row['prompts']}) | {row['metric'].replace('_accuracy', '')} | "
+                     f"{row['effect']:+.3f} | [{low:+.3f}, {high:+.3f}] | {row['p_holm']:.3g} |")
     return "\n".join(lines) + "\n"
 
 
@@ -291,9 +344,11 @@ def plot_mentions(results, path):
     plt.close(fig)
 
 
-def summarise(workdir, arms, seeds, baseline=None):
+def summarise(workdir, arms, seeds, pairs=(), prompts=None, subsets=CONTRAST_SUBSETS,
+              metrics=CONTRAST_METRICS):
     """Writes ablation.md, ablation.json, accuracy.png, by_mention.png and samples/<arm>.png;
-    with `baseline` (an arm), ablation.md also gets the paired contrasts against it."""
+    with `pairs` ((a, b) arms) and `prompts` (the held-out prompts' metadata), ablation.md also
+    gets the paired contrasts (`contrasts`), also written to contrasts.json."""
     import shutil
     results = collect(workdir, arms, seeds)
     if not results:
@@ -311,9 +366,13 @@ def summarise(workdir, arms, seeds, baseline=None):
         f.write("\nObject accuracy by the object's mention rank in the caption:\n\n")
         f.write(mention_table(results))
         paired = all("per_image" in r for runs in results.values() for r in runs)
-        if baseline in results and len(results) > 1 and paired:
-            f.write(f"\nPaired contrasts against {baseline} (runs scored on the same prompts):\n\n")
-            f.write(contrast_table(results, baseline))
+        rows = contrasts(results, pairs, prompts, subsets, metrics) if paired and prompts else []
+        if rows:
+            f.write("\nPaired contrasts (runs scored on the same prompts; Holm over the "
+                    f"{len(rows)} rows):\n\n")
+            f.write(contrast_table(rows))
+            with open(os.path.join(workdir, "contrasts.json"), "w") as out:
+                json.dump(rows, out, indent=1)
     plot_bars(results, os.path.join(workdir, "accuracy.png"))
     plot_mentions(results, os.path.join(workdir, "by_mention.png"))
     os.makedirs(os.path.join(workdir, "samples"), exist_ok=True)
@@ -330,7 +389,8 @@ def main(argv):
     if not f.arms or not f.workdir:
         raise SystemExit("error: --arms=a,b,... and --workdir=DIR are required")
     run_seeds = [int(s) for s in f.run_seeds] if f.run_seeds else None
-    failed = run_ablation(f.arms, f.seeds, f.workdir, f.set, f.configs_dir, run_seeds)
+    failed = run_ablation(f.arms, f.seeds, f.workdir, f.set, f.configs_dir, run_seeds,
+                          f.contrasts, f.contrast_subsets, f.contrast_metrics)
     print(f"ablation={os.path.join(os.path.abspath(f.workdir), 'ablation.md')} "
           f"failed={len(failed)}")
 
@@ -345,4 +405,9 @@ if __name__ == "__main__":
                       "process per seed to use more cores.")
     flags.DEFINE_multi_string("set", [], "key=value config override for every arm.")
     flags.DEFINE_string("configs_dir", "configs/ablations", "Folder of arm configs.")
+    flags.DEFINE_list("contrasts", [], "Paired contrasts a-b (arm a minus arm b), fixed before "
+                      "the run; default: every arm minus the first.")
+    flags.DEFINE_list("contrast_subsets", list(CONTRAST_SUBSETS),
+                      f"Held-out prompt subsets of every contrast: {list(SUBSETS)}.")
+    flags.DEFINE_list("contrast_metrics", list(CONTRAST_METRICS), "Scores compared.")
     app.run(main)

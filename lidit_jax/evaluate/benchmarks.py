@@ -77,9 +77,7 @@ class PromptImages:
         self.uncond = self._encode([""])
 
     def _encode(self, texts):
-        from lidit_jax.text.encoder import as_text_inputs
-        return as_text_inputs([jax.device_get(e.encode(list(texts)))
-                               for e in self.trained.encoders])
+        return [jax.device_get(e.encode(list(texts))) for e in self.trained.encoders]
 
     def __call__(self, prompt):
         latents = self.generate(self.trained.ema_params, self.key,

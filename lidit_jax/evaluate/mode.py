@@ -27,7 +27,6 @@ from lidit_jax.evaluate.shapes_eval import ShapesEvaluator
 from lidit_jax.inference import apply_sampling_flags, load_trained_run
 from lidit_jax.parallel import mesh as mesh_lib
 from lidit_jax.parallel import sharding
-from lidit_jax.text.encoder import as_text_inputs
 
 NEEDS_WORKDIR = True
 FLAGS = flags.FLAGS
@@ -35,8 +34,8 @@ BENCHMARKS = ("shapes", "geneval", "t2i_compbench", "dpg_bench")
 
 
 def encoder_fn(trained):
-    return lambda texts: as_text_inputs(  # noqa: E731
-        [jax.device_get(e.encode(list(texts))) for e in trained.encoders])
+    return lambda texts: [jax.device_get(e.encode(list(texts)))  # noqa: E731
+                          for e in trained.encoders]
 
 
 def decoder_fn(image_space):

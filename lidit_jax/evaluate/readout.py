@@ -31,48 +31,72 @@ import os
 import time
 
 import jax
-import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
-import optax
 from absl import app, flags, logging
-from flax import nnx
 
 from lidit_jax import configuration
 from lidit_jax.text import features
-from lidit_jax.evaluate import ablation, readout_stats
+from lidit_jax.evaluate import ablation, readout_stats, scratch_lm
 from lidit_jax.evaluate import readout_prompts as prompts
-from lidit_jax.nn.layers import MLP, Attention, RMSNorm, TimestepEmbedder, linear
-from lidit_jax.text.refiner import TextConditioner
+from lidit_jax.evaluate.readout_model import EVAL_T, SPAN_TOKENS, train_and_predict
 
-EVAL_T = 500.0  # Model time (0..1000) the refiner's gates see at test.
-DECODER_DEPTH = 2
+READOUTS = tuple(prompts.HEADS)  # --readout: "slots" | "mentions" (readout_model.py).
 ENCODE_BATCH = 32
-# Fixed before any run: (arm A, arm B, construction) for accuracy; (arm A, arm B, "rank_slope")
-# for the positional bias. Only those whose two arms are run are tested (and Holm-corrected).
+# Fixed before any run (the 5-seed runs of /work/notes/readout2.md), the same for both readouts:
+# (arm A, arm B, construction) for accuracy; (arm A, arm B, "rank_slope") for the positional
+# bias. Only those whose two arms are run are tested (and Holm-corrected together).
+#   Does a raw causal LLM lose to a bidirectional encoder where binding needs later words?
+#   Does a bidirectional refiner recover it, a causal one not (with the instruction: lidit vs
+#   causal_refiner; without: refiner vs refiner_causal; pre_binding is the control, where the
+#   slot comes first and the claim predicts no difference)? Does the objective with its mask
+#   alone (the scratch pair: same model, data, tokenizer) make the difference? Does the
+#   refiner change the positional bias (rank_slope)?
 CONTRASTS = (
     ("minilm", "raw", "late_override"), ("minilm", "raw", "order_flip"),
     ("lidit", "raw", "late_override"), ("lidit", "raw", "order_flip"),
     ("lidit", "causal_refiner", "late_override"), ("lidit", "causal_refiner", "order_flip"),
-    ("refiner", "raw", "late_override"), ("instruction", "raw", "all"),
-    ("raw_m3", "raw", "all"),
+    ("lidit", "causal_refiner", "pre_binding"),
+    ("refiner", "raw", "late_override"), ("refiner", "raw", "order_flip"),
+    ("refiner", "refiner_causal", "late_override"), ("refiner", "refiner_causal", "order_flip"),
+    ("refiner", "refiner_causal", "pre_binding"),
+    ("scratch_mlm", "scratch_causal", "late_override"),
+    ("scratch_mlm", "scratch_causal", "order_flip"),
+    ("instruction", "raw", "all"), ("raw_m3", "raw", "all"),
     ("lidit", "raw", "rank_slope"), ("lidit", "causal_refiner", "rank_slope"),
+    ("refiner", "raw", "rank_slope"), ("refiner", "refiner_causal", "rank_slope"),
 )
 
 
 # ---- Text states: encoded once per encoder setting --------------------------------------------
+def _load(path):
+    with np.load(path) as cached:
+        return {"states": cached["states"].view(ml_dtypes.bfloat16), "mask": cached["mask"],
+                "prompt_mask": cached["prompt_mask"]}
+
+
+def _save(path, out):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    partial = path + ".partial.npz"  # np.savez appends .npz; renamed when complete.
+    np.savez(partial, states=np.asarray(out["states"], ml_dtypes.bfloat16).view(np.uint16),
+             mask=out["mask"], prompt_mask=out["prompt_mask"])
+    os.replace(partial, path)
+
+
+def _digest(captions):
+    return hashlib.sha1("\n".join(captions).encode()).hexdigest()[:8]
+
+
 def encoded_states(config, captions, cache_dir):
     """The single encoder's states of `captions`, cached in CACHE_DIR/<setting>-<captions>.npz:
     dict(states [n, L, width] bfloat16, mask [n, L] bool, prompt_mask [n, L] bool), L the
     longest caption's tokens rounded up (PromptEncoder.encode(crop_padding=True))."""
     from lidit_jax.text.encoder import PromptEncoder  # Reads tokenizers: only when encoding.
     name, = features.encoder_names(config.text)
-    digest = hashlib.sha1("\n".join(captions).encode()).hexdigest()[:8]
-    path = os.path.join(cache_dir, f"{ablation.encoder_setting(config, name)}-{digest}.npz")
+    path = os.path.join(cache_dir,
+                        f"{ablation.encoder_setting(config, name)}-{_digest(captions)}.npz")
     if os.path.exists(path):
-        with np.load(path) as cached:
-            return {"states": cached["states"].view(ml_dtypes.bfloat16), "mask": cached["mask"],
-                    "prompt_mask": cached["prompt_mask"]}
+        return _load(path)
     encoder = PromptEncoder.from_config(config, name)
     # Length-sorted batches: each is cropped to its own longest caption (CPU time ~ tokens).
     order = np.argsort([len(c) for c in captions], kind="stable")
@@ -89,128 +113,92 @@ def encoded_states(config, captions, cache_dir):
             out[key][rows, :batch[key].shape[1]] = batch[key]
     logging.info("readout: encoded %d captions with %s in %.0f s", len(captions), name,
                  time.time() - start)
-    os.makedirs(cache_dir, exist_ok=True)
-    partial = path + ".partial.npz"  # np.savez appends .npz; renamed when complete.
-    np.savez(partial, states=out["states"].view(np.uint16), mask=out["mask"],
-             prompt_mask=out["prompt_mask"])
-    os.replace(partial, path)
+    _save(path, out)
     return out
 
 
-# ---- The readout model ------------------------------------------------------------------------
-class SlotDecoder(nnx.Module):
-    """Learned slot queries cross-attending to text tokens: [batch, len, embed] -> per-slot
-    logits {head: [batch, slots, classes]}."""
-
-    def __init__(self, width, heads, num_slots, *, rngs):
-        self.queries = nnx.Param(nnx.initializers.normal(0.02)(rngs.params(),
-                                                               (num_slots, width)))
-        self.context_norm = RMSNorm(width)
-        self.attn_norms = nnx.List([RMSNorm(width) for _ in range(DECODER_DEPTH)])
-        self.attentions = nnx.List([Attention(width, heads, rngs=rngs)
-                                    for _ in range(DECODER_DEPTH)])
-        self.mlp_norms = nnx.List([RMSNorm(width) for _ in range(DECODER_DEPTH)])
-        self.mlps = nnx.List([MLP(width, 4 * width, rngs=rngs) for _ in range(DECODER_DEPTH)])
-        self.out_norm = RMSNorm(width)
-        self.heads = nnx.Dict({name: linear(width, classes, ("embed", "vocab"), rngs=rngs)
-                               for name, classes in prompts.CLASSES.items()})
-
-    def __call__(self, tokens, token_mask):
-        context = self.context_norm(tokens)
-        x = jnp.broadcast_to(self.queries[...], (tokens.shape[0], *self.queries.shape))
-        for attn_norm, attention, mlp_norm, mlp in zip(self.attn_norms, self.attentions,
-                                                       self.mlp_norms, self.mlps):
-            x = x + attention(attn_norm(x), context, key_mask=token_mask)
-            x = x + mlp(mlp_norm(x))
-        x = self.out_norm(x)
-        return {name: head(x) for name, head in self.heads.items()}
+def scratch_states(objective, splits, cache_dir):
+    """{split: captions} -> {split: states as encoded_states returns} of a scratch_lm model
+    trained (once, seed 0, scratch_lm.STEPS steps) with `objective` on splits["train"], cached
+    in CACHE_DIR/scratch_<objective>-<steps>-<corpus>-<captions>.npz."""
+    setting = f"scratch_{objective}-{scratch_lm.STEPS}-{_digest(splits['train'])}"
+    paths = {split: os.path.join(cache_dir, f"{setting}-{_digest(c)}.npz")
+             for split, c in splits.items()}
+    if all(os.path.exists(p) for p in paths.values()):
+        return {split: _load(p) for split, p in paths.items()}
+    start = time.time()
+    model, tokenizer = scratch_lm.train(objective, splits["train"])
+    logging.info("readout: trained scratch_lm %s in %.0f s", objective, time.time() - start)
+    out = {}
+    for split, captions in splits.items():
+        out[split] = scratch_lm.encode(model, tokenizer, captions)
+        _save(paths[split], out[split])
+        out[split] = _load(paths[split])  # The same bfloat16 states as a later cached run.
+    return out
 
 
-class ReadoutModel(nnx.Module):
-    """t_emb + the project's TextConditioner (config.text, width config.model.width) + a
-    SlotDecoder over its tokens."""
-
-    def __init__(self, config, llm_width, *, rngs):
-        width = config.model.width
-        self.time_embed = TimestepEmbedder(width, rngs=rngs)
-        self.text = TextConditioner(config.text, [llm_width], width, rngs=rngs)
-        self.decoder = SlotDecoder(width, config.text.refiner.heads, prompts.NUM_SLOTS,
-                                   rngs=rngs)
-
-    def __call__(self, states, mask, prompt_mask, t):
-        """states [batch, L, width_k]; mask, prompt_mask [batch, L] bool; t [batch] (0..1000)."""
-        tokens, token_mask, _ = self.text([states], [mask], [prompt_mask], self.time_embed(t))
-        return self.decoder(tokens, token_mask)
+def text_states(config, splits, cache_dir):
+    """{split: captions} -> {split: dict(states, mask, prompt_mask)} of the arm's encoder: the
+    configured LLM, or the scratch_lm model of config.scratch_lm (scratch arms only)."""
+    if config.get("scratch_lm"):
+        return scratch_states(config.scratch_lm, splits, cache_dir)
+    return {split: encoded_states(config, captions, cache_dir)
+            for split, captions in splits.items()}
 
 
-def loss_fn(model, states, mask, prompt_mask, t, targets):
-    """Cross-entropy: colour (incl. empty) on every slot, shape and size on occupied ones."""
-    logits = model(states.astype(jnp.float32), mask, prompt_mask, t)
-    occupied = targets["shape"] >= 0
-    total = 0.0
-    for name, head_logits in logits.items():
-        labels = jnp.maximum(targets[name], 0)
-        ce = optax.softmax_cross_entropy_with_integer_labels(head_logits, labels)
-        weight = jnp.ones_like(ce) if name == "colour" else occupied.astype(ce.dtype)
-        total = total + jnp.sum(ce * weight) / jnp.maximum(jnp.sum(weight), 1.0)
-    return total
+def token_offsets(config, captions):
+    """Per caption: [tokens, 2] character [start, stop) in the caption of each position of the
+    arm's encoded states (template and special tokens: empty or outside the caption)."""
+    if config.get("scratch_lm"):
+        return [scratch_lm.word_offsets(c) for c in captions]
+    from lidit_jax.text.encoder import PromptEncoder  # Reads the tokenizer, not the weights.
+    name, = features.encoder_names(config.text)
+    template = PromptEncoder.from_config(config, name).template
+    return [offsets - len(template.prefix) for _, offsets, _ in template._tokenize(captions)]
 
 
-def train_and_predict(config, train_data, test_data, seed, steps, batch_size, learning_rate):
-    """Trains one readout model; -> {head: [num_test, slots] predicted class} at t = EVAL_T."""
-    model = ReadoutModel(config, train_data["states"].shape[-1], rngs=nnx.Rngs(seed))
-    schedule = optax.warmup_cosine_decay_schedule(0.0, learning_rate, min(100, steps // 10 + 1),
-                                                  steps)
-    optimizer = nnx.Optimizer(model, optax.adamw(schedule, weight_decay=0.01), wrt=nnx.Param)
-    arrays = {k: jnp.asarray(v) for k, v in train_data.items()}
-
-    @nnx.jit
-    def step(model, optimizer, key):
-        rows_key, t_key = jax.random.split(key)
-        rows = jax.random.randint(rows_key, (batch_size,), 0, arrays["mask"].shape[0])
-        t = jax.random.uniform(t_key, (batch_size,), maxval=1000.0)
-        batch = {k: v[rows] for k, v in arrays.items()}
-        loss, grads = nnx.value_and_grad(loss_fn)(
-            model, batch["states"], batch["mask"], batch["prompt_mask"], t,
-            {name: batch[name] for name in prompts.CLASSES})
-        optimizer.update(model, grads)
-        return loss
-
-    key = jax.random.key(seed)
-    for i in range(steps):
-        loss = step(model, optimizer, jax.random.fold_in(key, i))
-        if i % 250 == 0 or i == steps - 1:
-            logging.info("readout: step %d loss %.4f", i, float(loss))
-
-    @nnx.jit
-    def predict(model, states, mask, prompt_mask):
-        t = jnp.full((states.shape[0],), EVAL_T)
-        logits = model(states.astype(jnp.float32), mask, prompt_mask, t)
-        return {name: jnp.argmax(v, axis=-1) for name, v in logits.items()}
-
-    out = [predict(model, *(jnp.asarray(test_data[k][i:i + 256])
-                            for k in ("states", "mask", "prompt_mask")))
-           for i in range(0, len(test_data["mask"]), 256)]
-    return {name: np.concatenate([np.asarray(o[name]) for o in out]) for name in prompts.CLASSES}
+def mention_masks(items, offsets, length):
+    """-> bool [n, length, NUM_SLOTS]: position l holds a token of mention k's noun phrase
+    (Item.spans; a token overlapping the phrase's characters counts)."""
+    out = np.zeros((len(items), length, prompts.NUM_SLOTS), bool)
+    for i, (item, offset) in enumerate(zip(items, offsets)):
+        real = offset[:, 1] > offset[:, 0]
+        for k, (start, stop) in enumerate(item.spans()):
+            inside = np.flatnonzero(real & (offset[:, 0] < stop) & (offset[:, 1] > start))
+            if not inside.size or inside[-1] >= length:
+                raise ValueError(f"mention {k} of {item.caption!r} is not among the encoded "
+                                 f"tokens (text.max_length too small?)")
+            if inside.size > SPAN_TOKENS:
+                raise ValueError(f"mention {k} of {item.caption!r} takes {inside.size} tokens, "
+                                 f"more than readout_model.SPAN_TOKENS={SPAN_TOKENS}")
+            out[i, inside, k] = True
+    return out
 
 
 # ---- Runner -----------------------------------------------------------------------------------
-def run_readout(arms, seeds, output, *, steps=1500, num_train=1500, test_groups=40,
-                batch_size=64, learning_rate=1e-3, overrides=(), configs_dir="configs/readout",
-                samples=readout_stats.SAMPLES):
+def run_readout(arms, seeds, output, *, readout="slots", steps=1500, num_train=1500,
+                test_groups=40, batch_size=64, learning_rate=1e-3, overrides=(),
+                configs_dir="configs/readout", samples=readout_stats.SAMPLES):
     """Trains and scores every arm x seed not done yet (resumable), writes OUTPUT/readout.json
-    and returns it."""
+    and returns it. readout: "slots" | "mentions" (readout_model.py)."""
+    if readout not in READOUTS:
+        raise ValueError(f"--readout={readout!r}; known: {READOUTS}")
     configs = {arm: ablation.load_arm(configs_dir, arm, overrides) for arm in arms}  # Fail early.
     for arm, config in configs.items():
         if len(features.encoder_names(config.text)) != 1:
             raise ValueError(f"readout arm {arm!r}: text.encoders={config.text.encoders!r}; the "
                              "readout takes one encoder per arm")
+        if config.get("scratch_lm", "") not in ("", *scratch_lm.OBJECTIVES):
+            raise ValueError(f"readout arm {arm!r}: scratch_lm={config.scratch_lm!r}; known: "
+                             f"'' (the configured LLM) or {scratch_lm.OBJECTIVES}")
         configuration.validate(config)
-    train_items, test_items = prompts.make_split(num_train, test_groups)
-    targets = {"train": prompts.targets_of(train_items), "test": prompts.targets_of(test_items)}
+    items = dict(zip(("train", "test"), prompts.make_split(num_train, test_groups)))
+    targets = {split: prompts.targets_of(i, readout) for split, i in items.items()}
     cache_dir = os.path.join(output, "text_cache")
     training = dict(steps=steps, num_train=num_train, test_groups=test_groups,
                     batch_size=batch_size, learning_rate=learning_rate, eval_t=EVAL_T)
+    if readout != "slots":  # Slots runs keep the folders they had before --readout existed.
+        training["readout"] = readout
     right, predictions = {}, {}
     with ablation.llms_kept_loaded():
         for arm, config in configs.items():
@@ -218,37 +206,47 @@ def run_readout(arms, seeds, output, *, steps=1500, num_train=1500, test_groups=
             settings = json.dumps([config.to_dict(), training], sort_keys=True, default=str)
             run_dir = os.path.join(output, "runs",
                                    f"{arm}-{hashlib.sha1(settings.encode()).hexdigest()[:8]}")
-            per_seed = []
+            per_seed, data = [], None
             for seed in range(seeds):
                 path = os.path.join(run_dir, f"seed{seed}.npz")
                 if not os.path.exists(path):
-                    data = {split: encoded_states(config, [i.caption for i in items], cache_dir)
-                            for split, items in (("train", train_items), ("test", test_items))}
+                    data = data or arm_data(config, items, targets, cache_dir)
                     start = time.time()
-                    predicted = train_and_predict(
-                        config, dict(data["train"], **targets["train"]), data["test"], seed,
-                        steps, batch_size, learning_rate)
+                    predicted = train_and_predict(config, readout, data["train"], data["test"],
+                                                  seed, steps, batch_size, learning_rate)
                     os.makedirs(os.path.dirname(path), exist_ok=True)
                     np.savez(path, **predicted)
                     logging.info("readout: arm %s seed %d trained in %.0f s", arm, seed,
                                  time.time() - start)
                 with np.load(path) as saved:
-                    per_seed.append({name: saved[name] for name in prompts.CLASSES})
+                    per_seed.append({name: saved[name] for name in prompts.HEADS[readout]})
             predictions[arm] = {name: np.stack([p[name] for p in per_seed])
-                                for name in prompts.CLASSES}
-            right[arm] = np.stack([readout_stats.slots_right(p, targets["test"])
+                                for name in prompts.HEADS[readout]}
+            right[arm] = np.stack([readout_stats.units_right(p, targets["test"], readout)
                                    for p in per_seed])
-            print(f"readout arm={arm} slot_accuracy={right[arm].mean():.4f}", flush=True)
-    result = dict(arms=list(arms), seeds=seeds, steps=steps, num_train=len(train_items),
-                  num_test=len(test_items), eval_t=EVAL_T,
-                  metric="slot_accuracy: test slots read fully right (colour or empty; shape "
-                         "and size where occupied) over all slots; ci95: hierarchical bootstrap "
-                         "over test groups and seeds",
-                  **readout_stats.summarise(test_items, right, predictions, CONTRASTS,
-                                             samples=samples))
+            units = readout_stats.valid_units(targets["test"], readout).sum() * seeds
+            print(f"readout arm={arm} accuracy={right[arm].sum() / units:.4f}", flush=True)
+    result = dict(arms=list(arms), seeds=seeds, readout=readout, steps=steps,
+                  num_train=len(items["train"]), num_test=len(items["test"]), eval_t=EVAL_T,
+                  metric=readout_stats.METRICS[readout],
+                  **readout_stats.summarise(items["test"], right, predictions, CONTRASTS,
+                                             readout, samples=samples))
     with open(os.path.join(output, "readout.json"), "w") as f:
         json.dump(result, f, indent=1)
     return result
+
+
+def arm_data(config, items, targets, cache_dir):
+    """{split: INPUTS of readout_model + targets}: the arm's text states and, per caption, its
+    mention spans on those states' positions."""
+    states = text_states(config, {split: [i.caption for i in its] for split, its in items.items()},
+                         cache_dir)
+    data = {}
+    for split, its in items.items():
+        offsets = token_offsets(config, [i.caption for i in its])
+        masks = mention_masks(its, offsets, states[split]["mask"].shape[1])
+        data[split] = dict(states[split], mention_mask=masks, **targets[split])
+    return data
 
 
 def main(argv):
@@ -256,10 +254,11 @@ def main(argv):
     f = flags.FLAGS
     if not f.arms or not f.output:
         raise SystemExit("error: --arms=a,b,... and --output=DIR are required")
-    result = run_readout(f.arms, f.seeds, f.output, steps=f.steps, num_train=f.num_train,
-                         test_groups=f.test_groups, overrides=f.set, configs_dir=f.configs_dir)
+    result = run_readout(f.arms, f.seeds, f.output, readout=f.readout, steps=f.steps,
+                         num_train=f.num_train, test_groups=f.test_groups, overrides=f.set,
+                         configs_dir=f.configs_dir)
     for arm in result["arms"]:
-        cells = " ".join(f"{c}={result['accuracy'][arm][c]['slot_accuracy']:.3f}"
+        cells = " ".join(f"{c}={result['accuracy'][arm][c]['accuracy']:.3f}"
                          for c in (*prompts.CONSTRUCTIONS, "all"))
         print(f"readout arm={arm} {cells} rank_slope="
               f"{result['positional'][arm]['rank_slope']:+.3f}")
@@ -274,6 +273,8 @@ def main(argv):
 if __name__ == "__main__":
     flags.DEFINE_list("arms", None, "Arms: config names in --configs_dir.")
     flags.DEFINE_integer("seeds", 3, "Seeds per arm (0..seeds-1).")
+    flags.DEFINE_enum("readout", "slots", READOUTS, "slots: a query per slot over every prompt "
+                      "token; mentions: a query per mentioned object over its own noun phrase.")
     flags.DEFINE_string("output", None, "Where text states, runs and readout.json go.")
     flags.DEFINE_integer("steps", 1500, "Training steps per arm and seed.")
     flags.DEFINE_integer("num_train", 1500, "Training captions.")

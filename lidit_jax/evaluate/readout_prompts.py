@@ -39,7 +39,11 @@ GRID = shapes.layout_of("grid")
 NUM_SLOTS = len(GRID.slots)
 EMPTY = len(shapes.COLOUR_NAMES)  # Colour class of an empty slot.
 CLASSES = {"colour": len(shapes.COLOUR_NAMES) + 1, "shape": len(shapes.SHAPES),
-           "size": len(shapes.SIZES)}  # Per-slot heads of the readout and their classes.
+           "size": len(shapes.SIZES)}  # Per-slot heads of the `slots` readout and their classes.
+# Per-mention heads of the `mentions` readout: the object's slot and its own attributes.
+MENTION_CLASSES = {"slot": NUM_SLOTS, "colour": len(shapes.COLOUR_NAMES),
+                   "shape": len(shapes.SHAPES), "size": len(shapes.SIZES)}
+HEADS = {"slots": CLASSES, "mentions": MENTION_CLASSES}  # The two readouts (readout.py).
 # Row / column of the grid -> its two slots in reading order, and the two orders' phrases.
 LINES = {"top row": (0, 1), "bottom row": (2, 3), "left column": (0, 2), "right column": (1, 3)}
 DIRECTIONS = {"row": ("from left to right", "from right to left"),
@@ -65,11 +69,37 @@ class Item:
                 "size": np.array([-1 if s is None else shapes.SIZES.index(s[2])
                                   for s in self.slots])}
 
+    def mention_targets(self):
+        """-> {head: [NUM_SLOTS] class} per mention, in mention order (MENTION_CLASSES: slot,
+        colour, shape, size); -1 after the last mention."""
+        out = {head: np.full(NUM_SLOTS, -1) for head in MENTION_CLASSES}
+        for rank, slot in enumerate(self.mentions):
+            colour, shape, size = self.slots[slot]
+            out["slot"][rank] = slot
+            out["colour"][rank] = shapes.COLOUR_NAMES.index(colour)
+            out["shape"][rank] = shapes.SHAPES.index(shape)
+            out["size"][rank] = shapes.SIZES.index(size)
+        return out
 
-def targets_of(items):
-    """-> {head: [len(items), NUM_SLOTS]} (Item.targets stacked)."""
-    per_item = [item.targets() for item in items]
-    return {head: np.stack([t[head] for t in per_item]) for head in CLASSES}
+    def spans(self):
+        """Character [start, stop) of each mention's noun phrase ("a large red circle") in the
+        caption, in mention order: the tokens the `mentions` readout may read for it. Every
+        construction writes its objects in mention order, so each is found after the last."""
+        out, cursor = [], 0
+        for slot in self.mentions:
+            words = _words(self.slots[slot])
+            start = self.caption.index(words, cursor)
+            cursor = start + len(words)
+            out.append((start, cursor))
+        return out
+
+
+def targets_of(items, readout="slots"):
+    """-> {head: [len(items), NUM_SLOTS]}: Item.targets (readout "slots") or
+    Item.mention_targets ("mentions") stacked."""
+    per_item = [item.targets() if readout == "slots" else item.mention_targets()
+                for item in items]
+    return {head: np.stack([t[head] for t in per_item]) for head in HEADS[readout]}
 
 
 def _object(rng, colour=None):

@@ -95,53 +95,81 @@ def two_sided_p(differences):
     return float(min(1.0, max(2 * tail, 1.0 / len(differences))))
 
 
-def slots_right(predictions, targets):
-    """-> bool [num_test, slots]: colour (or empty) right, and shape and size where occupied."""
-    occupied = targets["shape"] >= 0
-    right = predictions["colour"] == targets["colour"]
-    for name in ("shape", "size"):
-        right &= ~occupied | (predictions[name] == targets[name])
+METRICS = {
+    "slots": "accuracy: test slots read fully right (colour or empty; shape and size where "
+             "occupied) over all slots; ci95: hierarchical bootstrap over test groups and seeds",
+    "mentions": "accuracy: mentioned objects read fully right (slot, colour, shape, size) over "
+                "all mentions; ci95: hierarchical bootstrap over test groups and seeds"}
+
+
+def valid_units(targets, readout):
+    """bool [num_test, NUM_SLOTS]: the scored units: every slot (slots readout), the mentions
+    a caption has (mentions readout)."""
+    if readout == "slots":
+        return np.ones(targets["colour"].shape, bool)
+    return targets["slot"] >= 0
+
+
+def units_right(predictions, targets, readout):
+    """-> bool [num_test, NUM_SLOTS], False on units that are not scored. slots: colour (or
+    empty) right, and shape and size where occupied; mentions: every head right."""
+    if readout == "slots":
+        occupied = targets["shape"] >= 0
+        right = predictions["colour"] == targets["colour"]
+        for name in ("shape", "size"):
+            right &= ~occupied | (predictions[name] == targets[name])
+        return right
+    right = valid_units(targets, readout)
+    for name in prompts.MENTION_CLASSES:
+        right = right & (predictions[name] == targets[name])
     return right
 
 
-def group_counts(right, items, indices):
-    """right [seeds, num_test, slots] -> [seeds, groups, 2] (slots right, slots) over the test
-    groups of items[indices], in first-seen order."""
+def group_counts(right, valid, items, indices):
+    """right [seeds, num_test, units], valid [num_test, units] -> [seeds, groups, 2] (units
+    right, units) over the test groups of items[indices], in first-seen order."""
     groups = list(dict.fromkeys(items[i].group for i in indices))
     column = {g: k for k, g in enumerate(groups)}
     counts = np.zeros((right.shape[0], len(groups), 2))
     for i in indices:
         counts[:, column[items[i].group], 0] += right[:, i].sum(-1)
-        counts[:, column[items[i].group], 1] += right.shape[-1]
+        counts[:, column[items[i].group], 1] += valid[i].sum()
     return counts
 
 
-def attribute_accuracies(predictions, targets):
-    """Pooled over seeds: colour / shape / size on occupied slots, empty slots read as empty."""
+def attribute_accuracies(predictions, targets, readout):
+    """Pooled over seeds, per head. slots: colour / shape / size on occupied slots, empty slots
+    read as empty; mentions: slot / colour / shape / size of the mentioned objects."""
+    hit = {name: predictions[name] == targets[name] for name in targets}
+    if readout == "mentions":
+        valid = np.broadcast_to(valid_units(targets, readout), predictions["slot"].shape)
+        return {name: float(hit[name][valid].mean()) if valid.any() else None for name in hit}
     occupied = np.broadcast_to(targets["shape"] >= 0, predictions["colour"].shape)
-    hit = {name: predictions[name] == targets[name] for name in prompts.CLASSES}
     return {"colour": float(hit["colour"][occupied].mean()),
             "shape": float(hit["shape"][occupied].mean()),
             "size": float(hit["size"][occupied].mean()),
             "empty_slot": float(hit["colour"][~occupied].mean()) if (~occupied).any() else None}
 
 
-def positional_objects(items):
-    """Objects of the random-order constructions: (item, slot, rank, object count, group)."""
-    return [(i, slot, rank, len(item.mentions), item.group)
+def positional_objects(items, readout):
+    """Objects of the random-order constructions: (item, unit, slot, rank, object count,
+    group); unit: the object's column of units_right (its slot, or its mention rank)."""
+    return [(i, slot if readout == "slots" else rank, slot, rank, len(item.mentions),
+             item.group)
             for i, item in enumerate(items) if item.construction in prompts.RANDOM_ORDER
             for rank, slot in enumerate(item.mentions)]
 
 
-def summarise(items, right, predictions, contrasts, *, samples=SAMPLES):
+def summarise(items, right, predictions, contrasts, readout="slots", *, samples=SAMPLES):
     """The readout.json statistics of test `items`.
 
-    right {arm: bool [seeds, num_test, slots]} (slots_right per seed); predictions {arm: {head:
-    [seeds, num_test, slots]}}; contrasts: (arm A, arm B, construction | "all" | "rank_slope"),
+    right {arm: bool [seeds, num_test, units]} (units_right per seed); predictions {arm: {head:
+    [seeds, num_test, units]}}; contrasts: (arm A, arm B, construction | "all" | "rank_slope"),
     those whose two arms were run are tested and Holm-corrected together.
     """
     arms = list(right)
-    targets = prompts.targets_of(items)
+    targets = prompts.targets_of(items, readout)
+    valid = valid_units(targets, readout)
     selections = {c: [i for i, item in enumerate(items) if item.construction == c]
                   for c in prompts.CONSTRUCTIONS}
     selections["all"] = list(range(len(items)))
@@ -149,24 +177,24 @@ def summarise(items, right, predictions, contrasts, *, samples=SAMPLES):
     for arm in arms:
         accuracy[arm] = {}
         for name, indices in selections.items():
-            counts = group_counts(right[arm], items, indices)
+            counts = group_counts(right[arm], valid, items, indices)
             value, interval = accuracy_interval(counts, samples=samples)
             per_seed = (counts[..., 0].sum(1) / counts[..., 1].sum(1)).tolist()
             attributes = attribute_accuracies(
                 {h: p[:, indices] for h, p in predictions[arm].items()},
-                {h: t[indices] for h, t in targets.items()})
-            accuracy[arm][name] = dict(slot_accuracy=value, ci95=interval, per_seed=per_seed,
+                {h: t[indices] for h, t in targets.items()}, readout)
+            accuracy[arm][name] = dict(accuracy=value, ci95=interval, per_seed=per_seed,
                                        **attributes)
 
-    objects = positional_objects(items)
-    item_of, slot, rank, count, group = (np.array(column) for column in zip(*objects))
+    objects = positional_objects(items, readout)
+    item_of, unit, slot, rank, count, group = (np.array(column) for column in zip(*objects))
     _, group_index = np.unique(group, return_inverse=True)
     x = design(rank, slot, count, prompts.NUM_SLOTS)
     group_weights = _draw_counts(np.random.default_rng(len(arms)), int(group_index.max()) + 1,
                                  samples)
     positional, slope_draws = {}, {}
     for k, arm in enumerate(arms):
-        correct = right[arm][:, item_of, slot].astype(np.float64)
+        correct = right[arm][:, item_of, unit].astype(np.float64)
         ones = np.ones(correct.shape[0])
         slope_draws[arm] = slope_samples(x, correct, group_index, group_weights, seed=k)
         positional[arm] = {
@@ -185,11 +213,11 @@ def summarise(items, right, predictions, contrasts, *, samples=SAMPLES):
                       "ci95": [float(v) for v in np.percentile(differences, [2.5, 97.5])],
                       "p": two_sided_p(differences)}
         else:
-            result = statistics.paired_bootstrap(group_counts(right[a], items, selections[on]),
-                                                 group_counts(right[b], items, selections[on]),
-                                                 samples=samples)
+            result = statistics.paired_bootstrap(
+                group_counts(right[a], valid, items, selections[on]),
+                group_counts(right[b], valid, items, selections[on]), samples=samples)
         tested.append(dict(name=f"{a} - {b} on {on}", a=a, b=b, on=on,
-                           metric="rank_slope" if on == "rank_slope" else "slot_accuracy",
+                           metric="rank_slope" if on == "rank_slope" else "accuracy",
                            **result))
     for contrast, adjusted in zip(tested, statistics.holm([c["p"] for c in tested])):
         contrast.update(p_holm=adjusted, significant=bool(adjusted < ALPHA))

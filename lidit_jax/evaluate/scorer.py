@@ -32,6 +32,15 @@ can be compared pair by pair. The positional-bias probe (the paper's Fig. 3) buc
 object_accuracy by the object's mention rank in the caption (1st, 2nd, ... noun phrase, from the
 metadata's word indices; a count phrase such as "two red circles" is one mention). Every accuracy
 carries a 95 % Wilson interval over its units.
+
+`by_mention` alone confounds rank with slot and object count (rank 4 only exists in 4-object
+prompts, and where captions list objects in slot order rank 1 is the top-left slot). `rank_slope`
+separates them: over the objects of slot captions, a logistic model of object_accuracy on
+mention rank with slot and object count as covariates (readout_stats.design, as the text-only
+readout fits it); the rank coefficient (log-odds per later mention, 0: no positional bias) with a
+bootstrap interval over images. It is None where no caption mentions its objects in another order
+than slot order (the "row" and "grid" captioners): rank then cannot be told from slot; the
+"grid_late" layout draws mention order independently of slot.
 """
 import collections
 import math
@@ -39,6 +48,7 @@ import math
 import numpy as np
 
 from lidit_jax.data import shapes
+from lidit_jax.evaluate import readout_stats
 
 METRICS = ("prompt_accuracy", "colour_accuracy", "shape_accuracy", "size_accuracy",
            "position_accuracy", "object_accuracy", "count_accuracy", "empty_slot_accuracy")
@@ -175,7 +185,48 @@ def score(images, metadatas):
                            "ci95": list(wilson_interval(sum(hits), len(hits))),
                            "num": len(hits)})
     out["by_mention"] = by_mention
+    out["rank_slope"] = rank_slope(judged, metadatas)
     return out
+
+
+RANK_SAMPLES = 500  # Bootstrap samples of rank_slope's interval.
+
+
+def rank_slope(judged, metadatas, *, samples=RANK_SAMPLES, seed=0):
+    """The positional-bias model (module doc) over the objects of slot captions -> {"slope",
+    "ci95", "num"}; slope and ci95 None where every caption mentions its objects in slot
+    order."""
+    rows, shuffled = [], False
+    for image, (judgement, metadata) in enumerate(zip(judged, metadatas)):
+        if placement(metadata) != "slots":
+            continue
+        slots = shapes.layout_of(metadata.get("layout", "row")).slots
+        objects = metadata["objects"]
+        by_rank = sorted(range(len(objects)), key=lambda k: judgement["objects"][k]["rank"])
+        slot_indices = [slots.index(o["slot"]) for o in objects]
+        shuffled |= [slot_indices[k] for k in by_rank] != sorted(slot_indices)
+        rows += [(image, judgement["objects"][k]["rank"], slot_indices[k], len(objects),
+                  judgement["objects"][k]["object"]) for k in range(len(objects))]
+    if not shuffled:
+        return {"slope": None, "ci95": None, "num": len(rows)}
+    image, rank, slot, count, hit = (np.array(column) for column in zip(*rows))
+    num_slots = max(len(shapes.layout_of(m.get("layout", "row")).slots) for m in metadatas)
+    x = readout_stats.design(rank, slot, count, num_slots)
+    hit = hit.astype(np.float64)
+
+    def fit(weights):
+        keep = weights > 0
+        return float(readout_stats.logistic_fit(x[keep], (hit * weights)[keep],
+                                                weights[keep])[1])
+
+    images = np.unique(image)
+    rng = np.random.default_rng(seed)
+    draws = []
+    for _ in range(samples):  # Resample images (an image's objects share its noise).
+        per_image = np.bincount(rng.choice(images, len(images)), minlength=image.max() + 1)
+        draws.append(fit(per_image[image].astype(np.float64)))
+    return {"slope": fit(np.ones(len(rows))), "num": len(rows),
+            "ci95": [float(v) for v in np.percentile(draws, [2.5, 97.5])]}
 
 
 def markdown_table(scores):

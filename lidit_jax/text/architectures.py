@@ -28,7 +28,7 @@ _COMPARED = ("hidden_size", "num_layers", "intermediate_size", "num_heads", "num
 
 
 def model_config(name, key):
-    """The model config (llm.LLMConfig) of a KNOWN architecture; ValueError naming `key`."""
+    """The model config (decoder.LLMConfig) of a KNOWN architecture; ValueError naming `key`."""
     from lidit_jax.text.weights import config_from_hf  # Loads the model families: only here.
     if name not in KNOWN:
         raise ValueError(f"{key}={name!r} is not a shipped architecture; known: {sorted(KNOWN)}")

@@ -4,7 +4,7 @@ BERT (model_type `bert`; all-MiniLM-L6-v2 ships offline): word + position + toke
 embeddings, LayerNorm; then post-norm layers
   x = LN(x + O(SelfAttn(x)))   (q/k/v/o with biases, scale head_dim**-0.5, padding-masked keys)
   x = LN(x + W2 act(W1 x))
-Same `hidden_states` contract as `llm.DecoderLM` (transformers' output_hidden_states: entry 0
+Same `hidden_states` contract as `decoder.DecoderLM` (transformers' output_hidden_states: entry 0
 the normalised embeddings, entry i the output of layer i; BERT has no final norm, so entry L is
 the last layer's output as it is). Layers are stacked on a leading `layers` axis and scanned.
 LayerNorms run in float32; positions are 0..len-1 for every row (right padding leaves real
@@ -19,7 +19,7 @@ import numpy as np
 from lidit_jax.nn.attention import dot_product_attention
 from lidit_jax.nn.layers import layer_norm
 from lidit_jax.parallel.sharding import constrain
-from lidit_jax.text.llm import FrozenTextModel, dense, transformer_layer_params
+from lidit_jax.text.transformer import FrozenTextModel, dense, transformer_layer_params
 
 SUPPORTED_HF_MODEL_TYPES = ("bert",)
 # Hugging Face hidden_act -> ours.

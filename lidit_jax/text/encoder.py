@@ -3,9 +3,9 @@
 `PromptEncoder` runs one LLM; training reads its states from the text-state cache
 (`--mode=encode`, `text/cache.py`) when `text.cache_dir` is set, else runs the LLMs inside the
 train step on token ids (`text/in_step.py`, the function `encode` calls too). Either way a batch
-of captions becomes
-  {"states": [[batch, max_length, width_k] per LLM], "masks": [...], "prompt_masks": [...]}
-with states chosen by `text.llms.<name>.layer` (one layer, several, all of them averaged or
+of captions becomes, per LLM, {"states", "mask", "prompt_mask"} (the text-state convention of
+train/inputs.py; a batch's "text" is the list of these, one per LLM), with states chosen by
+`text.llms.<name>.layer` (one layer, several, all of them averaged or
 all of them for a learned pool: `text/features.py`), optionally through the LLM's final norm.
 
 What identifies an encoder and shapes its states (name, widths, the weights' fingerprint, the
@@ -29,8 +29,8 @@ from lidit_jax.parallel import mesh as mesh_lib
 from lidit_jax.parallel import sharding
 from lidit_jax.parallel.sharding import axis_rules
 from lidit_jax.text import architectures, features
+from lidit_jax.text.decoder import LLMConfig
 from lidit_jax.text.in_step import StateChoice, chosen_states, length_bucket, prefix_cache
-from lidit_jax.text.llm import LLMConfig
 from lidit_jax.text.models import resolve_model_path
 from lidit_jax.text.tokenizer import PromptTemplate
 from lidit_jax.text.weights import load_llm, model_name, open_source
@@ -231,12 +231,11 @@ class PromptEncoder:
 
     def tokenize(self, captions):
         """list of str -> {"input_ids" int32, "mask" bool, "prompt_mask" bool} [b, max_length]
-        (host numpy)."""
+        (host numpy; `PromptTemplate.encode_batch`)."""
         tokens = self.template.encode_batch(list(captions))
         if self.prefix_ids is not None:
             self._check_prefix(tokens["input_ids"], captions)
-        return {"input_ids": tokens["input_ids"], "mask": tokens["attention_mask"],
-                "prompt_mask": tokens["prompt_mask"]}
+        return tokens
 
     def _check_prefix(self, input_ids, captions):
         """Rows that do not start with `prefix_ids` (a caption whose first characters merge
@@ -327,34 +326,3 @@ def abstract_prefix_cache(graphdef, choice, abstract_state, prefix_ids, mesh, ru
 
 def _has_mesh():
     return not jax.sharding.get_abstract_mesh().empty
-
-
-def as_text_inputs(per_llm):
-    """[per-LLM dicts] -> the denoiser's text pytree {'states': [...], 'masks': [...], ...}."""
-    return {"states": [e["states"] for e in per_llm], "masks": [e["mask"] for e in per_llm],
-            "prompt_masks": [e["prompt_mask"] for e in per_llm]}
-
-
-def pad_entry(entry, max_length):
-    """A cached entry (trimmed to its real tokens) -> fixed [max_length] arrays (host numpy)."""
-    states = entry["states"]  # [length, width] or [length, states, width] (attention_pool).
-    length = states.shape[0]
-    padded = np.zeros((max_length, *states.shape[1:]), states.dtype)
-    padded[:length] = states
-    mask = np.zeros((max_length,), bool)
-    mask[:length] = True
-    prompt_mask = np.zeros((max_length,), bool)
-    start, stop = entry["prompt_span"]
-    prompt_mask[start:stop] = True
-    return {"states": padded, "mask": mask, "prompt_mask": prompt_mask}
-
-
-def trim_entry(states, mask, prompt_mask):
-    """One example's fixed-length arrays -> the cache's compact form (real tokens only).
-
-    Right padding is assumed (text.padding_side='right' for caching): real tokens come first.
-    """
-    length = int(np.sum(mask))
-    span = np.flatnonzero(prompt_mask)
-    start, stop = (int(span[0]), int(span[-1]) + 1) if span.size else (length, length)
-    return {"states": np.asarray(states[:length]), "prompt_span": np.array([start, stop], np.int32)}

@@ -30,7 +30,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from lidit_jax.text import features
-from lidit_jax.text.llm import DecoderLM
+from lidit_jax.text.decoder import DecoderLM
 
 STATE_DTYPE = jnp.bfloat16  # What the cache stores and the denoiser receives.
 SMALLEST_BUCKET = 16
@@ -145,8 +145,8 @@ def _states(model, choice, input_ids, attention_mask, prefix=None):
                                                  prefix)[0])
 
 
-# Every family's per-layer matmul weights (llm.transformer_layer_params); norms and biases are
-# element-wise.
+# Every family's per-layer matmul weights (transformer.transformer_layer_params); norms and
+# biases are element-wise.
 _MATMUL_WEIGHTS = ("q", "k", "v", "o", "gate", "up", "down")
 
 
@@ -177,19 +177,17 @@ class TextEncoders:
     the weights come in as arguments (`params`), per encoder {"weights": nnx.State, "prefix":
     its `prefix_cache` or {} (full forward)}.
 
-    tokens: {"input_ids": [[batch, len_k] int32], "masks": [[batch, len_k] bool],
-             "prompt_masks": [[batch, len_k] bool]}, one entry per encoder ->
-    the denoiser's text inputs {"states": [[batch, len_k, width_k]], "masks", "prompt_masks"}.
+    tokens: per encoder {"input_ids": [batch, len_k] int32, "mask": [batch, len_k] bool,
+    "prompt_mask": [batch, len_k] bool} -> the denoiser's text inputs, per encoder the same dict
+    with "states" [batch, len_k, width_k] in place of "input_ids" (train/inputs.py).
     """
 
     graphdefs: tuple
     choices: tuple
 
     def __call__(self, params, tokens):
-        states = [chosen_states(nnx.merge(graphdef, p["weights"]), choice, ids, mask,
-                                p["prefix"])
-                  for graphdef, choice, p, ids, mask in zip(
-                      self.graphdefs, self.choices, params, tokens["input_ids"],
-                      tokens["masks"], strict=True)]
-        return {"states": states, "masks": tokens["masks"],
-                "prompt_masks": tokens["prompt_masks"]}
+        return [{"states": chosen_states(nnx.merge(graphdef, p["weights"]), choice,
+                                         t["input_ids"], t["mask"], p["prefix"]),
+                 "mask": t["mask"], "prompt_mask": t["prompt_mask"]}
+                for graphdef, choice, p, t in zip(self.graphdefs, self.choices, params, tokens,
+                                                  strict=True)]

@@ -6,7 +6,10 @@ Per LLM k, with frozen states s_k [batch, len_k, width_k] and its attention mask
   x_k      = in_proj_k(norm(s_k))                                    [batch, len_k, embed]
   x_k      = depth x [x += g_attn(c_k) * SelfAttn(LN(x)),  x += g_ffn(c_k) * FFN(LN(x))]
              (bidirectional, padding-masked; gates zero-initialised, so each block starts as the
-             identity; text.refiner.gating=False: plain residuals; causal=True: the ablation)
+             identity; text.refiner.gating=False: plain residuals; causal=True: the ablation's
+             causal attention mask. The gates still see c_k, the whole caption's mean, so later
+             words reach earlier tokens through them: docs/ablation.md, "Text-only readout",
+             measures that channel)
 Collaborative fusion (K >= 1), branch k modulated by c_k = t_emb + pooled_k (the paper: "the
 same input as the gating network"; text.collaborative.modulation="mean": every branch by
 t_emb + mean_k pooled_k):
@@ -241,6 +244,14 @@ class TextConditioner(nnx.Module):
                                      for k in pooled})
         self.per_branch_modulation = text_config.collaborative.modulation == "per_branch"
 
+    def select(self, x, mask, prompt_mask):
+        """The tokens of one branch the DiT attends to (its prompt's own tokens with
+        text.drop_instruction), moved to the front: x [batch, len, ...] -> (x [batch, len, ...]
+        with zeros after the kept tokens, kept [batch, len] bool). Also used to carry per-token
+        side information (the readout's mention spans) along with the tokens."""
+        select = mask & prompt_mask if self.drop_instruction else mask
+        return gather_selected(x, select, fallback=last_real_token(mask))
+
     def __call__(self, states, masks, prompt_masks, t_emb):
         """Refines, fuses and selects the text tokens the DiT cross-attends to.
 
@@ -273,8 +284,7 @@ class TextConditioner(nnx.Module):
 
         tokens, token_masks = [], []
         for x, mask, prompt_mask in zip(xs, masks, prompt_masks):
-            select = mask & prompt_mask if self.drop_instruction else mask
-            gathered, kept = gather_selected(x, select, fallback=last_real_token(mask))
+            gathered, kept = self.select(x, mask, prompt_mask)
             tokens.append(gathered)
             token_masks.append(kept)
         tokens = constrain(jnp.concatenate(tokens, axis=1), TEXT_TOKENS)

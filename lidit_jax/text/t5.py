@@ -11,7 +11,7 @@ then a final RMSNorm. RMSNorm is T5's LayerNorm: no mean, no bias, float32. The 
 position bias maps key - query offsets to log-spaced buckets (bidirectional: half the buckets
 per direction); T5 and mT5 learn one table in layer 0 shared by all layers, umT5 one per layer.
 
-Same `hidden_states` contract as `llm.DecoderLM`: entry 0 the embeddings, entry i < L the
+Same `hidden_states` contract as `decoder.DecoderLM`: entry 0 the embeddings, entry i < L the
 output of layer i, entry L the last layer after the final norm (transformers'
 output_hidden_states). The residual stream is carried in float32 (T5's activations grow large
 enough that fp16 checkpoints clamp them in transformers); matmuls run in the weights' dtype.
@@ -26,7 +26,7 @@ import numpy as np
 from lidit_jax.nn.attention import dot_product_attention
 from lidit_jax.nn.layers import rms_norm
 from lidit_jax.parallel.sharding import constrain
-from lidit_jax.text.llm import FrozenTextModel, dense, transformer_layer_params
+from lidit_jax.text.transformer import FrozenTextModel, dense, transformer_layer_params
 
 SUPPORTED_HF_MODEL_TYPES = ("t5", "mt5", "umt5")
 ACTIVATION_NAMES = {"relu": "relu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh",

@@ -26,7 +26,7 @@ _SENTINEL = "\ue000lidit-prompt\ue001"
 
 
 class PromptTemplate:
-    """Turns captions into fixed-length token ids, attention masks and prompt masks for one LLM.
+    """Turns captions into fixed-length token ids, masks and prompt masks for one LLM.
 
     `PromptTemplate(tokenizer, instruction=..., use_instruction=..., system_prompt=...,
     use_chat_template=..., max_length=..., padding_side=...)`, or `from_config(config.text,
@@ -115,16 +115,14 @@ class PromptTemplate:
         return out
 
     def encode_batch(self, prompts):
-        """list of str -> dict of numpy arrays:
-        input_ids int32 [b, max_length], attention_mask bool [b, max_length],
-        prompt_mask bool [b, max_length] (True exactly on the prompt's tokens; all False for an
-        empty prompt), prompt_span int32 [b, 2] ([start, stop) of the prompt tokens in the padded
-        sequence; start == stop, where the prompt would begin, for an empty prompt)."""
+        """list of str -> one encoder's token inputs (host numpy; the text-state convention of
+        train/inputs.py, "input_ids" in place of "states"): input_ids int32 [b, max_length],
+        mask bool [b, max_length] (True on real tokens), prompt_mask bool [b, max_length] (True
+        exactly on the prompt's tokens, one contiguous run; all False for an empty prompt)."""
         batch = len(prompts)
         input_ids = np.full((batch, self.max_length), self.pad_id, np.int32)
-        attention_mask = np.zeros((batch, self.max_length), bool)
+        mask = np.zeros((batch, self.max_length), bool)
         prompt_mask = np.zeros((batch, self.max_length), bool)
-        prompt_span = np.zeros((batch, 2), np.int32)
         for i, (prompt, (ids, offsets, (start, stop))) in enumerate(
                 zip(prompts, self._tokenize(prompts))):
             excess = len(ids) - self.max_length
@@ -148,11 +146,9 @@ class PromptTemplate:
                 stop = stop_kept
             offset = self.max_length - len(ids) if self.padding_side == "left" else 0
             input_ids[i, offset:offset + len(ids)] = ids
-            attention_mask[i, offset:offset + len(ids)] = True
+            mask[i, offset:offset + len(ids)] = True
             prompt_mask[i, offset + start:offset + stop] = True
-            prompt_span[i] = (offset + start, offset + stop)
-        return {"input_ids": input_ids, "attention_mask": attention_mask,
-                "prompt_mask": prompt_mask, "prompt_span": prompt_span}
+        return {"input_ids": input_ids, "mask": mask, "prompt_mask": prompt_mask}
 
     def description(self):
         """What identifies this template, for cache and checkpoint metadata (JSON-friendly)."""

@@ -1,5 +1,5 @@
 """Loads a frozen text encoder from a Hugging Face folder or a GGUF file into its Flax module:
-`llm.DecoderLM` (LLMs and multimodal language towers), `bert.BertEncoder`, `t5.T5Encoder`,
+`decoder.DecoderLM` (LLMs and multimodal language towers), `bert.BertEncoder`, `t5.T5Encoder`,
 chosen by config.json's model_type.
 
     llm = load_llm("default:smollm2" resolved, or "/models/Llama-3.1-8B", dtype=jnp.bfloat16,
@@ -24,8 +24,9 @@ from flax import nnx
 
 from lidit_jax.fingerprint import file_fingerprint
 from lidit_jax.parallel import sharding
-from lidit_jax.text import bert, llm, t5
-from lidit_jax.text.llm import LLM, DecoderLM, LLMConfig
+from lidit_jax.text import bert, decoder, t5
+from lidit_jax.text.decoder import DecoderLM, LLMConfig
+from lidit_jax.text.llm import LLM
 
 SUPPORTED_GGUF_ARCHITECTURES = ("llama", "qwen2", "qwen3", "gemma3")
 SAFETENSORS_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16,
@@ -88,9 +89,9 @@ def config_from_hf(raw, name="model", where="config.json"):
         return bert.BertConfig.from_hf(raw, name=name, where=where)
     if model_type in t5.SUPPORTED_HF_MODEL_TYPES:
         return t5.T5Config.from_hf(raw, name=name, where=where)
-    if model_type in (*llm.SUPPORTED_HF_MODEL_TYPES, *llm.MULTIMODAL_HF_MODEL_TYPES):
+    if model_type in (*decoder.SUPPORTED_HF_MODEL_TYPES, *decoder.MULTIMODAL_HF_MODEL_TYPES):
         return LLMConfig.from_hf(raw, name=name, where=where)
-    supported = sorted({*llm.SUPPORTED_HF_MODEL_TYPES, *llm.MULTIMODAL_HF_MODEL_TYPES,
+    supported = sorted({*decoder.SUPPORTED_HF_MODEL_TYPES, *decoder.MULTIMODAL_HF_MODEL_TYPES,
                         *bert.SUPPORTED_HF_MODEL_TYPES, *t5.SUPPORTED_HF_MODEL_TYPES})
     raise ValueError(f"{where}: model_type {model_type!r} (architectures "
                      f"{raw.get('architectures')}) is not supported; supported model types: "
@@ -118,7 +119,7 @@ _STORED_PREFIXES = {
     # Vision tower and projector tensors are never read.
     **{model_type: (("language_model.model.", "model."), ("language_model.lm_head.", "lm_head."),
                     ("model.language_model.", "model."))
-       for model_type in llm.MULTIMODAL_HF_MODEL_TYPES},
+       for model_type in decoder.MULTIMODAL_HF_MODEL_TYPES},
 }
 
 

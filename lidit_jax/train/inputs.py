@@ -4,17 +4,24 @@
 space (pixels, a VAE, or the VAE's latent cache), and turns each host-local batch into global
 arrays sharded along the `batch` logical axis, in a background thread a few batches ahead of the
 train loop (data.device_prefetch). The batch contract, which `--mode=compile` also lowers the
-step for (`abstract_batch`):
+step for (`abstract_batch`) and `random_batch` fills:
   {"x0": [batch, H, W, C] float32 (scaled latents or pixels in [-1, 1]),
-   "text": {"states": [[batch, L, width_k] bf16] (attention_pool: [batch, L, layers, width_k]),
-            "masks": [[batch, L] bool],
-            "prompt_masks": [[batch, L] bool]}}
+   "text": [one dict per encoder, in `features.encoder_names` order]}
+The text-state convention: each encoder's dict is
+  {"states": [batch, L, width_k] bf16 (attention_pool: [batch, L, layers, width_k]),
+   "mask": [batch, L] bool (True on real tokens),
+   "prompt_mask": [batch, L] bool (True on the caption's own tokens, inside the template's)}
 with the text cache (text.cache_dir set). Without it the LLMs run inside the train step
-(text/in_step.py) and "text" carries their token ids instead of "states":
-   "text": {"input_ids": [[batch, L] int32], "masks": ..., "prompt_masks": ...}
-where L is the template's shared prefix plus a bucket of the global batch's longest sequence
-after it (`PromptEncoder.bucket`), not text.max_length: a few step shapes per run, each compiled
-once.
+(text/in_step.py): the dict carries "input_ids" [batch, L] int32 in place of "states", L being
+the template's shared prefix plus a bucket of the global batch's longest sequence after it
+(`PromptEncoder.bucket`), not text.max_length: a few step shapes per run, each compiled once.
+Everything that makes or reads text states uses these keys: the same dict without the batch
+axis is one example (`text.cache.CachedTextStates.entry`), `PromptEncoder.tokenize` / `encode`
+and `PromptTemplate.encode_batch` return one encoder's dict, `in_step.TextEncoders` turns the
+token dicts into state dicts, and the Grain workers stack the examples' list of dicts into the
+batch's, so a dict is never renamed or regrouped on its way. The per-encoder dict is the unit
+(rather than one dict of per-encoder lists) because every producer makes one encoder's arrays
+and every consumer (the refiners, the in-step encoders) walks the encoders one by one.
 """
 import queue
 import threading
@@ -32,7 +39,7 @@ from lidit_jax.diffusion.vae import make_image_space
 from lidit_jax.parallel import sharding
 from lidit_jax.text import cache as text_cache
 from lidit_jax.text import features
-from lidit_jax.text.encoder import PromptEncoder, as_text_inputs
+from lidit_jax.text.encoder import PromptEncoder
 from lidit_jax.text.in_step import STATE_DTYPE, TextEncoders
 from lidit_jax.train.checkpoint import encoder_fingerprints
 
@@ -51,14 +58,18 @@ def abstract_batch(config, mesh, state_shapes, channels, image_hw):
         return jax.ShapeDtypeStruct(shape, dtype, sharding=NamedSharding(mesh, spec))
 
     batch, text_len = config.train.batch_size, config.text.max_length
-    text = {"masks": [on_batch((batch, text_len), jnp.bool_) for _ in state_shapes],
-            "prompt_masks": [on_batch((batch, text_len), jnp.bool_) for _ in state_shapes]}
-    if config.text.cache_dir:
-        text["states"] = [on_batch((batch, text_len, *shape), STATE_DTYPE)
-                          for shape in state_shapes]
-    else:
-        text["input_ids"] = [on_batch((batch, text_len), jnp.int32) for _ in state_shapes]
-    return {"x0": on_batch((batch, *image_hw, channels), jnp.float32), "text": text}
+
+    def encoder_inputs(state_shape):
+        inputs = {"mask": on_batch((batch, text_len), jnp.bool_),
+                  "prompt_mask": on_batch((batch, text_len), jnp.bool_)}
+        if config.text.cache_dir:
+            inputs["states"] = on_batch((batch, text_len, *state_shape), STATE_DTYPE)
+        else:
+            inputs["input_ids"] = on_batch((batch, text_len), jnp.int32)
+        return inputs
+
+    return {"x0": on_batch((batch, *image_hw, channels), jnp.float32),
+            "text": [encoder_inputs(shape) for shape in state_shapes]}
 
 
 def random_batch(abstract, seed=0, vocab_size=1000):
@@ -67,8 +78,7 @@ def random_batch(abstract, seed=0, vocab_size=1000):
     least a quarter of the sequence, its prompt mask the same after 4 instruction tokens; token
     ids below `vocab_size`. (Single-process: the arrays are placed from this host.)"""
     rng = np.random.default_rng(seed)
-    text = abstract["text"]
-    batch_size, length = text["masks"][0].shape
+    batch_size, length = abstract["text"][0]["mask"].shape
     lengths = rng.integers(max(length // 4, 1), length + 1, size=batch_size)
     mask = np.arange(length)[None] < lengths[:, None]
     prompt_mask = mask & (np.arange(length)[None] >= min(4, length - 1))
@@ -76,15 +86,16 @@ def random_batch(abstract, seed=0, vocab_size=1000):
     def fill(leaf, value):
         return jax.device_put(np.asarray(value, leaf.dtype), leaf.sharding)
 
-    out = {"x0": fill(abstract["x0"], rng.normal(size=abstract["x0"].shape)), "text": {
-        "masks": [fill(m, mask) for m in text["masks"]],
-        "prompt_masks": [fill(m, prompt_mask) for m in text["prompt_masks"]]}}
-    if "states" in text:
-        out["text"]["states"] = [fill(s, rng.normal(size=s.shape)) for s in text["states"]]
-    if "input_ids" in text:
-        out["text"]["input_ids"] = [fill(i, rng.integers(0, vocab_size, size=i.shape))
-                                    for i in text["input_ids"]]
-    return out
+    def values(key, leaf):
+        if key == "states":
+            return rng.normal(size=leaf.shape)
+        if key == "input_ids":
+            return rng.integers(0, vocab_size, size=leaf.shape)
+        return {"mask": mask, "prompt_mask": prompt_mask}[key]
+
+    return {"x0": fill(abstract["x0"], rng.normal(size=abstract["x0"].shape)),
+            "text": [{k: fill(leaf, values(k, leaf)) for k, leaf in inputs.items()}
+                     for inputs in abstract["text"]]}
 
 
 class _Taken(NamedTuple):
@@ -242,7 +253,7 @@ class TrainInputs:
     def _read(self):
         local = next(self.dataset)
         if self.cached is not None:
-            text = as_text_inputs(local["text"])
+            text = local["text"]  # Stacked by the Grain workers (text_cache.CachedTextFields).
         else:
             text = self._token_ids(list(local["caption"]))
         latents = local["latent"] if "latent" in local else self.image_space.encode(local["image"])
@@ -267,10 +278,7 @@ class TrainInputs:
         length = self.config.text.max_length
         if jax.process_count() == 1:  # The shared prefix, if any, and a bucket after it.
             length = max(encoder.bucket(t) for encoder, t in zip(self.encoders, tokens))
-        tokens = [encoder.crop(t, length) for encoder, t in zip(self.encoders, tokens)]
-        return {"input_ids": [t["input_ids"] for t in tokens],
-                "masks": [t["mask"] for t in tokens],
-                "prompt_masks": [t["prompt_mask"] for t in tokens]}
+        return [encoder.crop(t, length) for encoder, t in zip(self.encoders, tokens)]
 
     def _read_ahead(self):
         """`_read` in the prefetch thread, waiting there until the batch is on the devices.
@@ -302,7 +310,7 @@ class TrainInputs:
             states = self.cached[k].fixed_prompts(prompts) if self.cached is not None else None
             per_llm.append(jax.device_get(encoder.encode(list(prompts)))
                            if states is None else states)
-        return as_text_inputs(per_llm)
+        return per_llm
 
     # ---- Data position and counters ---------------------------------------------------------
     def get_state(self):

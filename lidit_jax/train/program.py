@@ -48,9 +48,21 @@ def abstract_model(config, mesh, llm_widths, channels):
 class TrainProgram(AbstractModel):
     objective: Any
     step: Callable  # jitted (state, batch[, encoder_params]) -> (state, metrics); state donated.
-    # DiT and refiners, forward and backward, plus the frozen LLMs' forward when they run in the
-    # step (`in_step.encoder_flops`), at text.max_length: what the logged MFU counts.
-    model_flops_per_step: float
+    model_flops_per_step: float  # What the logged MFU counts (the function below).
+
+
+def model_flops_per_step(config, llm_widths, channels, image_hw, encoder_params=None):
+    """Model FLOPs of one train step on global batches of `image_hw` x `channels`: the DiT and
+    refiners forward and backward (`diffusion.flops.train_step_flops`), plus, with
+    `encoder_params` (the frozen encoders' weights and prefix caches, concrete or abstract), their
+    forward in the step (`in_step.encoder_flops`), all at text.max_length. The one count of the
+    trainer's logged MFU and `--mode=compile`'s report (`aot_cost.speed_report`)."""
+    flops = train_step_flops(config, llm_widths, batch=config.train.batch_size, hw=image_hw,
+                             text_lengths=[config.text.max_length] * len(llm_widths),
+                             in_channels=channels)
+    if encoder_params is not None:
+        flops += encoder_flops(encoder_params, config.train.batch_size, config.text.max_length)
+    return flops
 
 
 def build(config, mesh, llm_widths, channels, image_hw, batch_shardings, text_encoders=None,
@@ -64,9 +76,5 @@ def build(config, mesh, llm_widths, channels, image_hw, batch_shardings, text_en
     step = jit_train_step(make_train_step(model.graphdef, config, objective, text_encoders),
                           shardings_of(model.abstract_state), batch_shardings, mesh,
                           None if encoder_params is None else shardings_of(encoder_params))
-    flops = train_step_flops(config, llm_widths, batch=config.train.batch_size, hw=image_hw,
-                             text_lengths=[config.text.max_length] * len(llm_widths),
-                             in_channels=channels)
-    if text_encoders is not None:
-        flops += encoder_flops(encoder_params, config.train.batch_size, config.text.max_length)
+    flops = model_flops_per_step(config, llm_widths, channels, image_hw, encoder_params)
     return TrainProgram(**vars(model), objective=objective, step=step, model_flops_per_step=flops)

@@ -1,10 +1,10 @@
 """The jitted train step: diffusion loss, gradient accumulation, AdamW, EMA, NaN guard.
 
 One XLA program per step. Its inputs are the train state (donated) and a global batch
-`{"x0": [batch, H, W, C], "text": {"states": [...], "masks": [...], "prompt_masks": [...]}}`
-sharded along `batch`; noise and timesteps are drawn from the state's RNG for the whole global
-batch before it is cut into micro-batches, so accumulating k micro-batches of b/k examples gives
-the same update as one batch of b.
+`{"x0": [batch, H, W, C], "text": [{"states", "mask", "prompt_mask"} per encoder]}`
+(train/inputs.py) sharded along `batch`; noise and timesteps are drawn from the state's RNG for
+the whole global batch before it is cut into micro-batches, so accumulating k micro-batches of
+b/k examples gives the same update as one batch of b.
 
 Without the text cache the frozen LLMs run in the same program (`text.in_step`): "text" carries
 token ids instead of "states" (train/inputs.py) and the LLMs' weights are a third argument,
