@@ -304,4 +304,7 @@ def get_config(arg=None):
     # auto: jax.distributed.initialize() when JAX's cluster detection (TPU VM slice, GKE, SLURM,
     # MPI) or JAX_COORDINATOR_ADDRESS finds several processes; on: require it; off: one process.
     c.distributed = "auto"
+    # Seconds without a heartbeat before the others give a dead process up and exit non-zero
+    # (JAX's default): a preempted host's peers hold their chips at most this long.
+    c.distributed_heartbeat_s = 100
     return c

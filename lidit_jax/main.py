@@ -118,7 +118,7 @@ def main(argv):
     logging.get_absl_handler().addFilter(_OrbaxInfoFilter())
     # Once per process, for every mode, before any device is touched: the first log lines say
     # process i of n and the local and global devices.
-    mesh_lib.initialize_distributed(config.distributed)
+    mesh_lib.initialize_distributed(config.distributed, config.distributed_heartbeat_s)
     logging.info("mode %s, workdir %s", _MODE.value, _WORKDIR.value)
     _enable_compilation_cache(config, _WORKDIR.value)
     preempted = module.run(config, _WORKDIR.value)  # Only `train` returns it (True/False).

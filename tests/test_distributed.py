@@ -53,7 +53,7 @@ def test_explicit_coordinator(started, monkeypatch):
     monkeypatch.setenv("JAX_PROCESS_ID", "1")
     assert mesh_lib.detect_cluster() == ("JAX_COORDINATOR_ADDRESS", 2)
     assert mesh_lib.initialize_distributed("auto") is True
-    assert started == [{"num_processes": 2, "process_id": 1}]
+    assert started == [{"num_processes": 2, "process_id": 1, "heartbeat_timeout_seconds": 100}]
 
 
 def _slurm(monkeypatch, tasks):
@@ -67,7 +67,8 @@ def test_slurm_multi_task_initializes(started, monkeypatch):
     _slurm(monkeypatch, tasks=16)  # 2 nodes x 8 GPUs, one task per GPU.
     assert mesh_lib.detect_cluster() == ("slurm", 16)
     assert mesh_lib.initialize_distributed("auto") is True
-    assert started == [{}]  # JAX detects SLURM again and pins SLURM_LOCALID's GPU.
+    # JAX detects SLURM again and pins SLURM_LOCALID's GPU.
+    assert started == [{"heartbeat_timeout_seconds": 100}]
 
 
 def test_slurm_single_task_stays_single_process(started, monkeypatch):
@@ -140,6 +141,8 @@ def test_off_and_bad_settings(started, monkeypatch):
     assert started == []
     with pytest.raises(ValueError, match="distributed='maybe'"):
         mesh_lib.initialize_distributed("maybe")
+    with pytest.raises(ValueError, match="distributed_heartbeat_s=0"):
+        mesh_lib.initialize_distributed("auto", heartbeat_s=0)
 
 
 def test_on_without_a_cluster_names_the_fix(started):
@@ -176,8 +179,10 @@ def test_sigterm_to_one_process_stops_both_at_the_same_step_after_a_checkpoint(t
 @pytest.mark.multiprocess
 def test_sigkill_to_one_process_makes_the_other_exit_non_zero_within_120_s(tiny_args, tmp_path):
     workdir = str(tmp_path / "pair")
+    # A 20 s heartbeat: the survivor exits through the broken collective or, failing that, the
+    # heartbeat, well inside the 120 s either way (JAX's default 100 s made this test wait).
     processes = start_pair(workdir, tiny_args, "--config.train.steps=1000",
-                            "--config.checkpoint.every=1000")
+                            "--config.checkpoint.every=1000", "--config.distributed_heartbeat_s=20")
     try:
         wait_for_step(processes[0], workdir, 2)
         os.kill(processes[1].pid, signal.SIGKILL)

@@ -252,6 +252,8 @@ def test_every_contrast_names_configured_arms_that_differ_in_one_switch():
 
     for a, b, switch in (("refiner", "refiner_causal", "text.refiner.causal"),
                          ("lidit", "causal_refiner", "text.refiner.causal"),
+                         ("refiner_ungated", "refiner_causal_ungated", "text.refiner.causal"),
+                         ("refiner", "refiner_ungated", "text.refiner.gating"),
                          ("scratch_mlm", "scratch_causal", "scratch_lm")):
         x, y = flat(a), flat(b)
         assert {k for k in x.keys() | y.keys() if x.get(k) != y.get(k)} == {switch}, (a, b)

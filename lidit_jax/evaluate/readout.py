@@ -65,6 +65,12 @@ CONTRASTS = (
     ("instruction", "raw", "all"), ("raw_m3", "raw", "all"),
     ("lidit", "raw", "rank_slope"), ("lidit", "causal_refiner", "rank_slope"),
     ("refiner", "raw", "rank_slope"), ("refiner", "refiner_causal", "rank_slope"),
+    # Added after the first 5-seed run showed the gates' whole-caption condition reaching early
+    # tokens (docs/ablation.md), before any run of these arms: the mask alone, gates off.
+    ("refiner_ungated", "refiner_causal_ungated", "late_override"),
+    ("refiner_ungated", "refiner_causal_ungated", "order_flip"),
+    ("refiner_causal_ungated", "raw", "late_override"),
+    ("refiner_causal_ungated", "raw", "order_flip"),
 )
 
 

@@ -32,17 +32,22 @@ def detect_cluster():
     return None, 1
 
 
-def initialize_distributed(setting="auto"):
+def initialize_distributed(setting="auto", heartbeat_s=100):
     """Starts JAX's multi-controller runtime when this is one process of several; logs the layout.
 
     setting (config.distributed): auto: initialise when `detect_cluster` finds more than one
     process; on: initialise, and fail when no cluster is found; off: never (one process).
+    heartbeat_s (config.distributed_heartbeat_s): how long the coordination service waits for a
+    silent process before every other one exits non-zero (JAX's heartbeat_timeout_seconds).
     Call it once per process before anything touches a device (lidit_jax.main does, for every
     mode). Returns whether it initialised.
     """
     if setting not in DISTRIBUTED_SETTINGS:
         raise ValueError(f"distributed={setting!r}; choose one of {DISTRIBUTED_SETTINGS} "
                          "(--config.distributed=auto)")
+    if heartbeat_s < 1:
+        raise ValueError(f"distributed_heartbeat_s={heartbeat_s}: must be >= 1 second "
+                         "(--config.distributed_heartbeat_s=100 is JAX's default)")
     how, count = (None, 1) if setting == "off" else detect_cluster()
     if setting == "on" and how is None:
         raise RuntimeError(
@@ -54,9 +59,10 @@ def initialize_distributed(setting="auto"):
         logging.info("starting jax.distributed (%s, %s processes)", how, count or "?")
         if how == "JAX_COORDINATOR_ADDRESS":  # JAX reads only the address from the environment.
             jax.distributed.initialize(num_processes=count,
-                                       process_id=int(os.environ["JAX_PROCESS_ID"]))
-        else:
-            jax.distributed.initialize()  # Detects the same cluster again and fills in the rest.
+                                       process_id=int(os.environ["JAX_PROCESS_ID"]),
+                                       heartbeat_timeout_seconds=heartbeat_s)
+        else:  # JAX detects the same cluster again and fills in the rest.
+            jax.distributed.initialize(heartbeat_timeout_seconds=heartbeat_s)
     logging.info("process %d of %d, %d local devices, %d global devices (%s)",
                  jax.process_index(), jax.process_count(), jax.local_device_count(),
                  jax.device_count(), jax.devices()[0].device_kind)
