@@ -36,6 +36,7 @@ import numpy as np
 from absl import app, flags, logging
 
 from lidit_jax import configuration
+from lidit_jax.data import encode_order
 from lidit_jax.text import features
 from lidit_jax.evaluate import ablation, readout_stats, scratch_lm
 from lidit_jax.evaluate import readout_prompts as prompts
@@ -105,16 +106,15 @@ def encoded_states(config, captions, cache_dir):
         return _load(path)
     encoder = PromptEncoder.from_config(config, name)
     # Length-sorted batches: each is cropped to its own longest caption (CPU time ~ tokens).
-    order = np.argsort([len(c) for c in captions], kind="stable")
-    batches, start = [], time.time()
-    for i in range(0, len(captions), ENCODE_BATCH):
-        batch = [captions[j] for j in order[i:i + ENCODE_BATCH]]
-        batches.append(jax.device_get(encoder.encode(batch, crop_padding=True)))
+    row_batches = encode_order.length_batches(np.arange(len(captions)),
+                                              [len(c) for c in captions], ENCODE_BATCH)
+    start = time.time()
+    batches = [jax.device_get(encoder.encode([captions[j] for j in rows], crop_padding=True))
+               for rows in row_batches]
     length = max(b["states"].shape[1] for b in batches)
     out = {key: np.zeros((len(captions), length, *batches[0][key].shape[2:]),
                          batches[0][key].dtype) for key in ("states", "mask", "prompt_mask")}
-    for i, batch in enumerate(batches):
-        rows = order[i * ENCODE_BATCH:(i + 1) * ENCODE_BATCH]
+    for rows, batch in zip(row_batches, batches):
         for key in out:
             out[key][rows, :batch[key].shape[1]] = batch[key]
     logging.info("readout: encoded %d captions with %s in %.0f s", len(captions), name,
