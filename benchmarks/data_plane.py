@@ -68,12 +68,14 @@ class CountingProxy:
     """HTTP proxy to `upstream` counting the response body bytes it delivers and the requests.
 
     Bodies are streamed: a client that stops reading early is charged what it received.
+    `paths` lists each request's method and unquoted path, in order, since the last reset.
     GET COUNT_PATH answers {"bytes": ..., "requests": ...} (for a client in another process).
     """
 
     def __init__(self, upstream):
         parsed = urllib.parse.urlparse(upstream)
         self.bytes = self.requests = 0
+        self.paths = []
         lock, proxy = threading.Lock(), self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -108,6 +110,7 @@ class CountingProxy:
                 response = connection.getresponse()
                 with lock:
                     proxy.requests += 1
+                    proxy.paths.append(f"{self.command} {urllib.parse.unquote(self.path)}")
                 data = response.read()  # Small test objects: whole, then sent in pieces.
                 self.send_response(response.status)
                 for key, value in response.getheaders():
@@ -136,6 +139,7 @@ class CountingProxy:
 
     def reset(self):
         self.bytes = self.requests = 0
+        self.paths = []
 
     def close(self):
         self.server.shutdown()
