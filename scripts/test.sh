@@ -7,4 +7,4 @@ cd "$(dirname "$0")/.."
 PYTHON="${PYTHON:-python3}"
 "$PYTHON" -m pip install --quiet --progress-bar off -e '.[test]'
 PYTHON="$PYTHON" bash scripts/install_models.sh
-"$PYTHON" -m pytest -q -n 2 --durations=15 -m "slow or not slow" "$@"
+"$PYTHON" -m pytest -q -n 2 --dist worksteal --durations=15 -m "slow or not slow" "$@"

@@ -4,8 +4,9 @@ XLA_FLAGS must be set before JAX is imported anywhere, which is why this lives i
 """
 import os
 
-os.environ["XLA_FLAGS"] = (
-    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+from cpu_flags import xla_flags
+
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + xla_flags(8)).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")  # libtpu is installed for AOT; never probe a TPU.
 # AOT tests load libtpu (no chip is touched); two xdist workers may do so at once, which libtpu's
 # single-process lockfile (/tmp/libtpu_lockfile) would otherwise refuse.
@@ -45,13 +46,29 @@ def tiny_llm(tmp_path_factory):
     return folder
 
 
+@pytest.fixture(scope="session", autouse=True)
+def compilation_cache(tmp_path_factory):
+    """One JAX persistent compilation cache for the whole test run, shared by the xdist workers
+    and the child runs of `tiny_args`: a program compiled by one test (the tiny train step, a
+    sampler, a child's restore) is read back by every later test that builds the same one.
+    Executables from the cache keep their cost and memory analyses. Tests that count compiles
+    name a cache of their own."""
+    run_dir = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        run_dir = run_dir.parent  # Each worker's basetemp is popen-gwN inside the run's folder.
+    directory = run_dir / "jax_compilation_cache"
+    directory.mkdir(exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", str(directory))
+    return directory
+
+
 @pytest.fixture(scope="session")
-def tiny_args(tiny_llm, tmp_path_factory):
+def tiny_args(tiny_llm, tmp_path_factory, compilation_cache):
     """The tiny CLI config's overrides (train_helpers.TINY on `tiny_llm`), with the text cache
     filled once per session by --mode=encode: every end-to-end module trains from this cache.
-    One JAX compilation cache serves every tiny run of this session (worker): a child compiles
-    what no earlier child compiled, not the whole program set again (a run that must compile
-    names its own train.compilation_cache_dir after these)."""
+    The child runs share the test run's compilation cache: a child compiles what no earlier
+    child compiled, not the whole program set again (a run that must compile names its own
+    train.compilation_cache_dir after these)."""
     import re
 
     from train_helpers import TINY, run_main
@@ -60,7 +77,19 @@ def tiny_args(tiny_llm, tmp_path_factory):
     args = (*TINY, f"--config.text.llms.smollm2.path={tiny_llm}",
             "--config.text.llms.smollm2.width=0",
             f"--config.text.cache_dir={cache}",
-            f"--config.train.compilation_cache_dir={tmp_path_factory.mktemp('compile_cache')}")
+            f"--config.train.compilation_cache_dir={compilation_cache}")
     result = run_main(tmp_path_factory.mktemp("encode"), "encode", *args)
     assert re.search(r"text_cache=\S+ records=64 written=64", result.stdout), result.stdout
     return args
+
+
+def pytest_collection_modifyitems(items):
+    """Modules with a slow test run first, each module's tests kept together.
+
+    The longest tests starting early keep both xdist workers busy to the end instead of one
+    finishing a 4-minute test alone; whole modules move so that a module-scoped fixture (an AOT
+    compile, a GCS emulator) is still built once per worker. Every worker sorts the same
+    collection the same way, as xdist requires.
+    """
+    has_slow = {item.module.__name__ for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: item.module.__name__ not in has_slow)

@@ -9,6 +9,7 @@ import sys
 import numpy as np
 import pytest
 
+from cpu_flags import xla_flags
 from lidit_jax.data import shapes
 from lidit_jax.evaluate import benchmarks, probes, scorer
 
@@ -139,7 +140,7 @@ def _tiny_flags(tiny_llm):
 
 def _main(workdir, mode, *args):
     env = dict(os.environ, JAX_PLATFORMS="cpu",
-               XLA_FLAGS="--xla_force_host_platform_device_count=1")
+               XLA_FLAGS=xla_flags(1))
     result = subprocess.run([sys.executable, "-m", "lidit_jax.main", f"--workdir={workdir}",
                              f"--mode={mode}", *args], cwd=ROOT, env=env, capture_output=True,
                             text=True, timeout=900)

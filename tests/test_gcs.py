@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 
 from benchmarks import gcs_emulator
+from cpu_flags import xla_flags
 
 from train_helpers import ROOT, TIMEOUT, TINY, command, read_events, restore_state
 
@@ -43,7 +44,7 @@ def gcs(tmp_path_factory):
 
 def _env(gcs):
     return dict(os.environ, **gcs, JAX_PLATFORMS="cpu",
-                XLA_FLAGS="--xla_force_host_platform_device_count=1",
+                XLA_FLAGS=xla_flags(1),
                 HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
 
 

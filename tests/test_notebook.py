@@ -5,6 +5,8 @@ import os
 
 import pytest
 
+from cpu_flags import xla_flags
+
 pytestmark = pytest.mark.slow
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -19,7 +21,7 @@ def test_colab_notebook_executes_on_cpu(tmp_path, monkeypatch):
     monkeypatch.setenv("LIDIT_NOTEBOOK_REDUCED", "1")
     monkeypatch.setenv("LIDIT_CHECKOUT", ROOT)
     monkeypatch.setenv("LIDIT_WORKDIR", str(workdir))
-    monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=1")
+    monkeypatch.setenv("XLA_FLAGS", xla_flags(1))
     notebook = nbformat.read(os.path.join(ROOT, "launch", "colab_tpu_demo.ipynb"), as_version=4)
     nbclient.NotebookClient(notebook, timeout=900, kernel_name="python3",
                             resources={"metadata": {"path": str(tmp_path)}}).execute()

@@ -70,8 +70,9 @@ def test_refiner_is_bidirectional_unless_causal(causal, gating):
     assert float(jnp.max(jnp.abs(first_changed - first))) > 1e-3
     # End to end: the DiT's first text token is that refined first prompt token.
     tokens = apply(model, states, masks, prompt_masks, t_emb)[0]
+    # Two programs (the conditioner, the refiner alone): float32 rounding of the scale (~25).
     np.testing.assert_allclose(tokens[:, 0], apply(token_refiner, states[0], masks[0], c)[:, 2],
-                               rtol=1e-5, atol=1e-5)
+                               rtol=1e-5, atol=2e-6 * float(jnp.abs(tokens).max()))
     tokens_changed = apply(model, [changed], masks, prompt_masks, t_emb)[0]
     assert float(jnp.max(jnp.abs(tokens_changed[:, 0] - tokens[:, 0]))) > 1e-3
 

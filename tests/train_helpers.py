@@ -17,6 +17,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from configs import common, demo_shapes
+from cpu_flags import xla_flags
 from lidit_jax.parallel import mesh as mesh_lib
 from lidit_jax.parallel import sharding
 from lidit_jax.train import program as program_lib
@@ -159,7 +160,7 @@ TRAIN = (f"--config.train.steps={TRAIN_STEPS}", "--config.checkpoint.every=2",
 def child_env():
     # One CPU device (not conftest's eight): quicker, and what a user's CPU run looks like.
     return dict(os.environ, JAX_PLATFORMS="cpu",
-                XLA_FLAGS="--xla_force_host_platform_device_count=1",
+                XLA_FLAGS=xla_flags(1),
                 HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
 
 
@@ -259,7 +260,7 @@ def start_pair(workdir, tiny_args, *extra, devices_per_process=4):
     processes = []
     for index in range(2):
         env = dict(child_env(),
-                   XLA_FLAGS=f"--xla_force_host_platform_device_count={devices_per_process}",
+                   XLA_FLAGS=xla_flags(devices_per_process),
                    JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2",
                    JAX_PROCESS_ID=str(index), JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo")
         with open(f"{workdir}.{index}.log", "wb") as log:
