@@ -4,9 +4,11 @@ The tests compile far more than they compute (tiny shapes, hundreds of programs)
 optimisation passes are most of XLA:CPU's compile time: at -O0 the fast tier took 394 CPU-s
 instead of 566. HLO-level optimisation (fusion, layouts, SPMD partitioning) still runs, so the
 programs the tests check are the ones a run compiles; only the machine code is slower.
-Benchmarks, which time that code, never run with these flags (tests/test_benchmarks.py).
+A benchmark's figures need the optimised code: only its smoke run (tests/test_benchmarks.py),
+whose figures nothing reads, compiles at -O0 too.
 No JAX import here: conftest sets XLA_FLAGS from this before JAX starts.
 """
+
 
 def xla_flags(devices):
     """XLA_FLAGS for a JAX process of the tests with `devices` fake CPU devices."""

@@ -29,9 +29,10 @@ FIELDS = {
 def test_smoke_run_writes_every_field(tmp_path):
     out = tmp_path / "bench.json"
     # The benchmarks set their own devices; the tests' 8 fake devices must not leak into them.
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    # LLVM at -O0 as in every test process (cpu_flags.py): no figure of a smoke run is read.
+    env = dict(os.environ, XLA_FLAGS="--xla_backend_optimization_level=0", JAX_PLATFORMS="cpu")
     result = subprocess.run([sys.executable, "-m", "benchmarks.run", "--smoke", f"--out={out}"],
-                            cwd=ROOT, env=dict(env, JAX_PLATFORMS="cpu"), capture_output=True,
+                            cwd=ROOT, env=env, capture_output=True,
                             text=True, timeout=2400)
     assert result.returncode == 0, result.stderr[-4000:]
     report = json.loads(out.read_text())

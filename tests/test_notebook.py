@@ -12,7 +12,7 @@ pytestmark = pytest.mark.slow
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def test_colab_notebook_executes_on_cpu(tmp_path, monkeypatch):
+def test_colab_notebook_executes_on_cpu(tiny_llm, tmp_path, monkeypatch):
     nbclient = pytest.importorskip("nbclient")  # The test extra has it; skipped only without.
     import nbformat
 
@@ -21,6 +21,9 @@ def test_colab_notebook_executes_on_cpu(tmp_path, monkeypatch):
     monkeypatch.setenv("LIDIT_NOTEBOOK_REDUCED", "1")
     monkeypatch.setenv("LIDIT_CHECKOUT", ROOT)
     monkeypatch.setenv("LIDIT_WORKDIR", str(workdir))
+    # The reduced form's encoder: SmolLM2's tokenizer and template, random tiny weights (the
+    # pretrained SmolLM2 runs in CI's demo and the text encoder tests).
+    monkeypatch.setenv("LIDIT_NOTEBOOK_LLM", str(tiny_llm))
     monkeypatch.setenv("XLA_FLAGS", xla_flags(1))
     notebook = nbformat.read(os.path.join(ROOT, "launch", "colab_tpu_demo.ipynb"), as_version=4)
     nbclient.NotebookClient(notebook, timeout=900, kernel_name="python3",
