@@ -52,7 +52,7 @@ def compilation_cache(tmp_path_factory):
     the xdist workers: a child compiles what no earlier child compiled (the tiny train step, a
     sampler, a restore), not the whole program set again. Not for the tests' own process: the
     programs that close over pretrained weights would each write and compress hundreds of MB
-    (SmolLM2's prefix-reuse test took 98 s with it, 13 s without)."""
+    (docs/performance.md, "The test suite")."""
     run_dir = tmp_path_factory.getbasetemp()
     if os.environ.get("PYTEST_XDIST_WORKER"):
         run_dir = run_dir.parent  # Each worker's basetemp is popen-gwN inside the run's folder.

@@ -1,8 +1,8 @@
 """XLA flags for every JAX process the tests run: fake CPU devices, and LLVM at -O0.
 
 The tests compile far more than they compute (tiny shapes, hundreds of programs), and LLVM's
-optimisation passes are most of XLA:CPU's compile time: at -O0 the fast tier took 394 CPU-s
-instead of 566 (docs/performance.md, "The test suite"). HLO-level optimisation (fusion, layouts, SPMD partitioning) still runs, so the
+optimisation passes are most of XLA:CPU's compile time: at -O0 the fast tier took 415 CPU-s
+instead of 591, 222 s instead of 310 (docs/performance.md, "The test suite"). HLO-level optimisation (fusion, layouts, SPMD partitioning) still runs, so the
 programs the tests check are the ones a run compiles; only the machine code is slower.
 A benchmark's figures need the optimised code: only its smoke run (tests/test_benchmarks.py),
 whose figures nothing reads, compiles at -O0 too.
