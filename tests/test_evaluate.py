@@ -9,9 +9,9 @@ import sys
 import numpy as np
 import pytest
 
-from cpu_flags import xla_flags
 from lidit_jax.data import shapes
 from lidit_jax.evaluate import benchmarks, probes, scorer
+from train_helpers import ROOT, child_env
 
 
 def _records(num=96, layout="grid", seed=5):
@@ -125,8 +125,6 @@ def test_wilson_interval_matches_the_closed_form():
 
 # ---- Eval during training and --mode=eval -------------------------------------------------
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
 
 def _tiny_flags(tiny_llm):
     return ["--config=configs/ablations/lidit.py", f"--config.text.llms.smollm2.path={tiny_llm}",
@@ -139,11 +137,9 @@ def _tiny_flags(tiny_llm):
 
 
 def _main(workdir, mode, *args):
-    env = dict(os.environ, JAX_PLATFORMS="cpu",
-               XLA_FLAGS=xla_flags(1))
     result = subprocess.run([sys.executable, "-m", "lidit_jax.main", f"--workdir={workdir}",
-                             f"--mode={mode}", *args], cwd=ROOT, env=env, capture_output=True,
-                            text=True, timeout=900)
+                             f"--mode={mode}", *args], cwd=ROOT, env=child_env(),
+                            capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
     return result.stdout
 

@@ -20,9 +20,8 @@ import numpy as np
 import pytest
 
 from benchmarks import gcs_emulator
-from cpu_flags import xla_flags
 
-from train_helpers import ROOT, TIMEOUT, TINY, command, read_events, restore_state
+from train_helpers import ROOT, TIMEOUT, TINY, child_env, command, read_events, restore_state
 
 pytestmark = pytest.mark.slow
 
@@ -43,9 +42,7 @@ def gcs(tmp_path_factory):
 
 
 def _env(gcs):
-    return dict(os.environ, **gcs, JAX_PLATFORMS="cpu",
-                XLA_FLAGS=xla_flags(1),
-                HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    return dict(child_env(), **gcs)
 
 
 def _run(gcs, workdir, mode, *args):
