@@ -15,11 +15,12 @@ Two comparisons, each on the same weights (the offline SmolLM2 GGUF, dequantized
   pads, and (`transformers_longest`) cut to the batch's longest sequence, as a pipeline that
   pads per batch does; hidden_states[-3] out. prompts/s; ratios are transformers' seconds over
   ours.
-Each contender runs in a process of its own, is warmed up once (our jit compiles there), then
-they take turns over `repeats` calls (benchmarks/timing.py). torch runs with as many threads as
+Each contender runs in a process of its own (all in one with --smoke), is warmed up once (our
+jit compiles there), then they take turns over `repeats` calls (benchmarks/timing.py). torch runs with as many threads as
 XLA:CPU uses (all cores).
 """
 import argparse
+import functools
 import json
 import os
 
@@ -106,6 +107,7 @@ def transformers_task_contender(batch, length, longest=False):
     return run, {"torch_threads": torch.get_num_threads()}
 
 
+@functools.cache  # One load per process: a smoke run builds every contender in one.
 def _transformers_model():
     import torch
     import transformers
@@ -137,7 +139,8 @@ def run(smoke=False, batch=16, length=128, repeats=3):
     shape = {"batch": batch, "length": length}
     seconds, info = interleaved_seconds_apart(
         {"ours": ("benchmarks.llm_forward:ours_contender", shape),
-         "transformers": ("benchmarks.llm_forward:transformers_contender", shape)}, repeats)
+         "transformers": ("benchmarks.llm_forward:transformers_contender", shape)}, repeats,
+        smoke=smoke)
     tokens = batch * length
     ours_rate, reference_rate = tokens / seconds["ours"], tokens / seconds["transformers"]
     raw = {"task": "raw forward, all hidden states", "model": "SmolLM2-135M", "dtype": "float32",
@@ -151,7 +154,7 @@ def run(smoke=False, batch=16, length=128, repeats=3):
          "ours_full_forward": (task_factory("ours"), dict(shape, prefix_reuse=False)),
          "transformers": (task_factory("transformers"), shape),
          "transformers_longest": (task_factory("transformers"), dict(shape, longest=True))},
-        repeats)
+        repeats, smoke=smoke)
     task = {"task": f"encoder task: captions + instruction + chat template, layer {TASK_LAYER}",
             "model": "SmolLM2-135M", "dtype": "float32", "prompts": batch,
             "max_length": TASK_MAX_LENGTH, "ours_length": info["ours"]["bucket"],

@@ -85,14 +85,24 @@ class _Worker:
         self.process.wait()
 
 
-def interleaved_seconds_apart(contenders, repeats, calls_per_turn=3, environ=None):
+def interleaved_seconds_apart(contenders, repeats, calls_per_turn=3, environ=None,
+                              smoke=False):
     """{name: ("module:factory", kwargs)} -> ({name: best seconds}, {name: factory's info}).
 
     Each contender is built by `factory(**kwargs)` -> (fn, info: JSON-able dict) in a worker
     process of its own, every one with the same `environ` (default: this process's); the
     workers start one after the other (set-up and compilation are not timed), then take turns
     of `calls_per_turn` calls: only one runs at a time, the others wait on their stdin.
+    smoke=True builds them all in this process instead, one call a turn (`environ` unused): a
+    smoke run checks that every contender runs and reports, its timings are not read, and one
+    process loads a model the contenders share once (`functools.cache` on their loaders).
     """
+    if smoke:
+        built = {name: _factory(factory)(**kwargs)
+                 for name, (factory, kwargs) in contenders.items()}
+        best = _best_of_alternation({name: _timed(fn) for name, (fn, _) in built.items()},
+                                    repeats)
+        return best, {name: info for name, (_, info) in built.items()}
     workers = {}
     try:
         for name, (factory, kwargs) in contenders.items():
@@ -120,9 +130,14 @@ def smoke_and_repeats_main(doc, run, smoke_help):
         print(json.dumps(record))
 
 
+def _factory(name):
+    """"module:function" -> the function."""
+    module, function = name.split(":")
+    return getattr(importlib.import_module(module), function)
+
+
 def _serve(factory, kwargs):
-    module, function = factory.split(":")
-    fn, info = getattr(importlib.import_module(module), function)(**kwargs)
+    fn, info = _factory(factory)(**kwargs)
     timed = _timed(fn)
     print(json.dumps({"ready": info}), flush=True)
     for line in sys.stdin:

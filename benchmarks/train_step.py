@@ -8,8 +8,8 @@ weights, float32 throughout. Ours is the LI-DiT with the text refiner at depth 0
 projection of the LLM states, like PixArt's caption projection) and fusion 'single'; PixArt
 uses adaLN-single and a sin-cos position table where we use per-block adaLN and a 3x3-conv
 position ResBlock, so ours does slightly more matmul work per image (its FLOPs are reported).
-Each runs in a process of its own and the two take turns (benchmarks/timing.py); torch runs
-with as many threads as XLA:CPU uses (all cores).
+Each runs in a process of its own (both in one with --smoke) and the two take turns
+(benchmarks/timing.py); torch runs with as many threads as XLA:CPU uses (all cores).
 """
 import argparse
 import json
@@ -141,7 +141,7 @@ def diffusers_contender(shape_name):
     return diffusers_step(shape, batch_arrays(shape)), {"torch_threads": torch.get_num_threads()}
 
 
-def measure(shape_name, repeats):
+def measure(shape_name, repeats, smoke=False):
     shape = SHAPES[shape_name]
     load = load_average()
     contender = {"shape_name": shape_name}
@@ -150,7 +150,7 @@ def measure(shape_name, repeats):
          "diffusers": ("benchmarks.train_step:diffusers_contender", contender)}, repeats,
         # What `--mode=train` runs under on CPU (lidit_jax/host_allocator.py); PyTorch's step
         # measured the same with and without it.
-        environ=host_allocator.with_settings())
+        environ=host_allocator.with_settings(), smoke=smoke)
     images, flops = shape["batch"], info["ours"]["flops"]
     ours_rate, reference_rate = images / seconds["ours"], images / seconds["diffusers"]
     peak = hardware.measure_cpu_peak_flops()
@@ -173,7 +173,7 @@ def run(smoke=False, repeats=3, shapes=("pixart", "large")):
     """The benchmark's records: one per shape. The larger shape gets one repeat fewer (a step
     takes minutes on 2 busy cores)."""
     if smoke:
-        return [measure("smoke", 1)]
+        return [measure("smoke", 1, smoke=True)]
     return [measure(name, repeats if name == "pixart" else max(1, repeats - 1))
             for name in shapes]
 
