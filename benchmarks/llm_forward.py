@@ -16,8 +16,8 @@ Two comparisons, each on the same weights (the offline SmolLM2 GGUF, dequantized
   pads per batch does; hidden_states[-3] out. prompts/s; ratios are transformers' seconds over
   ours.
 Each contender runs in a process of its own (all in one with --smoke), is warmed up once (our
-jit compiles there), then they take turns over `repeats` calls (benchmarks/timing.py). torch runs with as many threads as
-XLA:CPU uses (all cores).
+jit compiles there), then they take turns over `repeats` calls (benchmarks/timing.py). torch
+runs with as many threads as XLA:CPU uses (all cores).
 """
 import argparse
 import functools
