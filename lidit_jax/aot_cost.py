@@ -70,6 +70,20 @@ def _cost(compiled):
     return cost.get("flops", float("nan")), seconds if seconds >= 0 else float("nan")
 
 
+# (twin config as JSON, the devices named) -> (FLOPs, seconds): a sweep's rows of one config on
+# one topology that differ only in the text path (benchmarks/tpu_estimates.py) compile their
+# twins once (minutes each for LI-DiT-1B on 2 cores).
+_TWIN_COSTS = {}
+
+
+def _twin_cost(twin, devices):
+    key = (twin.to_json_best_effort(sort_keys=True),
+           tuple(f"{d.device_kind} {d!r}" for d in devices))
+    if key not in _TWIN_COSTS:
+        _TWIN_COSTS[key] = _cost(compile_train_step(twin, devices)[0])
+    return _TWIN_COSTS[key]
+
+
 def loop_counted_cost(config, devices, compiled=None):
     """(FLOPs per chip, estimated seconds) of one step with every loop counted.
 
@@ -85,11 +99,12 @@ def loop_counted_cost(config, devices, compiled=None):
     for depth in (1, 2):
         twin = copy.deepcopy(config)
         # The twins count the DiT alone, text states as inputs as with the text cache (never
-        # read while compiling); frozen LLMs in the step are counted by `encoder_report`.
-        twin.text.cache_dir = twin.text.cache_dir or "compile-twin"
+        # read while compiling); frozen LLMs in the step are counted by `encoder_report`. So a
+        # config's cached and online text paths have the same twins.
+        twin.text.cache_dir = "compile-twin"
         twin.model.depth, twin.model.scan_layers = depth, False
         twin.train.batch_size, twin.train.microbatches = config.train.batch_size // micro, 1
-        costs.append(_cost(compile_train_step(twin, devices)[0]))
+        costs.append(_twin_cost(twin, devices))
     (f1, s1), (f2, s2) = costs
     depth = config.model.depth
     # The optimizer update runs once per step, not per micro-batch: its cost (O(params)

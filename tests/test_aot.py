@@ -11,9 +11,10 @@ from lidit_jax import aot, aot_compile, aot_cost, configuration, hardware
 from lidit_jax.nn.attention import dot_product_attention
 from train_helpers import aot_demo_config
 
-# Three TPU compiles of the demo step (scanned, and the depth-1 and depth-2 twins): ~1 min on 2
-# idle cores, 21 min on 2 cores shared by six sessions.
-pytestmark = pytest.mark.slow
+# Three TPU compiles of the demo step (scanned, and the depth-1 and depth-2 twins, which the
+# online text path's report reuses): ~1 min on 2 idle cores, 21 min on 2 cores shared by six
+# sessions.
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("tpu_compile_precision")]
 
 
 @pytest.fixture(scope="module")
@@ -115,7 +116,9 @@ def test_online_text_path_counts_the_frozen_llm_in_the_step(report, capsys):
     config.text.cache_dir = ""
     devices = aot_compile.topology_devices(config.aot.topology)
     compiled, state = aot_compile.compile_train_step(config, devices)
+    twins = set(aot_cost._TWIN_COSTS)
     online = aot.step_report(config, devices, compiled, state)
+    assert set(aot_cost._TWIN_COSTS) == twins  # The DiT's twins: the cached report's, reused.
     aot.print_report(config, online)
     lines = capsys.readouterr().out.strip().splitlines()
     match = re.fullmatch(r"encoder_flops_per_chip=(\S+) encoder_hbm_gib=(\S+)", lines[-2])

@@ -6,6 +6,8 @@ from lidit_jax import aot_compile, aot_cost
 from lidit_jax.parallel import tpu_flags
 from train_helpers import aot_demo_config
 
+pytestmark = pytest.mark.usefixtures("tpu_compile_precision")
+
 
 def test_no_tpu_flags_off_tpu():
     assert tpu_flags.compiler_options(jax.devices("cpu")[0]) is None
