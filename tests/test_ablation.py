@@ -1,6 +1,7 @@
 """The ablation runner end to end: two tiny arms x 2 seeds -> table, plots, sample grids."""
 import os
 
+import jax
 import numpy as np
 import pytest
 
@@ -38,6 +39,13 @@ def test_two_tiny_arms_two_seeds_write_table_plots_and_resume(tiny_llm, tmp_path
     before = os.path.getmtime(scores)
     assert ablation.run_ablation(["baseline", "lidit"], 2, workdir, _tiny(tiny_llm)) == []
     assert os.path.getmtime(scores) == before
+    # The persistent compilation cache was the ablation's alone: what this process compiles
+    # next is not written there.
+    cache = os.path.join(workdir, "jax_cache")
+    entries = set(os.listdir(cache))
+    assert entries
+    jax.jit(lambda x: x * 3 + 1)(np.arange(5.0)).block_until_ready()
+    assert set(os.listdir(cache)) == entries
 
 
 def test_unknown_arm_and_override_are_refused_with_the_known_names(tmp_path):
