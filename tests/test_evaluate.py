@@ -4,14 +4,13 @@ import json
 import os
 import re
 import subprocess
-import sys
 
 import numpy as np
 import pytest
 
 from lidit_jax.data import shapes
 from lidit_jax.evaluate import benchmarks, probes, scorer
-from train_helpers import ROOT, child_env
+from train_helpers import ROOT, child_env, command
 
 
 def _records(num=96, layout="grid", seed=5):
@@ -137,8 +136,7 @@ def _tiny_flags(tiny_llm):
 
 
 def _main(workdir, mode, *args):
-    result = subprocess.run([sys.executable, "-m", "lidit_jax.main", f"--workdir={workdir}",
-                             f"--mode={mode}", *args], cwd=ROOT, env=child_env(),
+    result = subprocess.run(command(workdir, mode, *args), cwd=ROOT, env=child_env(),
                             capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
     return result.stdout
