@@ -3,7 +3,6 @@
 SmolLM2-135M-Instruct (byte-level BPE, ChatML) and Gemma 3 270M (SentencePiece BPE, no chat
 template): metadata, backend, special tokens, padding, chat template, and ids / offsets / masks on
 a few hundred varied strings; and the runtime path imports neither torch nor diffusers."""
-import pathlib
 import random
 import subprocess
 import sys
@@ -18,6 +17,7 @@ from lidit_jax.text.gguf_tokenizer import tokenizer_metadata
 from lidit_jax.text.models import default_model_path
 from lidit_jax.text.tokenizer import PromptTemplate
 from lidit_jax.text.weights import GGUFFile
+from train_helpers import ROOT, child_env
 
 # Hand-picked edge cases: whitespace runs, tabs / newlines, digits, unicode, emoji (ZWJ, skin
 # tone, flags), CJK, literal special tokens, byte-fallback characters.
@@ -144,22 +144,9 @@ def test_prompt_template_equal(pair, side, use_instruction):
         np.testing.assert_array_equal(got[key], want[key], err_msg=key)
 
 
-# Hides torch and diffusers from every import finder, as on a machine without the test extra
-# (transformers imports torch whenever it can find it).
+# Run in child_env(): torch, diffusers and accelerate cannot be imported (tests/without_torch).
 _WITHOUT_TORCH = """
 import importlib, pkgutil, sys
-
-class Hide:
-    def __init__(self, finder):
-        self.finder = finder
-    def find_spec(self, name, path=None, target=None):
-        if name.partition(".")[0] in ("torch", "diffusers", "accelerate"):
-            return None
-        return self.finder.find_spec(name, path, target)
-    def __getattr__(self, name):
-        return getattr(self.finder, name)
-
-sys.meta_path[:] = [Hide(f) for f in sys.meta_path]
 import lidit_jax
 for module in pkgutil.walk_packages(lidit_jax.__path__, "lidit_jax."):
     importlib.import_module(module.name)
@@ -177,5 +164,5 @@ def test_runtime_path_needs_no_torch():
     """Every lidit_jax module imports, and the SmolLM2 GGUF tokenizer encodes, with torch and
     diffusers hidden (CI's fresh-venv demo run checks the same on a real install)."""
     result = subprocess.run([sys.executable, "-c", _WITHOUT_TORCH], capture_output=True,
-                            text=True, timeout=300, cwd=pathlib.Path(__file__).parents[1])
+                            text=True, timeout=300, cwd=ROOT, env=child_env())
     assert result.returncode == 0, result.stderr[-3000:]

@@ -1,18 +1,16 @@
 """The entry point's contract: config overrides, bad keys and unknown modes."""
-import os
 import re
 import subprocess
 import sys
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from train_helpers import ROOT, child_env
 
 
 def run_main(*args):
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
-    return subprocess.run([sys.executable, "-m", "lidit_jax.main", *args], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=300)
+    return subprocess.run([sys.executable, "-m", "lidit_jax.main", *args], cwd=ROOT,
+                          env=child_env(), capture_output=True, text=True, timeout=300)
 
 
 @pytest.mark.parametrize("override,expected", [

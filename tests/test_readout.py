@@ -11,6 +11,7 @@ import pytest
 from lidit_jax.data import shapes
 from lidit_jax.evaluate import readout_prompts as prompts
 from lidit_jax.evaluate import readout, readout_stats, scratch_lm
+from train_helpers import child_env
 
 _OBJECT = r"a (small|large) (\w+) (\w+)"
 _SLOT = "(?:" + "|".join(prompts.GRID.slots) + ")"
@@ -153,8 +154,7 @@ def test_tiny_readout_end_to_end_writes_the_contract(tiny_llm, tmp_path, kind):
                "--test_groups=3", f"--set=text.llms.smollm2.path={tiny_llm}",
                "--set=text.llms.smollm2.width=0",
                "--set=model.width=32", "--set=text.refiner.heads=2"]
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
-    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+    done = subprocess.run(command, capture_output=True, text=True, env=child_env(), timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     last = done.stdout.strip().splitlines()[-1]
     assert re.fullmatch(r"readout arms=2 seeds=2 contrasts=(\d+) significant=(\d+)", last), last

@@ -158,9 +158,12 @@ TRAIN = (f"--config.train.steps={TRAIN_STEPS}", "--config.checkpoint.every=2",
 
 
 def child_env():
-    # One CPU device (not conftest's eight): quicker, and what a user's CPU run looks like.
-    return dict(os.environ, JAX_PLATFORMS="cpu",
-                XLA_FLAGS=xla_flags(1),
+    """A child's environment as a user's CPU run sees it: one CPU device (not conftest's eight,
+    and quicker), and no torch, diffusers or accelerate, which `pip install -e .` does not install
+    (tests/without_torch/sitecustomize.py)."""
+    python_path = os.pathsep.join(filter(None, (os.path.join(ROOT, "tests", "without_torch"),
+                                                os.environ.get("PYTHONPATH"))))
+    return dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=xla_flags(1), PYTHONPATH=python_path,
                 HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
 
 
