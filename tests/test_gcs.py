@@ -61,15 +61,17 @@ def _logged_steps(path):
     return [json.loads(line)["step"] for line in path.read_text().splitlines()]
 
 
-def test_train_kill_resume_sample_export_on_gs(gcs, tiny_llm, tmp_path, monkeypatch):
+def test_train_kill_resume_sample_export_on_gs(gcs, tiny_llm, compilation_cache, tmp_path,
+                                               monkeypatch):
     from etils import epath
 
     monkeypatch.setenv("LIDIT_STAGING_DIR", str(tmp_path / "staging"))
     # The text cache in the bucket too: ArrayRecord shards are written through a local file and
-    # staged back for reading.
+    # staged back for reading. The seven children share the test run's compilation cache (local).
     args = (*TINY, f"--config.text.llms.smollm2.path={tiny_llm}",
             "--config.text.llms.smollm2.width=0",
-            f"--config.text.cache_dir=gs://{BUCKET}/text_cache")
+            f"--config.text.cache_dir=gs://{BUCKET}/text_cache",
+            f"--config.train.compilation_cache_dir={compilation_cache}")
     result = _run(gcs, f"gs://{BUCKET}/encode", "encode", *args)
     assert re.search(rf"text_cache=gs://{BUCKET}/text_cache/smollm2 records=64 written=64",
                      result.stdout), result.stdout
