@@ -5,6 +5,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON="${PYTHON:-python3}"
-"$PYTHON" -m pip install --quiet --progress-bar off -e '.[test]'
+"$PYTHON" -m pip install --quiet --progress-bar off --no-compile -e '.[test]' # As demo.sh.
 PYTHON="$PYTHON" bash scripts/install_models.sh
 "$PYTHON" -m pytest -q -n 2 --dist worksteal --durations=15 -m "slow or not slow" "$@"
