@@ -12,7 +12,7 @@ import transformers
 
 from lidit_jax.fingerprint import file_fingerprint
 from lidit_jax import paths
-from lidit_jax.text import load_llm, models
+from lidit_jax.text import load_llm, models, weights
 from model_helpers import TINY_MODELS, VOCAB, build_tiny, random_batch
 
 
@@ -221,6 +221,18 @@ def test_truncated_files(tmp_path):
         load_llm(path)
     with pytest.raises(ValueError, match=r"model\.safetensors: tensor .* truncated"):
         load_llm(folder)
+
+
+def test_a_gguf_file_is_parsed_once_until_it_changes_on_disk(tmp_path):
+    _, path = tiny_gguf(tmp_path, "llama")
+    reader = weights.open_source(path).reader
+    assert weights.open_source(path).reader is reader
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) * 3 // 5])  # Replaced by a cut-off copy: parsed again.
+    with pytest.raises(ValueError, match=r"tiny-llama\.gguf: cannot read it as GGUF"):
+        weights.open_source(path)
+    path.write_bytes(data)
+    assert weights.open_source(path).config == load_llm(path).config
 
 
 def test_fingerprint_is_stable_and_sees_changed_weights(tmp_path):
