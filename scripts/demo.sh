@@ -9,7 +9,8 @@ cd "$(dirname "$0")/.."
 PYTHON="${PYTHON:-python3}"
 WORKDIR="${WORKDIR:-workdir/demo_shapes}"
 # --no-compile: Python byte-compiles the few modules a run imports on first import; compiling
-# every installed file up front took a third of a fresh install (55 -> 38 s on 2 cores).
+# every installed file up front took a third of a fresh install (docs/performance.md, "The test
+# suite").
 "$PYTHON" -m pip install --quiet --progress-bar off --no-compile -e .
 PYTHON="$PYTHON" bash scripts/install_models.sh
 export JAX_PLATFORMS="${JAX_PLATFORMS:-cpu}"

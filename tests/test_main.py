@@ -55,7 +55,7 @@ def test_compile_mode_reports_per_chip_memory_for_a_tpu_topology():
     # libtpu compiles for a v5e 2x2 slice on this CPU host: real per-chip memory, no TPU.
     # Unscanned layers: the step's own executable is loop-free, so the report needs no twins
     # (test_aot checks the scanned step's loop counting, on the whole demo step). Two layers:
-    # the CLI's contract is the same, and the compile 30 % shorter.
+    # the CLI's contract is the same, and the compile shorter (docs/performance.md).
     result = run_main("--config=configs/demo_shapes.py", "--mode=compile",
                       "--config.aot.topology=v5e:2x2", "--config.text.llms.smollm2.width=576",
                       "--config.mesh.data=2", "--config.mesh.fsdp=2",

@@ -19,7 +19,7 @@ PROMPTS = [
 @pytest.fixture(scope="module", params=["smollm2", pytest.param("gemma3", marks=pytest.mark.slow)])
 def tokenizer(request):
     """The tokenizer a run builds from the GGUF file (test_gguf_tokenizer: equal to
-    transformers' own GGUF tokenizer, which took 2.5x as long to build for Gemma 3)."""
+    transformers' own GGUF tokenizer, which is slower to build: docs/performance.md)."""
     return weights.open_source(default_model_path(request.param)).tokenizer()
 
 

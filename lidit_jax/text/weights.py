@@ -211,11 +211,11 @@ class HuggingFaceFolder:
 def _gguf_reader(path):
     """gguf.GGUFReader over `path`, parsed once per process and version of the file.
 
-    Parsing the metadata is most of the cost of opening a GGUF file (SmolLM2's 49k-token
-    vocabulary: ~1.5 s; Gemma 3's 262k: ~5 s), and a run opens its encoder's file several times
-    (config, tokenizer, weights). The key holds the file's size and modification time, so a
-    file replaced on disk is parsed again. A parsed file stays in host memory for the process
-    (Gemma 3's metadata: ~310 MB of Python objects), at most four of them.
+    Parsing the metadata is most of the cost of opening a GGUF file, the more so the larger its
+    vocabulary, and a run opens its encoder's file several times (config, tokenizer, weights).
+    The key holds the file's size and modification time, so a file replaced on disk is parsed
+    again. A parsed file's metadata stays in host memory for the process, at most four files
+    (times and sizes: docs/performance.md, "The test suite").
     """
     stat = os.stat(path)
     return _parsed_gguf(os.path.realpath(path), stat.st_size, stat.st_mtime_ns)

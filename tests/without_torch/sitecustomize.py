@@ -2,8 +2,8 @@
 [test] extra's references (torch, diffusers, accelerate) cannot be imported.
 
 The tests' child runs of `python -m lidit_jax.main` use it (`train_helpers.child_env`): a user's
-run never has them, and transformers imports PyTorch whenever it can find it, ~3 s of every
-child's start-up for reading a config.json. A module that needs one of them fails here as it
+run never has them, and transformers imports PyTorch whenever it can find it, a large part of
+every child's start-up for reading a config.json (docs/performance.md, "The test suite"). A module that needs one of them fails here as it
 would on a user's machine.
 """
 import sys
