@@ -10,6 +10,8 @@ import sys
 
 import pytest
 
+from cpu_flags import QUICK_CODEGEN
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 FIELDS = {
@@ -29,8 +31,8 @@ FIELDS = {
 def test_smoke_run_writes_every_field(tmp_path):
     out = tmp_path / "bench.json"
     # The benchmarks set their own devices; the tests' 8 fake devices must not leak into them.
-    # LLVM at -O0 as in every test process (cpu_flags.py): no figure of a smoke run is read.
-    env = dict(os.environ, XLA_FLAGS="--xla_backend_optimization_level=0", JAX_PLATFORMS="cpu")
+    # Quick code generation as in every test process: no figure of a smoke run is read.
+    env = dict(os.environ, XLA_FLAGS=QUICK_CODEGEN, JAX_PLATFORMS="cpu")
     result = subprocess.run([sys.executable, "-m", "benchmarks.run", "--smoke", f"--out={out}"],
                             cwd=ROOT, env=env, capture_output=True,
                             text=True, timeout=2400)
