@@ -6,16 +6,15 @@
 Each mode is one function `run(config, workdir)` in its own module, named in MODES and imported
 only when chosen, so `--mode=describe` never loads data or training code.
 """
+import contextlib
 import importlib
 import logging as std_logging
-import os
 import sys
 
-import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from lidit_jax import config_files, configuration, host_allocator, paths
+from lidit_jax import compilation_cache, config_files, configuration, host_allocator, paths
 from lidit_jax.parallel import mesh as mesh_lib
 
 MODES = {
@@ -81,20 +80,14 @@ class _OrbaxInfoFilter(std_logging.Filter):
         return record.levelno >= std_logging.WARNING or "/orbax/" not in record.pathname
 
 
-def _enable_compilation_cache(config, workdir):
-    """train.compilation_cache_dir -> JAX's persistent compilation cache, before anything compiles.
-
-    Every program is cached, however quick to compile or small (JAX's defaults skip those under
-    1 s): a second start of a run then compiles nothing its first start compiled. Process 0
-    writes the entries (JAX's rule); every process reads them.
-    """
+def _compilation_cache(config, workdir):
+    """train.compilation_cache_dir (relative to the workdir) -> JAX's persistent compilation
+    cache for the mode's run: a second start of a run compiles nothing its first start compiled."""
     if not (config.train.compilation_cache_dir and workdir):
-        return
+        return contextlib.nullcontext()
     directory = paths.resolve(config.train.compilation_cache_dir, workdir)
-    jax.config.update("jax_compilation_cache_dir", os.fspath(directory))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
     logging.info("compilation cache %s", directory)
+    return compilation_cache.persistent_cache(directory)
 
 
 def main(argv):
@@ -120,8 +113,8 @@ def main(argv):
     # process i of n and the local and global devices.
     mesh_lib.initialize_distributed(config.distributed, config.distributed_heartbeat_s)
     logging.info("mode %s, workdir %s", _MODE.value, _WORKDIR.value)
-    _enable_compilation_cache(config, _WORKDIR.value)
-    preempted = module.run(config, _WORKDIR.value)  # Only `train` returns it (True/False).
+    with _compilation_cache(config, _WORKDIR.value):
+        preempted = module.run(config, _WORKDIR.value)  # Only `train` returns it (True/False).
     if preempted:  # The step is saved; launchers that must restart the job want non-zero.
         sys.exit(config.train.preemption_exit_code)
 

@@ -6,7 +6,8 @@ import os
 
 from cpu_flags import xla_flags
 
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + xla_flags(8)).strip()
+_USER_XLA_FLAGS = os.environ.get("XLA_FLAGS", "")
+os.environ["XLA_FLAGS"] = f"{_USER_XLA_FLAGS} {xla_flags(8)}".strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")  # libtpu is installed for AOT; never probe a TPU.
 # AOT tests load libtpu (no chip is touched); two xdist workers may do so at once, which libtpu's
 # single-process lockfile (/tmp/libtpu_lockfile) would otherwise refuse.
@@ -21,6 +22,10 @@ flags.FLAGS.mark_as_parsed()
 import jax  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")  # fp32 parity tests on CPU.
+# XLA:CPU reads XLA_FLAGS once, at the process's first compile; libtpu (the TPU-topology
+# compiles) reads it when it starts and refuses XLA:CPU's own flags (cpu_flags.py).
+jax.jit(lambda x: x + 1)(0.0)
+os.environ["XLA_FLAGS"] = f"{_USER_XLA_FLAGS} {xla_flags(8, libtpu=True)}".strip()
 
 import pytest  # noqa: E402
 

@@ -9,12 +9,18 @@ docs/performance.md, "The test suite", has the times. HLO-level optimisation (fu
 SPMD partitioning) still runs, so the programs the tests check are the ones a run compiles; only
 the machine code differs. A benchmark's figures need the optimised code: only its smoke run
 (tests/test_benchmarks.py), whose figures nothing reads, compiles this way too.
+
+libtpu, which the TPU-topology compiles load, reads XLA_FLAGS too, when it starts, and exits on
+a flag it does not know: the XLA:CPU-only flag must be gone from the environment by then
+(`libtpu=True`; conftest removes it once XLA:CPU has read its flags).
 No JAX import here: conftest sets XLA_FLAGS from this before JAX starts.
 """
 
-QUICK_CODEGEN = "--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false"
+_CPU_ONLY = "--xla_cpu_use_fusion_emitters=false"
 
 
-def xla_flags(devices):
-    """XLA_FLAGS for a JAX process of the tests with `devices` fake CPU devices."""
-    return f"--xla_force_host_platform_device_count={devices} {QUICK_CODEGEN}"
+def xla_flags(devices, libtpu=False):
+    """XLA_FLAGS for a JAX process of the tests with `devices` fake CPU devices; `libtpu`: for a
+    process that compiles for a TPU topology, without the flags libtpu refuses."""
+    flags = f"--xla_force_host_platform_device_count={devices} --xla_backend_optimization_level=0"
+    return flags if libtpu else f"{flags} {_CPU_ONLY}"

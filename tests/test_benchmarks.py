@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from cpu_flags import QUICK_CODEGEN
+from cpu_flags import xla_flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -30,9 +30,9 @@ FIELDS = {
 @pytest.mark.slow  # Five processes that each start JAX (and torch) and compile.
 def test_smoke_run_writes_every_field(tmp_path):
     out = tmp_path / "bench.json"
-    # The benchmarks set their own devices; the tests' 8 fake devices must not leak into them.
-    # Quick code generation as in every test process: no figure of a smoke run is read.
-    env = dict(os.environ, XLA_FLAGS=QUICK_CODEGEN, JAX_PLATFORMS="cpu")
+    # Quick code generation as in every test process: no figure of a smoke run is read. One
+    # device, not the tests' eight; fsdp_memory appends its own count, and XLA's last flag wins.
+    env = dict(os.environ, XLA_FLAGS=xla_flags(1), JAX_PLATFORMS="cpu")
     result = subprocess.run([sys.executable, "-m", "benchmarks.run", "--smoke", f"--out={out}"],
                             cwd=ROOT, env=env, capture_output=True,
                             text=True, timeout=2400)

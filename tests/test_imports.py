@@ -12,7 +12,8 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 # Bottom first. A module belongs to the layer of its longest matching prefix.
 LAYERS = (
-    ("base", ("errors", "paths", "hardware", "host_allocator", "fingerprint", "config_files")),
+    ("base", ("errors", "paths", "hardware", "host_allocator", "fingerprint", "config_files",
+              "compilation_cache")),
     ("parallel", ("parallel",)),
     ("layers", ("nn",)),
     # The frozen text transformers: the base they share and the three families on it.

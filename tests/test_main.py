@@ -8,9 +8,9 @@ import pytest
 from train_helpers import ROOT, child_env
 
 
-def run_main(*args):
+def run_main(*args, libtpu=False):
     return subprocess.run([sys.executable, "-m", "lidit_jax.main", *args], cwd=ROOT,
-                          env=child_env(), capture_output=True, text=True, timeout=300)
+                          env=child_env(libtpu), capture_output=True, text=True, timeout=300)
 
 
 @pytest.mark.parametrize("override,expected", [
@@ -59,7 +59,8 @@ def test_compile_mode_reports_per_chip_memory_for_a_tpu_topology():
     result = run_main("--config=configs/demo_shapes.py", "--mode=compile",
                       "--config.aot.topology=v5e:2x2", "--config.text.llms.smollm2.width=576",
                       "--config.mesh.data=2", "--config.mesh.fsdp=2",
-                      "--config.model.scan_layers=False", "--config.model.depth=2")
+                      "--config.model.scan_layers=False", "--config.model.depth=2",
+                      libtpu=True)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "topology=v5e:2x2 slices=1 chips=4 kind=TPU v5 lite" in result.stdout
     memory = re.search(r"per_chip_memory_gib=([0-9.]+) .* hbm_gib=16\.0", result.stdout)

@@ -157,14 +157,15 @@ TRAIN = (f"--config.train.steps={TRAIN_STEPS}", "--config.checkpoint.every=2",
          "--config.logging.record_ids=True", "--config.train.sample_every=1000")
 
 
-def child_env():
+def child_env(libtpu=False):
     """A child's environment as a user's CPU run sees it: one CPU device (not conftest's eight,
     and quicker), and no torch, diffusers or accelerate, which `pip install -e .` does not install
-    (tests/without_torch/sitecustomize.py)."""
+    (tests/without_torch/sitecustomize.py). `libtpu`: for a child that compiles for a TPU
+    topology (cpu_flags.py)."""
     python_path = os.pathsep.join(filter(None, (os.path.join(ROOT, "tests", "without_torch"),
                                                 os.environ.get("PYTHONPATH"))))
-    return dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=xla_flags(1), PYTHONPATH=python_path,
-                HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    return dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=xla_flags(1, libtpu),
+                PYTHONPATH=python_path, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
 
 
 def command(workdir, mode, *args):

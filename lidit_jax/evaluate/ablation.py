@@ -27,11 +27,10 @@ import os
 import time
 import traceback
 
-import jax
 import numpy as np
 from absl import app, flags, logging
 
-from lidit_jax import config_files, configuration
+from lidit_jax import compilation_cache, config_files, configuration
 from lidit_jax.text import features
 from lidit_jax.evaluate import statistics
 
@@ -117,27 +116,6 @@ def run_one(config, run_dir):
 
 
 @contextlib.contextmanager
-def compilation_cache(directory):
-    """Within it, JAX's persistent compilation cache in `directory`: a seed compiles nothing an
-    earlier seed of the same shapes compiled, nor a rerun after a crash. After it, the cache is
-    as it was: a process that goes on (a notebook, the tests) must not write every program it
-    compiles later there too (a program closing over an LLM's weights writes hundreds of MB)."""
-    from jax.experimental.compilation_cache import compilation_cache as jax_cache
-    options = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs")
-    before = {name: getattr(jax.config, name) for name in options}
-    # JAX reads the directory once, at the first compile after a reset.
-    jax_cache.reset_cache()
-    jax.config.update("jax_compilation_cache_dir", directory)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    try:
-        yield
-    finally:
-        for name, value in before.items():
-            jax.config.update(name, value)
-        jax_cache.reset_cache()
-
-
-@contextlib.contextmanager
 def llms_kept_loaded():
     """Within it, each frozen LLM is read once per (path, load options) and shared.
 
@@ -186,7 +164,7 @@ def run_ablation(arms, seeds, workdir, overrides=(), configs_dir="configs/ablati
     if unknown:
         raise ValueError(f"--contrast_subsets {sorted(unknown)}; choose from {list(SUBSETS)}")
     workdir = os.path.abspath(workdir)
-    with llms_kept_loaded(), compilation_cache(os.path.join(workdir, "jax_cache")):
+    with llms_kept_loaded(), compilation_cache.persistent_cache(os.path.join(workdir, "jax_cache")):
         return _run_ablation(arms, seeds, workdir, overrides, configs_dir,
                              range(seeds) if run_seeds is None else run_seeds,
                              dict(pairs=pairs, subsets=tuple(contrast_subsets),
