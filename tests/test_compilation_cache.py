@@ -33,14 +33,15 @@ def test_a_second_scope_reads_what_the_first_wrote(tmp_path):
     def record(event, **kwargs):
         events.append(event)
 
+    x = jnp.ones(3)  # Outside the scopes: only `program` compiles inside them.
     with persistent_cache(tmp_path):
-        jax.jit(program)(jnp.ones(3)).block_until_ready()
+        jax.jit(program)(x).block_until_ready()
     written = _entries(tmp_path)
     jax.clear_caches()  # The in-memory caches: the next compile must come from the directory.
     jax.monitoring.register_event_listener(record)
     try:
         with persistent_cache(tmp_path):
-            jax.jit(program)(jnp.ones(3)).block_until_ready()
+            jax.jit(program)(x).block_until_ready()
     finally:
         jax.monitoring.unregister_event_listener(record)
     assert "/jax/compilation_cache/cache_hits" in events
