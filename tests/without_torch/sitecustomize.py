@@ -3,8 +3,8 @@
 
 The tests' child runs of `python -m lidit_jax.main` use it (`train_helpers.child_env`): a user's
 run never has them, and transformers imports PyTorch whenever it can find it, a large part of
-every child's start-up for reading a config.json (docs/performance.md, "The test suite"). A module that needs one of them fails here as it
-would on a user's machine.
+every child's start-up for reading a config.json (docs/performance.md, "The test suite"). A
+module that needs one of them fails here as it would on a user's machine.
 """
 import sys
 
